@@ -1,0 +1,145 @@
+"""The public API's request bodies as typed structs, and their validation.
+
+OpenAI-compatible: fields clients commonly send are accepted, unknown fields are ignored (as the
+OpenAI API does), and a field of the wrong type or out of range is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+from gateway.errors import GatewayError, Kind
+
+MAX_STOP = 4
+
+
+class TextPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str = ""
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as plain text (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise bad_request(f"content part type {part.type!r} is not supported", "messages")
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
+class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    user: str | None = None
+    stream_options: StreamOptions | None = None
+
+    def stop_list(self) -> list[str]:
+        """The stop strings as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def check(self) -> None:
+        """Range checks msgspec's types cannot express."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad_request("max_tokens must be at least 1", "max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad_request("temperature must be between 0 and 2", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad_request("top_p must be in (0, 1]", "top_p")
+        if self.n != 1:
+            raise bad_request("only n=1 is supported", "n")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad_request("seed must be a non-negative 63-bit integer", "seed")
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise bad_request(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+
+
+class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
+    prompt: Union[str, list[str]]
+
+    def prompt_text(self) -> str:
+        """The single prompt this request carries."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise bad_request("prompt must be one string (batches of prompts are not supported)", "prompt")
+        return self.prompt[0]
+
+
+class ChatRequest(SamplingFields, frozen=True, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+    def token_limit(self) -> int | None:
+        """`max_completion_tokens` supersedes the older `max_tokens`."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        """Messages as the role/content dicts a chat template expects."""
+        if not self.messages:
+            raise bad_request("messages must not be empty", "messages")
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    input: Union[str, list[Union[str, int, list[int]]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def texts(self, max_inputs: int) -> list[str]:
+        """The inputs as strings; token-id inputs are refused (tokenization belongs to the model)."""
+        inputs = [self.input] if isinstance(self.input, str) else self.input
+        if not inputs:
+            raise bad_request("input must not be empty", "input")
+        if not all(isinstance(x, str) for x in inputs):
+            raise bad_request("token-id inputs are not supported; send strings", "input")
+        if len(inputs) > max_inputs:
+            raise bad_request(f"at most {max_inputs} inputs per request", "input")
+        return list(inputs)  # type: ignore[arg-type]
+
+
+class Probe(msgspec.Struct):
+    """Just enough of any body to find the model it names."""
+
+    model: str | None = None
+
+
+def decode(body: bytes, schema: type[msgspec.Struct]):
+    """Parse a JSON body into `schema`, turning every decoding problem into a 400."""
+    if not body:
+        raise bad_request("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"malformed JSON: {exc}", code="invalid_json") from None
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    """A 400 with the OpenAI error body."""
+    return GatewayError(Kind.BAD_REQUEST, message, param=param, code=code)

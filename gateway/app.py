@@ -1,0 +1,261 @@
+"""The request pipeline: route -> auth -> validate -> classify -> pick zone -> forward -> answer.
+
+One direction: each step takes the request and either answers or hands it on. Listeners call
+`Gateway.handle`; nothing here knows which protocol carried the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+import numpy as np
+
+from gateway import api, openai_format
+from gateway.auth import Authenticator, Principal, authorize
+from gateway.config import Model, Topology
+from gateway.errors import GatewayError, Kind
+from gateway.failover import ResumableStream, call_unary
+from gateway.http import Request, Response
+from gateway.routing import Router
+from gateway.upstreams import Endpoint, GenerateCall, UpstreamPool
+
+log = logging.getLogger("meridian.gateway")
+access_log = logging.getLogger("meridian.access")
+
+MAX_EMBED_INPUTS = 256
+Handler = Callable[[Request, Principal], Awaitable[Response]]
+
+
+class Gateway:
+    """The whole pipeline behind both listeners."""
+
+    def __init__(self, topology: Topology, pool: UpstreamPool) -> None:
+        self.topology = topology
+        self.pool = pool
+        self.router = Router(topology, pool)
+        self.auth = Authenticator(topology.auth)
+        self._public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+        }
+        self._private: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/models"): self.list_models,
+            ("POST", "/v1/embeddings"): self.embeddings,
+            ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+        }
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request; every failure becomes an OpenAI-style error answer."""
+        started = time.perf_counter()
+        try:
+            response = await self._dispatch(request)
+        except GatewayError as err:
+            response = Response.error(err)
+        except Exception:  # noqa: BLE001 - a bug must cost one request, never the process
+            log.exception("unhandled error", extra={"path": request.path})
+            response = Response.error(GatewayError(Kind.INTERNAL, "internal error", code="internal_error"))
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "protocol": request.protocol,
+                    "status": response.status,
+                    "zone": response.headers.get("x-meridian-zone"),
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+        return response
+
+    async def _dispatch(self, request: Request) -> Response:
+        key = (request.method, request.path)
+        if key in self._public:
+            return await self._public[key](request)
+        handler = self._private.get(key)
+        if handler is None:
+            if request.method == "GET" and request.path.startswith("/v1/models/"):
+                handler = self.get_model
+            elif any(path == request.path for _, path in (*self._private, *self._public)):
+                raise GatewayError(Kind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}")
+            else:
+                raise GatewayError(Kind.NOT_FOUND, f"no route {request.method} {request.path}", code="not_found")
+        principal = self.auth.authenticate(request)
+        if len(request.body) > self.topology.gateway.max_body_bytes:
+            raise too_large(self.topology.gateway.max_body_bytes)
+        return await handler(request, principal)
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        """Liveness: the process answers."""
+        return Response.json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: every zone's upstreams answered their last health check."""
+        zones: dict[str, dict[str, bool]] = {}
+        for e in self.pool.endpoints:
+            zones.setdefault(e.zone, {})[e.tier] = e.healthy
+        ready = self.pool.all_healthy()
+        return Response.json({"status": "ready" if ready else "not ready", "zones": zones}, 200 if ready else 503)
+
+    # -- models -------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request, principal: Principal) -> Response:
+        """The models this caller may use."""
+        visible = [m for m in self.topology.models if principal.allows(request.path, m.name)]
+        return Response.json({"object": "list", "data": [openai_format.model_card(m) for m in visible]})
+
+    async def get_model(self, request: Request, principal: Principal) -> Response:
+        """One model card."""
+        name = request.path.removeprefix("/v1/models/")
+        model = self._model(name, principal, "/v1/models")
+        return Response.json(openai_format.model_card(model))
+
+    def _model(self, name: str | None, principal: Principal, route: str) -> Model:
+        if not name:
+            raise api.bad_request("model is required", "model")
+        model = self.topology.model(name)
+        if model is None:
+            raise GatewayError(
+                Kind.NOT_FOUND, f"the model {name!r} does not exist", param="model", code="model_not_found"
+            )
+        authorize(principal, route, name)
+        return model
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    async def embeddings(self, request: Request, principal: Principal) -> Response:
+        """POST /v1/embeddings, answered by the nearest healthy edge."""
+        body: api.EmbeddingRequest = api.decode(request.body, api.EmbeddingRequest)
+        model = self._model(body.model, principal, request.path)
+        if model.kind != "embedding":
+            raise api.bad_request(f"model {model.name!r} does not produce embeddings", "model")
+        texts = body.texts(MAX_EMBED_INPUTS)
+        endpoints = self.router.rank(model.tier, self.router.client_region(request))
+        timeout = self.topology.gateway.upstream_timeout_s
+        endpoint, result = await call_unary(
+            endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout)
+        )
+        if body.dimensions is not None and result.vectors and body.dimensions != len(result.vectors[0]):
+            raise api.bad_request(f"model {model.name!r} has {len(result.vectors[0])} dimensions", "dimensions")
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(result.vectors)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return Response.json(
+            {"object": "list", "data": data, "model": model.name, "usage": usage}, headers=_served_by(endpoint)
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def completions(self, request: Request, principal: Principal) -> Response:
+        """POST /v1/completions."""
+        body: api.CompletionRequest = api.decode(request.body, api.CompletionRequest)
+        model = self._generative(body.model, principal, request.path)
+        body.check()
+        call = self._call(request, body, model, prompt=body.prompt_text())
+        return await self._generate(request, body, model, call, openai_format.CompletionFormat())
+
+    async def chat_completions(self, request: Request, principal: Principal) -> Response:
+        """POST /v1/chat/completions; the core applies the checkpoint's chat template."""
+        body: api.ChatRequest = api.decode(request.body, api.ChatRequest)
+        model = self._generative(body.model, principal, request.path)
+        body.check()
+        if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+            raise api.bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
+        call = self._call(request, body, model, messages=body.plain_messages(), max_tokens=body.token_limit())
+        return await self._generate(request, body, model, call, openai_format.ChatFormat())
+
+    def _generative(self, name: str, principal: Principal, route: str) -> Model:
+        model = self._model(name, principal, route)
+        if model.kind != "generate":
+            raise api.bad_request(f"model {model.name!r} does not generate text", "model")
+        return model
+
+    def _call(self, request: Request, body: api.SamplingFields, model: Model, **fields) -> GenerateCall:
+        fields.setdefault("max_tokens", body.max_tokens)
+        return GenerateCall(
+            model=model.name,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=tuple(body.stop_list()),
+            stream=body.stream,
+            traceparent=request.headers.get("traceparent"),
+            **fields,
+        )
+
+    async def _generate(
+        self,
+        request: Request,
+        body: api.SamplingFields,
+        model: Model,
+        call: GenerateCall,
+        fmt: openai_format.Format,
+    ) -> Response:
+        endpoints = self.router.rank(model.tier, self.router.client_region(request))
+        stream = ResumableStream(endpoints, call, self.topology.gateway.request_timeout_s)
+        await stream.start()
+        headers = {"x-meridian-zone": stream.first_zone, "x-meridian-tier": model.tier, "x-meridian-cache": "bypass"}
+        meta = openai_format.Meta(id=f"{fmt.id_prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return Response.event_stream(_sse(stream, fmt, meta, include_usage), headers)
+        text: list[str] = []
+        usage = openai_format.Usage()
+        finish = "stop"
+        try:
+            async for chunk in stream.chunks():
+                text.append(chunk.text)
+                usage.add(chunk)
+                finish = chunk.finish_reason or finish
+        finally:
+            await stream.aclose()
+        return Response.json(fmt.whole(meta, "".join(text), finish, usage), headers=headers)
+
+
+async def _sse(
+    stream: ResumableStream, fmt: openai_format.Format, meta: openai_format.Meta, include_usage: bool
+) -> AsyncIterator[bytes]:
+    usage = openai_format.Usage()
+    try:
+        for event in fmt.stream_start(meta):
+            yield _event(event)
+        async for chunk in stream.chunks():
+            usage.add(chunk)
+            yield _event(fmt.stream_delta(meta, chunk.text, chunk.finish_reason))
+        if include_usage:
+            yield _event(fmt.stream_usage(meta, usage))
+        yield b"data: [DONE]\n\n"
+    except GatewayError as err:
+        # Headers are gone already: the error travels as an SSE event, as OpenAI's API does.
+        yield b"data: " + err.body() + b"\n\n"
+    finally:
+        await stream.aclose()
+
+
+def _event(data: object) -> bytes:
+    return b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _served_by(endpoint: Endpoint) -> dict[str, str]:
+    return {"x-meridian-zone": endpoint.zone, "x-meridian-tier": endpoint.tier, "x-meridian-cache": "bypass"}
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector
+
+
+def too_large(limit: int) -> GatewayError:
+    """413 for a body over the configured limit."""
+    return GatewayError(Kind.TOO_LARGE, f"request body exceeds {limit} bytes", code="request_too_large")

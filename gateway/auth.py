@@ -1,0 +1,70 @@
+"""Who is calling: API keys (stored hashed) bound to a tenant and scopes."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass
+
+from gateway.config import AuthConfig
+from gateway.errors import GatewayError, Kind
+from gateway.http import Request
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    key_name: str
+    models: tuple[str, ...]
+    routes: tuple[str, ...]
+
+    def allows(self, route: str, model: str | None) -> bool:
+        """Whether this caller's scopes cover the route and model."""
+        if not any(fnmatch.fnmatchcase(route, r) for r in self.routes):
+            return False
+        return model is None or any(fnmatch.fnmatchcase(model, m) for m in self.models)
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    """Resolves a request's credentials to a Principal, or refuses it."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._keys = {k.sha256: k for k in config.api_keys}
+
+    def authenticate(self, request: Request) -> Principal:
+        """401 unless the request carries a valid, unrevoked key."""
+        token = _credential(request)
+        if token is None:
+            raise GatewayError(
+                Kind.UNAUTHORIZED,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                code="missing_api_key",
+                headers={"www-authenticate": "Bearer"},
+            )
+        entry = self._keys.get(hash_key(token))
+        if entry is None or entry.revoked:
+            raise GatewayError(
+                Kind.UNAUTHORIZED, "invalid API key", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+            )
+        return Principal(entry.tenant, entry.name, tuple(entry.models), tuple(entry.routes))
+
+
+def authorize(principal: Principal, route: str, model: str | None) -> None:
+    """403 for a known caller outside its scopes."""
+    if not principal.allows(route, model):
+        what = f"model {model!r}" if model else f"route {route}"
+        raise GatewayError(Kind.FORBIDDEN, f"this key may not use {what}", code="insufficient_scope")
+
+
+def _credential(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = request.headers.get("x-api-key", "").strip()
+    return key or None

@@ -1,0 +1,180 @@
+"""The topology file as one typed object: regions, zones, models, auth, limits and listeners.
+
+One YAML file describes a deployment. The gateway reads it; the local launcher starts what it
+lists. Everything configurable lives here, loaded once and passed down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+Tier = Literal["edge", "core"]
+ModelKind = Literal["embedding", "generate"]
+
+
+class Listener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+class TLS(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cert: str = "var/tls/cert.pem"
+    key: str = "var/tls/key.pem"
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    region: str = ""
+    http1: Listener = Listener(port=8080)
+    http3: Listener = Listener(port=8443)
+    tls: TLS = TLS()
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 120.0
+    # Per-try budget for one upstream call before the next zone is tried.
+    upstream_timeout_s: float = 60.0
+    health_interval_s: float = 1.0
+    # The load balancer in front sets this header; it is trusted over the client address.
+    region_header: str = "x-meridian-region"
+
+
+class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 6390
+    db: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    lat: float
+    lon: float
+    cidrs: list[str] = []
+
+    def contains(self, ip: str) -> bool:
+        """Whether the client address falls in one of this region's networks."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in ipaddress.ip_network(c, strict=False) for c in self.cidrs)
+
+
+class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    port: int = 50051
+    threads: int = 1
+
+
+class CoreEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    device: str = "cpu"
+    threads: int = 1
+
+
+class Zone(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    region: str
+    # Each local zone binds its own loopback address so that one zone can be cut off alone.
+    address: str
+    edge: EdgeEndpoint | None = None
+    core: CoreEndpoint | None = None
+
+
+class ModelVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str = "1"
+    weight: int = 100
+
+
+class Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    tier: Tier
+    kind: ModelKind
+    # Where the launcher finds the artefact: a directory, relative to the model cache if not absolute.
+    path: str = ""
+    versions: list[ModelVersion] = msgspec.field(default_factory=lambda: [ModelVersion()])
+    context_length: int = 0
+
+
+class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    tenant: str
+    # Keys are stored hashed: sha256 of the key, hex.
+    sha256: str
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    routes: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    revoked: bool = False
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    api_keys: list[ApiKey] = []
+
+
+class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    gateway: GatewayConfig = GatewayConfig()
+    redis: RedisConfig = RedisConfig()
+    regions: list[Region] = []
+    zones: list[Zone] = []
+    models: list[Model] = []
+    auth: AuthConfig = AuthConfig()
+
+    def region(self, name: str) -> Region | None:
+        """The region called `name`, if the topology has one."""
+        return next((r for r in self.regions if r.name == name), None)
+
+    def model(self, name: str) -> Model | None:
+        """The model called `name`, if the topology serves one."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+class ConfigError(ValueError):
+    """The topology file is unreadable or inconsistent."""
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and check a topology YAML file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read topology {path}: {exc}") from exc
+    return parse_topology(raw or {}, source=str(path))
+
+
+def parse_topology(raw: dict, *, source: str = "<topology>") -> Topology:
+    """Build a Topology from plain data and check its cross references."""
+    try:
+        topo = msgspec.convert(raw, Topology)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    _check(topo, source)
+    return topo
+
+
+def dump_topology(topo: Topology) -> str:
+    """The topology as YAML, for a resolved copy handed to child processes."""
+    return yaml.safe_dump(msgspec.to_builtins(topo), sort_keys=False)
+
+
+def _check(topo: Topology, source: str) -> None:
+    regions = {r.name for r in topo.regions}
+    for zone in topo.zones:
+        if zone.region not in regions:
+            raise ConfigError(f"{source}: zone {zone.name} names unknown region {zone.region}")
+    if topo.gateway.region and topo.gateway.region not in regions:
+        raise ConfigError(f"{source}: gateway region {topo.gateway.region} is not a listed region")
+    for r in topo.regions:
+        for cidr in r.cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: region {r.name}: {exc}") from exc
+    names = [m.name for m in topo.models]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"{source}: model names must be unique")

@@ -1,0 +1,148 @@
+"""The core as an Upstream: Triton's KServe v2 gRPC protocol against a decoupled model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from gateway.config import Tier
+from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
+
+# The core marks refusals of the request itself with this prefix (the stream protocol carries
+# only a message): such errors are the client's and are not retried in another zone.
+INVALID_REQUEST_PREFIX = "invalid request:"
+_OUTPUTS = ("text_output", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+class CoreUpstream:
+    """One zone's Triton server."""
+
+    tier: Tier = "core"
+
+    def __init__(self, zone: str, host: str, grpc_port: int, models: list[str]) -> None:
+        self.zone = zone
+        self._client = InferenceServerClient(url=f"{host}:{grpc_port}")
+        self._models = models
+
+    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> EmbedResult:
+        """The core serves no embedding models."""
+        raise GatewayError(Kind.BAD_REQUEST, f"model {model!r} does not produce embeddings")
+
+    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
+        """Stream a generation from the decoupled model through `stream_infer`."""
+        request = {
+            "model_name": call.model,
+            "inputs": _inputs(call),
+            "outputs": [InferRequestedOutput(n) for n in _OUTPUTS],
+        }
+        if call.traceparent:
+            request["parameters"] = {"traceparent": call.traceparent}
+
+        async def one_request():
+            yield request
+
+        responses = self._client.stream_infer(one_request(), stream_timeout=timeout)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _classify_error(error)
+                chunk = _chunk(result)
+                yield chunk
+                if chunk.finish_reason:
+                    return
+            raise UpstreamFailure("core closed the stream before the generation finished")
+        except (GatewayError, UpstreamFailure):
+            raise
+        except asyncio.CancelledError:
+            raise
+        except GeneratorExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transport failures
+            raise _classify_transport(exc) from exc
+        finally:
+            # Ends the call on Triton's side too, so a client that went away frees the engine.
+            responses.cancel()
+
+    async def health(self, *, timeout: float) -> bool:
+        """Triton's server readiness and the readiness of every model this core serves."""
+        try:
+            if not await asyncio.wait_for(self._client.is_server_ready(), timeout):
+                return False
+            for model in self._models:
+                if not await asyncio.wait_for(self._client.is_model_ready(model), timeout):
+                    return False
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the gRPC channel."""
+        await self._client.close()
+
+
+def _inputs(call: GenerateCall) -> list[InferInput]:
+    inputs = [
+        _tensor("text_input", [call.prompt.encode()], "BYTES"),
+        _tensor("temperature", [call.temperature], "FP32"),
+        _tensor("top_p", [call.top_p], "FP32"),
+        _tensor("stream", [call.stream], "BOOL"),
+    ]
+    if call.messages is not None:
+        inputs.append(_tensor("messages", [json.dumps(call.messages).encode()], "BYTES"))
+    if call.max_tokens is not None:
+        inputs.append(_tensor("max_tokens", [call.max_tokens], "INT32"))
+    if call.seed is not None:
+        inputs.append(_tensor("seed", [call.seed], "UINT64"))
+    if call.stop:
+        inputs.append(_tensor("stop", [s.encode() for s in call.stop], "BYTES"))
+    if call.prefix_token_ids:
+        inputs.append(_tensor("prefix_token_ids", list(call.prefix_token_ids), "INT32"))
+    return inputs
+
+
+_NP = {"BYTES": np.object_, "FP32": np.float32, "BOOL": np.bool_, "INT32": np.int32, "UINT64": np.uint64}
+
+
+def _tensor(name: str, values: list, dtype: str) -> InferInput:
+    array = np.array(values, dtype=_NP[dtype])
+    tensor = InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _chunk(result) -> GenerateChunk:
+    def scalar(name: str, default=None):
+        value = result.as_numpy(name)
+        return default if value is None or value.size == 0 else value.reshape(-1)[0]
+
+    text = scalar("text_output", b"")
+    reason = scalar("finish_reason", b"")
+    ids = result.as_numpy("token_ids")
+    return GenerateChunk(
+        text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text),
+        token_ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
+        finish_reason=(reason.decode() if isinstance(reason, bytes) else str(reason)) or None,
+        prompt_tokens=int(scalar("prompt_tokens", 0)),
+        completion_tokens=int(scalar("completion_tokens", 0)),
+    )
+
+
+def _classify_error(error: InferenceServerException) -> Exception:
+    message = error.message() or str(error)
+    if message.lower().startswith(INVALID_REQUEST_PREFIX):
+        return GatewayError(Kind.BAD_REQUEST, message[len(INVALID_REQUEST_PREFIX):].strip())
+    return UpstreamFailure(f"core failed: {message}")
+
+
+def _classify_transport(exc: BaseException) -> Exception:
+    text = str(exc)
+    if "DEADLINE_EXCEEDED" in text or isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailure("core timed out", timeout=True)
+    return UpstreamFailure(f"core unreachable: {type(exc).__name__}: {text[:200]}")

@@ -1,0 +1,54 @@
+"""The protocol-neutral request and response the listeners translate to and from.
+
+HTTP/3 and HTTP/1.1 listeners build a `Request` from their protocol events and write back a
+`Response`; every step of the pipeline sees only these values, so it runs without sockets in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gateway.errors import GatewayError
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    # Header names are lower-case; a repeated header keeps its last value.
+    headers: dict[str, str]
+    body: bytes
+    client_ip: str
+    protocol: str  # "h3" or "http/1.1"
+    query: str = ""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    # A streamed body (Server-Sent Events); when set, `body` is ignored.
+    stream: AsyncIterator[bytes] | None = None
+
+    @classmethod
+    def json(cls, data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """A JSON answer."""
+        return cls(status, {"content-type": JSON, **(headers or {})}, msgspec.json.encode(data))
+
+    @classmethod
+    def error(cls, err: GatewayError) -> Response:
+        """The OpenAI-style error answer for `err`."""
+        return cls(err.status, {"content-type": JSON, **err.headers}, err.body())
+
+    @classmethod
+    def event_stream(cls, chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Response:
+        """A Server-Sent Events answer."""
+        base = {"content-type": SSE, "cache-control": "no-cache"}
+        return cls(200, {**base, **(headers or {})}, stream=chunks)

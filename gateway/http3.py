@@ -1,0 +1,180 @@
+"""The HTTP/3 listener (aioquic): H3 events in, one `Request` per stream, the `Response` back.
+
+The protocol work stays in aioquic's sans-IO connection; this adapter only gathers a stream's
+headers and body, hands the request to the gateway, and writes the answer. Packets are flushed
+once per event-loop iteration (aioquic's `_transmit_soon`), never once per response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
+from aioquic.tls import SessionTicket
+
+from gateway.app import Gateway, too_large
+from gateway.http import Request, Response
+
+
+@dataclass(slots=True)
+class _Pending:
+    headers: dict[str, str]
+    body: bytearray = field(default_factory=bytearray)
+    refused: bool = False
+
+
+class SessionTicketStore:
+    """Keeps issued TLS session tickets so returning clients resume with 0-RTT."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._tickets: dict[bytes, SessionTicket] = {}
+        self._limit = limit
+
+    def add(self, ticket: SessionTicket) -> None:
+        if len(self._tickets) >= self._limit:
+            self._tickets.pop(next(iter(self._tickets)))
+        self._tickets[ticket.ticket] = ticket
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        return self._tickets.pop(label, None)
+
+
+class H3GatewayProtocol(QuicConnectionProtocol):
+    """One QUIC connection: its HTTP/3 streams become gateway requests."""
+
+    def __init__(self, *args, gateway: Gateway, max_body: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._gateway = gateway
+        self._max_body = max_body
+        self._http: H3Connection | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._tasks: dict[int, asyncio.Task] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
+            self._http = H3Connection(self._quic)
+        elif isinstance(event, StreamReset):
+            self._cancel(event.stream_id)
+        elif isinstance(event, ConnectionTerminated):
+            for stream_id in list(self._tasks):
+                self._cancel(stream_id)
+        if self._http is not None:
+            for h3_event in self._http.handle_event(event):
+                self._h3_event_received(h3_event)
+
+    def _h3_event_received(self, event: H3Event) -> None:
+        if isinstance(event, HeadersReceived):
+            headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
+            self._pending[event.stream_id] = _Pending(headers)
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self._max_body:
+                self._refuse(event.stream_id)
+        elif isinstance(event, DataReceived):
+            pending = self._pending.get(event.stream_id)
+            if pending is None or pending.refused:
+                return
+            pending.body += event.data
+            if len(pending.body) > self._max_body:
+                self._refuse(event.stream_id)
+                return
+        else:
+            return
+        if event.stream_ended:
+            pending = self._pending.pop(event.stream_id, None)
+            if pending is not None and not pending.refused:
+                self._start(event.stream_id, pending)
+
+    def _refuse(self, stream_id: int) -> None:
+        # Answer at once; the rest of the body is dropped as it arrives.
+        self._pending[stream_id].refused = True
+        self._pending[stream_id].body = bytearray()
+        self._send_whole(stream_id, Response.error(too_large(self._max_body)))
+
+    def _start(self, stream_id: int, pending: _Pending) -> None:
+        h = pending.headers
+        path, _, query = h.get(":path", "/").partition("?")
+        peer = self._quic._network_paths[0].addr[0] if self._quic._network_paths else ""
+        request = Request(
+            method=h.get(":method", "GET"),
+            path=path,
+            headers={k: v for k, v in h.items() if not k.startswith(":")},
+            body=bytes(pending.body),
+            client_ip=peer,
+            protocol="h3",
+            query=query,
+        )
+        task = asyncio.get_running_loop().create_task(self._serve(stream_id, request))
+        self._tasks[stream_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(stream_id, None))
+
+    async def _serve(self, stream_id: int, request: Request) -> None:
+        response = await self._gateway.handle(request)
+        if response.stream is None:
+            self._send_whole(stream_id, response)
+            return
+        self._send_headers(stream_id, response, end=False)
+        try:
+            async for chunk in response.stream:
+                self._http.send_data(stream_id, chunk, end_stream=False)
+                self._transmit_soon()
+            self._http.send_data(stream_id, b"", end_stream=True)
+            self._transmit_soon()
+        finally:
+            await response.stream.aclose()
+
+    def _send_whole(self, stream_id: int, response: Response) -> None:
+        self._send_headers(stream_id, response, end=False)
+        self._http.send_data(stream_id, response.body, end_stream=True)
+        self._transmit_soon()
+
+    def _send_headers(self, stream_id: int, response: Response, *, end: bool) -> None:
+        headers = [(b":status", str(response.status).encode())]
+        headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
+        if response.stream is None:
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        self._http.send_headers(stream_id, headers, end_stream=end)
+
+    def _cancel(self, stream_id: int) -> None:
+        self._pending.pop(stream_id, None)
+        task = self._tasks.pop(stream_id, None)
+        if task is not None:
+            task.cancel()
+
+
+class Http3Listener:
+    """Serves the gateway over HTTP/3 on one UDP socket."""
+
+    def __init__(self, gateway: Gateway, *, cert: str, key: str, max_body: int) -> None:
+        self._gateway = gateway
+        self._max_body = max_body
+        self._config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
+        self._config.load_cert_chain(cert, key)
+        self._tickets = SessionTicketStore()
+        self._server: QuicServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind the UDP socket and start accepting connections."""
+        self._server = await serve(
+            host,
+            port,
+            configuration=self._config,
+            create_protocol=lambda *a, **kw: H3GatewayProtocol(*a, gateway=self._gateway, max_body=self._max_body, **kw),
+            session_ticket_fetcher=self._tickets.pop,
+            session_ticket_handler=self._tickets.add,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server._transport.get_extra_info("sockname")[1]
+
+    async def close(self) -> None:
+        """Close the socket and every connection."""
+        if self._server is not None:
+            self._server.close()

@@ -1,0 +1,81 @@
+"""The gateway process: upstreams from the topology, the pipeline, and both listeners."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from gateway import logs
+from gateway.app import Gateway
+from gateway.config import Topology, load_topology
+from gateway.core_client import CoreUpstream
+from gateway.edge_client import EdgeUpstream
+from gateway.http1 import Http1Listener
+from gateway.http3 import Http3Listener
+from gateway.tls import ensure_self_signed
+from gateway.upstreams import Upstream, UpstreamPool
+
+log = logging.getLogger("meridian.gateway")
+
+
+def build_upstreams(topology: Topology) -> list[Upstream]:
+    """One upstream per zone and tier the topology lists."""
+    core_models = [m.name for m in topology.models if m.tier == "core"]
+    upstreams: list[Upstream] = []
+    for zone in topology.zones:
+        if zone.edge is not None:
+            upstreams.append(EdgeUpstream(zone.name, zone.address, zone.edge.port))
+        if zone.core is not None:
+            upstreams.append(CoreUpstream(zone.name, zone.address, zone.core.grpc_port, core_models))
+    return upstreams
+
+
+async def run(topology: Topology, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set."""
+    cfg = topology.gateway
+    pool = UpstreamPool(build_upstreams(topology), interval=cfg.health_interval_s)
+    gateway = Gateway(topology, pool)
+    await pool.check_once()
+    pool.start()
+    ensure_self_signed(Path(cfg.tls.cert), Path(cfg.tls.key))
+    h3 = Http3Listener(gateway, cert=cfg.tls.cert, key=cfg.tls.key, max_body=cfg.max_body_bytes)
+    await h3.start(cfg.http3.host, cfg.http3.port)
+    h1 = Http1Listener(gateway, h3_port=h3.port, max_body=cfg.max_body_bytes)
+    await h1.start(cfg.http1.host, cfg.http1.port)
+    log.warning("gateway listening", extra={"http1": f"{cfg.http1.host}:{h1.port}", "http3": f"{cfg.http3.host}:{h3.port}"})
+    try:
+        await stop.wait()
+    finally:
+        await h1.close()
+        await h3.close()
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`meridian gateway --topology FILE`."""
+    parser = argparse.ArgumentParser(prog="meridian gateway", description="Run the Meridian gateway.")
+    parser.add_argument("--topology", required=True, help="topology YAML file")
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--access-log", action="store_true", help="one JSON line per request")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, access_log=args.access_log)
+    topology = load_topology(args.topology)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        pass
+    asyncio.run(_main(topology))
+    return 0
+
+
+async def _main(topology: Topology) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run(topology, stop)

@@ -1,0 +1,260 @@
+"""The gateway pipeline with plain values: no sockets, in-process upstreams."""
+
+from __future__ import annotations
+
+import base64
+
+import msgspec
+import numpy as np
+import pytest
+
+from gateway.app import Gateway
+from gateway.auth import hash_key
+from gateway.config import parse_topology
+from gateway.errors import UpstreamFailure
+from gateway.http import Request
+from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk, UpstreamPool
+
+KEY = "sk-test"
+
+
+class FakeUpstream:
+    """An in-process upstream: scripted answers and failures."""
+
+    def __init__(self, zone: str, tier: str, *, fail: bool = False, fail_after: int | None = None) -> None:
+        self.zone, self.tier = zone, tier
+        self.fail = fail
+        self.fail_after = fail_after
+        self.calls: list[GenerateCall] = []
+
+    async def embed(self, model, inputs, *, timeout):
+        if self.fail:
+            raise UpstreamFailure("down")
+        return EmbedResult([[float(len(t)), 0.0, 1.0] for t in inputs], sum(len(t) for t in inputs))
+
+    async def generate(self, call, *, timeout):
+        self.calls.append(call)
+        if self.fail:
+            raise UpstreamFailure("down")
+        start = len(call.prefix_token_ids)
+        total = 6
+        for i in range(start, total):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise UpstreamFailure("zone died mid-stream")
+            last = i == total - 1
+            yield GenerateChunk(f"t{i} ", [i], "length" if last else None, 3, i + 1)
+
+    async def health(self, *, timeout):
+        return not self.fail
+
+    async def close(self):
+        pass
+
+
+TOPOLOGY = {
+    "gateway": {"region": "west", "max_body_bytes": 2048},
+    "regions": [
+        {"name": "west", "lat": 53.3, "lon": -6.3, "cidrs": ["10.1.0.0/16"]},
+        {"name": "east", "lat": 50.1, "lon": 8.7, "cidrs": ["10.2.0.0/16"]},
+    ],
+    "zones": [
+        {"name": "zone-a", "region": "west", "address": "127.0.1.1", "edge": {}, "core": {}},
+        {"name": "zone-b", "region": "east", "address": "127.0.2.1", "edge": {}, "core": {}},
+    ],
+    "models": [
+        {"name": "embed", "tier": "edge", "kind": "embedding"},
+        {"name": "llm", "tier": "core", "kind": "generate"},
+    ],
+    "auth": {"api_keys": [
+        {"name": "k", "tenant": "t1", "sha256": hash_key(KEY)},
+        {"name": "old", "tenant": "t1", "sha256": hash_key("sk-revoked"), "revoked": True},
+        {"name": "narrow", "tenant": "t2", "sha256": hash_key("sk-narrow"), "models": ["embed"]},
+    ]},
+}
+
+
+async def make_gateway(upstreams) -> Gateway:
+    pool = UpstreamPool(upstreams, interval=60)
+    await pool.check_once()
+    return Gateway(parse_topology(TOPOLOGY), pool)
+
+
+def req(method: str, path: str, body=None, *, key: str | None = KEY, ip: str = "10.1.0.5", headers=None) -> Request:
+    h = {"content-type": "application/json", **(headers or {})}
+    if key:
+        h["authorization"] = f"Bearer {key}"
+    raw = body if isinstance(body, bytes) else (msgspec.json.encode(body) if body is not None else b"")
+    return Request(method, path, h, raw, ip, "http/1.1")
+
+
+def error_of(response) -> dict:
+    return msgspec.json.decode(response.body)["error"]
+
+
+@pytest.fixture
+def zones():
+    return [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core"),
+            FakeUpstream("zone-b", "edge"), FakeUpstream("zone-b", "core")]
+
+
+async def test_health_needs_no_key_and_readiness_follows_zones(zones):
+    gw = await make_gateway(zones)
+    assert (await gw.handle(req("GET", "/healthz", key=None))).status == 200
+    assert (await gw.handle(req("GET", "/readyz", key=None))).status == 200
+    zones[3].fail = True
+    await gw.pool.check_once()
+    r = await gw.handle(req("GET", "/readyz", key=None))
+    assert r.status == 503
+    assert msgspec.json.decode(r.body)["zones"]["zone-b"] == {"edge": True, "core": False}
+
+
+@pytest.mark.parametrize("key,status,code", [(None, 401, "missing_api_key"), ("nope", 401, "invalid_api_key"),
+                                             ("sk-revoked", 401, "invalid_api_key")])
+async def test_auth_refusals(zones, key, status, code):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}, key=key))
+    assert r.status == status
+    assert error_of(r)["code"] == code
+    assert error_of(r)["type"] == "authentication_error"
+
+
+async def test_scope_refusal_is_403(zones):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}, key="sk-narrow"))
+    assert r.status == 403
+    ok = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}, key="sk-narrow"))
+    assert ok.status == 200
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"", 400, "empty"),
+    (b"\xff\xfe{}", 400, "malformed"),
+    ({"model": "embed"}, 400, "input"),
+    ({"model": "embed", "input": 5}, 400, "input"),
+    ({"model": "embed", "input": []}, 400, "empty"),
+    ({"model": "embed", "input": [[1, 2]]}, 400, "token-id"),
+    ({"model": "nope", "input": "x"}, 404, "does not exist"),
+    ({"model": "llm", "input": "x"}, 400, "does not produce embeddings"),
+])
+async def test_embedding_bad_input(zones, body, status, fragment):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/embeddings", body))
+    assert r.status == status, r.body
+    assert fragment in error_of(r)["message"]
+    assert not zones[0].calls and not zones[2].calls
+
+
+async def test_body_over_limit_is_413(zones):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x" * 4096}))
+    assert r.status == 413
+    assert error_of(r)["code"] == "request_too_large"
+
+
+async def test_unknown_route_and_method(zones):
+    gw = await make_gateway(zones)
+    assert (await gw.handle(req("GET", "/v2/nothing"))).status == 404
+    assert (await gw.handle(req("GET", "/v1/embeddings"))).status == 405
+
+
+async def test_embeddings_float_and_base64(zones):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": ["ab", "abcd"]}))
+    assert r.status == 200
+    assert r.headers["x-meridian-zone"] == "zone-a" and r.headers["x-meridian-tier"] == "edge"
+    data = msgspec.json.decode(r.body)
+    assert [d["embedding"][0] for d in data["data"]] == [2.0, 4.0]
+    assert data["usage"]["prompt_tokens"] == 6
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "abc", "encoding_format": "base64"}))
+    vec = np.frombuffer(base64.b64decode(msgspec.json.decode(r.body)["data"][0]["embedding"]), dtype="<f4")
+    assert vec.tolist() == [3.0, 0.0, 1.0]
+
+
+async def test_region_picks_the_nearest_zone(zones):
+    gw = await make_gateway(zones)
+    body = {"model": "embed", "input": "x"}
+    assert (await gw.handle(req("POST", "/v1/embeddings", body, ip="10.2.3.4"))).headers["x-meridian-zone"] == "zone-b"
+    assert (await gw.handle(req("POST", "/v1/embeddings", body, ip="10.1.3.4"))).headers["x-meridian-zone"] == "zone-a"
+    # The load balancer's header beats the address; an unknown address falls back to the gateway's region.
+    hdr = {"x-meridian-region": "east"}
+    assert (await gw.handle(req("POST", "/v1/embeddings", body, headers=hdr))).headers["x-meridian-zone"] == "zone-b"
+    assert (await gw.handle(req("POST", "/v1/embeddings", body, ip="192.0.2.1"))).headers["x-meridian-zone"] == "zone-a"
+
+
+async def test_unary_fails_over_to_the_next_zone(zones):
+    zones[0].fail = True
+    gw = await make_gateway(zones)
+    zones[0].fail = False
+    gw.pool.endpoints[0].healthy = True  # the health check has not noticed yet
+    zones[0].fail = True
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    assert gw.pool.endpoints[0].healthy is False
+
+
+async def test_no_healthy_zone_is_503(zones):
+    for z in zones:
+        z.fail = True
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}))
+    assert r.status == 503
+    assert error_of(r)["type"] == "service_unavailable"
+
+
+async def test_completion_whole(zones):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "hi", "max_tokens": 6, "seed": 7}))
+    assert r.status == 200
+    data = msgspec.json.decode(r.body)
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"] == "t0 t1 t2 t3 t4 t5 "
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert zones[1].calls[0].seed == 7 and zones[1].calls[0].prompt == "hi"
+
+
+async def test_chat_stream_resumes_in_the_next_zone(zones):
+    zones[1].fail_after = 3
+    gw = await make_gateway(zones)
+    body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 6,
+            "stream_options": {"include_usage": True}}
+    r = await gw.handle(req("POST", "/v1/chat/completions", body))
+    assert r.status == 200 and r.headers["content-type"] == "text/event-stream"
+    events = [e async for e in r.stream]
+    payloads = [e.decode().removeprefix("data: ").strip() for e in events]
+    assert payloads[-1] == "[DONE]"
+    chunks = [msgspec.json.decode(p) for p in payloads[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "t0 t1 t2 t3 t4 t5 "
+    resumed = zones[3].calls[0]
+    assert resumed.prefix_token_ids == (0, 1, 2) and resumed.max_tokens == 3
+    assert resumed.messages == [{"role": "user", "content": "hi"}]
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "llm", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "llm", "prompt": "x", "temperature": 3}, "temperature"),
+    ({"model": "llm", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "llm", "prompt": "x", "n": 2}, "n"),
+    ({"model": "llm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "llm", "prompt": "x", "max_tokens": "ten"}, None),
+])
+async def test_generation_bad_input(zones, body, param):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/completions", body))
+    assert r.status == 400
+    if param:
+        assert error_of(r)["param"] == param
+    assert not zones[1].calls
+
+
+async def test_models_list(zones):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("GET", "/v1/models"))
+    assert [m["id"] for m in msgspec.json.decode(r.body)["data"]] == ["embed", "llm"]
+    narrow = await gw.handle(req("GET", "/v1/models", key="sk-narrow"))
+    assert [m["id"] for m in msgspec.json.decode(narrow.body)["data"]] == ["embed"]
+    assert (await gw.handle(req("GET", "/v1/models/llm"))).status == 200
+    assert (await gw.handle(req("GET", "/v1/models/none"))).status == 404
