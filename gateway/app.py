@@ -17,12 +17,16 @@ import numpy as np
 
 from gateway import api, openai_format
 from gateway.auth import Authenticator, Principal, authorize
+from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable
 from gateway.config import Model, Topology
 from gateway.errors import GatewayError, Kind
 from gateway.failover import ResumableStream, call_unary
 from gateway.http import Request, Response
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
+from gateway.redis_link import RedisLink
 from gateway.routing import Router
-from gateway.upstreams import Endpoint, GenerateCall, UpstreamPool
+from gateway.upstreams import GenerateCall, GenerateChunk, UpstreamPool
 
 log = logging.getLogger("meridian.gateway")
 access_log = logging.getLogger("meridian.access")
@@ -34,14 +38,20 @@ Handler = Callable[[Request, Principal], Awaitable[Response]]
 class Gateway:
     """The whole pipeline behind both listeners."""
 
-    def __init__(self, topology: Topology, pool: UpstreamPool) -> None:
+    def __init__(
+        self, topology: Topology, pool: UpstreamPool, *, redis: RedisLink | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.topology = topology
         self.pool = pool
+        self.metrics = metrics or Metrics()
         self.router = Router(topology, pool)
         self.auth = Authenticator(topology.auth)
+        self.cache = L2Cache(redis, topology.cache)
+        self.limiter = RateLimiter(redis, topology.limits, self.metrics)
         self._public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.prometheus,
         }
         self._private: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self.list_models,
@@ -60,6 +70,7 @@ class Gateway:
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the process
             log.exception("unhandled error", extra={"path": request.path})
             response = Response.error(GatewayError(Kind.INTERNAL, "internal error", code="internal_error"))
+        self._observe(request, response, started)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "request",
@@ -74,6 +85,17 @@ class Gateway:
             )
         return response
 
+    def _observe(self, request: Request, response: Response, started: float) -> None:
+        known = (request.method, request.path) in self._private or (request.method, request.path) in self._public
+        route = request.path if known else "other"
+        tier = response.headers.get("x-meridian-tier", "")
+        zone = response.headers.get("x-meridian-zone", "")
+        self.metrics.requests.inc(route, tier, zone, str(response.status))
+        self.metrics.latency.observe(time.perf_counter() - started, route, tier, zone)
+        cache = response.headers.get("x-meridian-cache")
+        if cache:
+            self.metrics.cache.inc(cache)
+
     async def _dispatch(self, request: Request) -> Response:
         key = (request.method, request.path)
         if key in self._public:
@@ -87,6 +109,7 @@ class Gateway:
             else:
                 raise GatewayError(Kind.NOT_FOUND, f"no route {request.method} {request.path}", code="not_found")
         principal = self.auth.authenticate(request)
+        await self.limiter.admit(principal.tenant)
         if len(request.body) > self.topology.gateway.max_body_bytes:
             raise too_large(self.topology.gateway.max_body_bytes)
         return await handler(request, principal)
@@ -104,6 +127,12 @@ class Gateway:
             zones.setdefault(e.zone, {})[e.tier] = e.healthy
         ready = self.pool.all_healthy()
         return Response.json({"status": "ready" if ready else "not ready", "zones": zones}, 200 if ready else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus metrics."""
+        for e in self.pool.endpoints:
+            self.metrics.upstream_healthy.set(e.zone, e.tier, value=1.0 if e.healthy else 0.0)
+        return Response(200, {"content-type": "text/plain; version=0.0.4"}, self.metrics.render())
 
     # -- models -------------------------------------------------------------------------------
 
@@ -138,21 +167,48 @@ class Gateway:
         if model.kind != "embedding":
             raise api.bad_request(f"model {model.name!r} does not produce embeddings", "model")
         texts = body.texts(MAX_EMBED_INPUTS)
-        endpoints = self.router.rank(model.tier, self.router.client_region(request))
-        timeout = self.topology.gateway.upstream_timeout_s
-        endpoint, result = await call_unary(
-            endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout)
-        )
-        if body.dimensions is not None and result.vectors and body.dimensions != len(result.vectors[0]):
-            raise api.bad_request(f"model {model.name!r} has {len(result.vectors[0])} dimensions", "dimensions")
+        got, cache_state = await self._cache_begin(principal, model, request.path, body, True)
+        if isinstance(got, CachedAnswer):
+            return self._embedding_response(body, model, got, "hit")
+        try:
+            endpoints = self.router.rank(model.tier, self.router.client_region(request))
+            timeout = self.topology.gateway.upstream_timeout_s
+            endpoint, result = await call_unary(
+                endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout)
+            )
+            dims = len(result.vectors[0]) if result.vectors else 0
+            if body.dimensions is not None and body.dimensions != dims:
+                raise api.bad_request(f"model {model.name!r} has {dims} dimensions", "dimensions")
+            answer = CachedAnswer(
+                "embed", endpoint.zone, endpoint.tier, prompt_tokens=result.prompt_tokens, dims=dims,
+                vectors=np.asarray(result.vectors, dtype="<f4").tobytes(),
+            )
+            if got is not None:
+                await got.store(answer)
+        finally:
+            if got is not None:
+                await got.release()
+        return self._embedding_response(body, model, answer, cache_state)
+
+    def _embedding_response(self, body: api.EmbeddingRequest, model: Model, answer: CachedAnswer, cache: str) -> Response:
+        vectors = np.frombuffer(answer.vectors, dtype="<f4").reshape(-1, answer.dims or 1)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(result.vectors)
+            for i, v in enumerate(vectors)
         ]
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return Response.json(
-            {"object": "list", "data": data, "model": model.name, "usage": usage}, headers=_served_by(endpoint)
-        )
+        usage = {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens}
+        headers = {"x-meridian-zone": answer.zone, "x-meridian-tier": answer.tier, "x-meridian-cache": cache}
+        return Response.json({"object": "list", "data": data, "model": model.name, "usage": usage}, headers=headers)
+
+    async def _cache_begin(
+        self, principal: Principal, model: Model, route: str, body, deterministic: bool
+    ) -> tuple[CachedAnswer | Lease | None, str]:
+        """(hit, lease to fill, or None) and the x-meridian-cache value for a produced answer."""
+        if not (self.cache.enabled and deterministic):
+            return None, "bypass"
+        key = cache_key(principal.tenant, model.name, model.versions[0].name, route, body)
+        got = await self.cache.begin(key)
+        return got, "miss" if got is not None else "bypass"
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -162,7 +218,7 @@ class Gateway:
         model = self._generative(body.model, principal, request.path)
         body.check()
         call = self._call(request, body, model, prompt=body.prompt_text())
-        return await self._generate(request, body, model, call, openai_format.CompletionFormat())
+        return await self._generate(request, principal, body, model, call, openai_format.CompletionFormat())
 
     async def chat_completions(self, request: Request, principal: Principal) -> Response:
         """POST /v1/chat/completions; the core applies the checkpoint's chat template."""
@@ -172,7 +228,7 @@ class Gateway:
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise api.bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
         call = self._call(request, body, model, messages=body.plain_messages(), max_tokens=body.token_limit())
-        return await self._generate(request, body, model, call, openai_format.ChatFormat())
+        return await self._generate(request, principal, body, model, call, openai_format.ChatFormat())
 
     def _generative(self, name: str, principal: Principal, route: str) -> Model:
         model = self._model(name, principal, route)
@@ -196,40 +252,108 @@ class Gateway:
     async def _generate(
         self,
         request: Request,
+        principal: Principal,
         body: api.SamplingFields,
         model: Model,
         call: GenerateCall,
         fmt: openai_format.Format,
     ) -> Response:
+        meta = openai_format.Meta(id=f"{fmt.id_prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        got, cache_state = await self._cache_begin(
+            principal, model, request.path, body, cacheable(body.temperature, body.seed)
+        )
+        if isinstance(got, CachedAnswer):
+            return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, "hit")
         endpoints = self.router.rank(model.tier, self.router.client_region(request))
         stream = ResumableStream(endpoints, call, self.topology.gateway.request_timeout_s)
-        await stream.start()
-        headers = {"x-meridian-zone": stream.first_zone, "x-meridian-tier": model.tier, "x-meridian-cache": "bypass"}
-        meta = openai_format.Meta(id=f"{fmt.id_prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.name)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return Response.event_stream(_sse(stream, fmt, meta, include_usage), headers)
-        text: list[str] = []
-        usage = openai_format.Usage()
-        finish = "stop"
         try:
-            async for chunk in stream.chunks():
-                text.append(chunk.text)
-                usage.add(chunk)
-                finish = chunk.finish_reason or finish
-        finally:
-            await stream.aclose()
-        return Response.json(fmt.whole(meta, "".join(text), finish, usage), headers=headers)
+            await stream.start()
+        except BaseException:
+            if got is not None:
+                await got.release()
+            raise
+        recording = _Recording(stream.first_zone, model.tier)
+
+        async def chunks() -> AsyncIterator[GenerateChunk]:
+            try:
+                async for chunk in stream.chunks():
+                    recording.add(chunk)
+                    yield chunk
+                if got is not None:
+                    await got.store(recording.answer())
+            finally:
+                await stream.aclose()
+                if got is not None:
+                    await got.release()
+                await self.limiter.debit(principal.tenant, recording.total_tokens)
+
+        return await _answer(body.stream, fmt, meta, include_usage, chunks(), stream.first_zone, model.tier, cache_state)
+
+
+class _Recording:
+    """What a generation produced, kept to store it in the cache once it finished."""
+
+    def __init__(self, zone: str, tier: str) -> None:
+        self.zone, self.tier = zone, tier
+        self.deltas: list[str] = []
+        self.usage = openai_format.Usage()
+        self.finish = "stop"
+
+    def add(self, chunk: GenerateChunk) -> None:
+        self.deltas.append(chunk.text)
+        self.usage.add(chunk)
+        self.finish = chunk.finish_reason or self.finish
+
+    @property
+    def total_tokens(self) -> int:
+        return self.usage.prompt_tokens + self.usage.completion_tokens
+
+    def answer(self) -> CachedAnswer:
+        return CachedAnswer(
+            "generate", self.zone, self.tier, self.deltas, self.finish,
+            self.usage.prompt_tokens, self.usage.completion_tokens,
+        )
+
+
+async def _replay(answer: CachedAnswer) -> AsyncIterator[GenerateChunk]:
+    last = len(answer.deltas) - 1
+    for i, text in enumerate(answer.deltas or [""]):
+        done = i >= last
+        yield GenerateChunk(
+            text,
+            finish_reason=answer.finish_reason if done else None,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens if done else 0,
+        )
+
+
+async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: str, tier: str, cache: str) -> Response:
+    """A streamed answer as SSE, or the whole answer gathered from the chunks."""
+    headers = {"x-meridian-zone": zone, "x-meridian-tier": tier, "x-meridian-cache": cache}
+    if stream:
+        return Response.event_stream(_sse(chunks, fmt, meta, include_usage), headers)
+    text: list[str] = []
+    usage = openai_format.Usage()
+    finish = "stop"
+    try:
+        async for chunk in chunks:
+            text.append(chunk.text)
+            usage.add(chunk)
+            finish = chunk.finish_reason or finish
+    finally:
+        await chunks.aclose()
+    return Response.json(fmt.whole(meta, "".join(text), finish, usage), headers=headers)
 
 
 async def _sse(
-    stream: ResumableStream, fmt: openai_format.Format, meta: openai_format.Meta, include_usage: bool
+    chunks: AsyncIterator[GenerateChunk], fmt: openai_format.Format, meta: openai_format.Meta, include_usage: bool
 ) -> AsyncIterator[bytes]:
     usage = openai_format.Usage()
     try:
         for event in fmt.stream_start(meta):
             yield _event(event)
-        async for chunk in stream.chunks():
+        async for chunk in chunks:
             usage.add(chunk)
             yield _event(fmt.stream_delta(meta, chunk.text, chunk.finish_reason))
         if include_usage:
@@ -239,21 +363,17 @@ async def _sse(
         # Headers are gone already: the error travels as an SSE event, as OpenAI's API does.
         yield b"data: " + err.body() + b"\n\n"
     finally:
-        await stream.aclose()
+        await chunks.aclose()
 
 
 def _event(data: object) -> bytes:
     return b"data: " + msgspec.json.encode(data) + b"\n\n"
 
 
-def _served_by(endpoint: Endpoint) -> dict[str, str]:
-    return {"x-meridian-zone": endpoint.zone, "x-meridian-tier": endpoint.tier, "x-meridian-cache": "bypass"}
-
-
-def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-    return vector
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode()
+    return vector.tolist()
 
 
 def too_large(limit: int) -> GatewayError:

@@ -45,10 +45,36 @@ class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 6390
     db: int = 0
+    # Loopback Redis answers in well under a millisecond; anything slower is treated as down.
+    timeout_s: float = 0.25
+    max_connections: int = 64
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    ttl_s: int = 3600
+    max_entry_bytes: int = 1 << 20
+    # How long identical concurrent misses wait for the first one (single flight).
+    wait_s: float = 60.0
+
+
+class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    requests_per_second: float = 0.0  # 0: unlimited
+    burst: int = 0  # 0: one second's worth
+    tokens_per_minute: int = 0  # 0: unlimited
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    default: Limit = Limit()
+    tenants: dict[str, Limit] = {}
+
+    def for_tenant(self, tenant: str) -> Limit:
+        """The tenant's own limit, else the default."""
+        return self.tenants.get(tenant, self.default)
 
 
 class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -124,6 +150,8 @@ class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zones: list[Zone] = []
     models: list[Model] = []
     auth: AuthConfig = AuthConfig()
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     def region(self, name: str) -> Region | None:
         """The region called `name`, if the topology has one."""

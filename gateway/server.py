@@ -15,6 +15,7 @@ from gateway.core_client import CoreUpstream
 from gateway.edge_client import EdgeUpstream
 from gateway.http1 import Http1Listener
 from gateway.http3 import Http3Listener
+from gateway.redis_link import RedisLink
 from gateway.tls import ensure_self_signed
 from gateway.upstreams import Upstream, UpstreamPool
 
@@ -37,7 +38,8 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     cfg = topology.gateway
     pool = UpstreamPool(build_upstreams(topology), interval=cfg.health_interval_s)
-    gateway = Gateway(topology, pool)
+    redis = RedisLink(topology.redis)
+    gateway = Gateway(topology, pool, redis=redis)
     await pool.check_once()
     pool.start()
     ensure_self_signed(Path(cfg.tls.cert), Path(cfg.tls.key))
@@ -52,6 +54,7 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
         await h1.close()
         await h3.close()
         await pool.close()
+        await redis.close()
 
 
 def main(argv: list[str] | None = None) -> int:

