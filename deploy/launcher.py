@@ -255,6 +255,9 @@ def running_supervisor(settings: Settings) -> int | None:
 def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
     """Whether something else already listens there (a clear error beats a crashed child)."""
     with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            # As the servers do: a closed connection's TIME_WAIT must not count as a listener.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

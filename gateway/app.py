@@ -108,7 +108,7 @@ class Gateway:
                 raise GatewayError(Kind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}")
             else:
                 raise GatewayError(Kind.NOT_FOUND, f"no route {request.method} {request.path}", code="not_found")
-        principal = self.auth.authenticate(request)
+        principal = await self.auth.authenticate(request)
         await self.limiter.admit(principal.tenant)
         if len(request.body) > self.topology.gateway.max_body_bytes:
             raise too_large(self.topology.gateway.max_body_bytes)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.config import AuthConfig
 from gateway.errors import GatewayError, Kind
 from gateway.http import Request
+from gateway.jwt_auth import JwtVerifier, TokenRejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,27 +32,31 @@ def hash_key(key: str) -> str:
 
 
 class Authenticator:
-    """Resolves a request's credentials to a Principal, or refuses it."""
+    """Resolves a request's credentials (an API key or a JWT) to a Principal, or refuses it."""
 
     def __init__(self, config: AuthConfig) -> None:
         self._keys = {k.sha256: k for k in config.api_keys}
+        self._jwt = JwtVerifier(config.jwt)
 
-    def authenticate(self, request: Request) -> Principal:
-        """401 unless the request carries a valid, unrevoked key."""
+    async def authenticate(self, request: Request) -> Principal:
+        """401 unless the request carries a valid, unrevoked key or a valid token."""
         token = _credential(request)
         if token is None:
-            raise GatewayError(
-                Kind.UNAUTHORIZED,
-                "missing API key: send 'Authorization: Bearer <key>'",
-                code="missing_api_key",
-                headers={"www-authenticate": "Bearer"},
-            )
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        if self._jwt.enabled and token.count(".") == 2:
+            try:
+                claims = await self._jwt.verify(token)
+            except TokenRejected as exc:
+                raise _unauthorized(str(exc), "invalid_token") from None
+            return Principal(claims.tenant, f"jwt:{claims.subject}", claims.models, claims.routes)
         entry = self._keys.get(hash_key(token))
         if entry is None or entry.revoked:
-            raise GatewayError(
-                Kind.UNAUTHORIZED, "invalid API key", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
-            )
+            raise _unauthorized("invalid API key", "invalid_api_key")
         return Principal(entry.tenant, entry.name, tuple(entry.models), tuple(entry.routes))
+
+
+def _unauthorized(message: str, code: str) -> GatewayError:
+    return GatewayError(Kind.UNAUTHORIZED, message, code=code, headers={"www-authenticate": "Bearer"})
 
 
 def authorize(principal: Principal, route: str, model: str | None) -> None:

@@ -139,8 +139,29 @@ class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     revoked: bool = False
 
 
+JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
+
+
+class JwtIssuer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    issuer: str
+    audience: str
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    # Signing keys: a JWKS file (re-read when it changes) or URL (refetched), for rotation.
+    jwks_file: str = ""
+    jwks_url: str = ""
+    jwks_refresh_s: float = 300.0
+    # HS256 is accepted only from an issuer with a shared secret configured here.
+    hs256_secret: str = ""
+    tenant_claim: str = "tenant"
+    leeway_s: float = 30.0
+    # Scopes a token grants when its `scope` claim names none (`models:<glob>`, `routes:<glob>`).
+    default_models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    default_routes: list[str] = msgspec.field(default_factory=lambda: ["*"])
+
+
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_keys: list[ApiKey] = []
+    jwt: list[JwtIssuer] = []
 
 
 class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -203,6 +224,14 @@ def _check(topo: Topology, source: str) -> None:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"{source}: region {r.name}: {exc}") from exc
+    for issuer in topo.auth.jwt:
+        bad = set(issuer.algorithms) - set(JWT_ALGORITHMS)
+        if bad:
+            raise ConfigError(f"{source}: issuer {issuer.issuer}: algorithms {sorted(bad)} are not allowed")
+        if "HS256" in issuer.algorithms and not issuer.hs256_secret:
+            raise ConfigError(f"{source}: issuer {issuer.issuer}: HS256 needs hs256_secret")
+        if set(issuer.algorithms) - {"HS256"} and not (issuer.jwks_file or issuer.jwks_url):
+            raise ConfigError(f"{source}: issuer {issuer.issuer}: asymmetric algorithms need jwks_file or jwks_url")
     names = [m.name for m in topo.models]
     if len(names) != len(set(names)):
         raise ConfigError(f"{source}: model names must be unique")

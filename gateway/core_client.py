@@ -17,7 +17,7 @@ from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # The core marks refusals of the request itself with this prefix (the stream protocol carries
 # only a message): such errors are the client's and are not retried in another zone.
-INVALID_REQUEST_PREFIX = "invalid request:"
+INVALID_REQUEST_PREFIX = "bad input:"
 _OUTPUTS = ("text_output", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 
 

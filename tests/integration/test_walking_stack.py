@@ -181,3 +181,13 @@ def test_openai_package_unchanged(stack):
                                           max_tokens=4, temperature=0)
     assert chat.choices[0].message.role == "assistant"
     assert [m.id for m in client.models.list()] == [EMBED_MODEL, CORE_MODEL]
+
+
+async def test_core_refusal_is_400_and_core_keeps_serving(stack):
+    too_long = "word " * 5000  # past the local model's context
+    async with h3_client(stack.h3_host, stack.h3_port, stack.api_key) as c:
+        r = await c.post("/v1/completions", json={"model": CORE_MODEL, "prompt": too_long, "max_tokens": 4})
+        assert r.status == 400, r.body
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        ok = await c.post("/v1/completions", json={"model": CORE_MODEL, "prompt": "fine", "max_tokens": 2})
+        assert ok.status == 200
