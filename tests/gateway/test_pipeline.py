@@ -11,44 +11,11 @@ import pytest
 from gateway.app import Gateway
 from gateway.auth import hash_key
 from gateway.config import parse_topology
-from gateway.errors import UpstreamFailure
 from gateway.http import Request
-from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk, UpstreamPool
+from gateway.upstreams import UpstreamPool
+from tests.support.fakes import FakeUpstream
 
 KEY = "sk-test"
-
-
-class FakeUpstream:
-    """An in-process upstream: scripted answers and failures."""
-
-    def __init__(self, zone: str, tier: str, *, fail: bool = False, fail_after: int | None = None) -> None:
-        self.zone, self.tier = zone, tier
-        self.fail = fail
-        self.fail_after = fail_after
-        self.calls: list[GenerateCall] = []
-
-    async def embed(self, model, inputs, *, timeout):
-        if self.fail:
-            raise UpstreamFailure("down")
-        return EmbedResult([[float(len(t)), 0.0, 1.0] for t in inputs], sum(len(t) for t in inputs))
-
-    async def generate(self, call, *, timeout):
-        self.calls.append(call)
-        if self.fail:
-            raise UpstreamFailure("down")
-        start = len(call.prefix_token_ids)
-        total = 6
-        for i in range(start, total):
-            if self.fail_after is not None and i >= self.fail_after:
-                raise UpstreamFailure("zone died mid-stream")
-            last = i == total - 1
-            yield GenerateChunk(f"t{i} ", [i], "length" if last else None, 3, i + 1)
-
-    async def health(self, *, timeout):
-        return not self.fail
-
-    async def close(self):
-        pass
 
 
 TOPOLOGY = {

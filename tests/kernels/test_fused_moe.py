@@ -1,0 +1,167 @@
+"""Fused MoE kernel against the PyTorch reference: alignment, edge cases of routing, dtypes, fp8."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernels import reference
+fm = importlib.import_module("kernels.fused_moe")
+
+# Small blocks keep the interpreter fast and make the edge cases (padding, several blocks per
+# expert, split-K, grouped ordering, ragged K) appear at small sizes.
+SMALL = {
+    "BLOCK_M": 16,
+    "gate_up": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2),
+    "down": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2),
+}
+
+
+def cfg(**over) -> dict:
+    """SMALL with overrides applied to both kernels (BLOCK_M at the top)."""
+    c = {"BLOCK_M": over.pop("BLOCK_M", SMALL["BLOCK_M"]),
+         "gate_up": dict(SMALL["gate_up"]), "down": dict(SMALL["down"])}
+    for k, v in over.items():
+        for part in ("gate_up", "down"):
+            if k != "SPLIT_K" or part == "down":
+                c[part][k] = v
+    return c
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; NaN never passes."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(t, h, i, e, dtype, device):
+    """Random layer with outputs of order one."""
+    x = torch.randn(t, h, device=device).to(dtype)
+    w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(dtype)
+    return x, w13, w2
+
+
+def random_routing(t, e, k, device, experts=None):
+    """Distinct experts per token drawn from `experts` (default: all), softmax-like weights."""
+    pool = torch.arange(e) if experts is None else torch.tensor(experts)
+    ids = torch.stack([pool[torch.randperm(len(pool))[:k]] for _ in range(t)])
+    w = torch.rand(t, k).softmax(-1)
+    return w.to(device), ids.to(torch.int32).to(device)
+
+
+def gold(x, w13, w2, w, ids):
+    """The reference in fp32 on upcast inputs."""
+    return reference.fused_moe(x.float().cpu(), w13.float().cpu(), w2.float().cpu(), w.cpu(), ids.cpu())
+
+
+def check(x, w13, w2, w, ids, config, tol):
+    """Kernel vs fp32 reference within `tol` (relative Frobenius)."""
+    out = fm.fused_moe(x, w13, w2, w, ids, config=config)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    err = rel_err(out.cpu(), gold(x, w13, w2, w, ids))
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("tk,e,bm", [(1, 4, 16), (37, 5, 16), (500, 64, 16), (700, 8, 32), (2000, 3, 64)])
+def test_align_is_a_padded_permutation(tk, e, bm, device):
+    ids = torch.randint(0, e, (tk,), dtype=torch.int32)
+    if tk > 30:
+        ids[: tk // 2] = e - 1  # a crowded expert and, for e=64, empty ones
+    sorted_ids, block_expert = fm.align_by_expert(ids.to(device), e, bm)
+    sorted_ids, block_expert = sorted_ids.cpu().long(), block_expert.cpu().long()
+    used = block_expert >= 0
+    n_used = int(used.sum())
+    assert used[:n_used].all() and not used[n_used:].any()
+    assert torch.equal(block_expert[:n_used], block_expert[:n_used].sort().values)
+    rows = sorted_ids[: n_used * bm].view(n_used, bm)
+    real = rows < tk
+    assert torch.equal(rows[real].sort().values, torch.arange(tk))  # every slot exactly once
+    assert (rows[~real] == tk).all()
+    assert (ids.long()[rows[real]] == block_expert[:n_used, None].expand_as(rows)[real]).all()
+    counts = torch.bincount(ids.long(), minlength=e)
+    assert n_used == int(((counts + bm - 1) // bm).sum())
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("t", [1, 5, 37])
+def test_bf16_random_routing(t, top_k, device):
+    x, w13, w2 = make_layer(t, 64, 48, 8, torch.bfloat16, device)
+    w, ids = random_routing(t, 8, top_k, device)
+    check(x, w13, w2, w, ids, SMALL, 1e-2)
+
+
+def test_fp32_accumulation(device):
+    x, w13, w2 = make_layer(21, 64, 48, 6, torch.float32, device)
+    w, ids = random_routing(21, 6, 3, device)
+    check(x, w13, w2, w, ids, SMALL, 2e-3 if device == "cuda" else 1e-5)  # tf32 on the GPU
+
+
+def test_experts_with_no_tokens(device):
+    x, w13, w2 = make_layer(9, 64, 32, 16, torch.bfloat16, device)
+    w, ids = random_routing(9, 16, 2, device, experts=[3, 11, 12])
+    check(x, w13, w2, w, ids, SMALL, 1e-2)
+
+
+@pytest.mark.parametrize("top_k", [1, 8])
+def test_all_tokens_on_one_expert(top_k, device):
+    x, w13, w2 = make_layer(40, 64, 32, 8, torch.bfloat16, device)
+    w, ids = random_routing(40, 8, top_k, device)
+    ids[:, 0] = 5  # every token's first choice is expert 5: three blocks of 16 for one expert
+    if top_k > 1:
+        ids[:, 1:] = torch.stack([torch.tensor([e for e in range(8) if e != 5])] * 40)[:, : top_k - 1].to(ids)
+    check(x, w13, w2, w, ids, SMALL, 1e-2)
+
+
+def test_ragged_k_split_k_and_grouped_order(device):
+    """Hidden and inter not multiples of BLOCK_K, the down K split over programs, GROUP_M > 1."""
+    x, w13, w2 = make_layer(33, 80, 72, 4, torch.bfloat16, device)
+    w, ids = random_routing(33, 4, 2, device)
+    check(x, w13, w2, w, ids, cfg(SPLIT_K=3, GROUP_M=4), 1e-2)
+
+
+def test_many_slots_parallel_align(device):
+    """More slots than the one-program alignment takes: the three-launch path."""
+    x, w13, w2 = make_layer(80, 32, 32, 16, torch.bfloat16, device)
+    w, ids = random_routing(80, 16, 8, device)
+    check(x, w13, w2, w, ids, cfg(BLOCK_M=32), 1e-2)
+
+
+def test_default_config_and_int64_ids(device):
+    x, w13, w2 = make_layer(3, 128, 64, 8, torch.bfloat16, device)
+    w, ids = random_routing(3, 8, 2, device)
+    check(x, w13, w2, w, ids.long(), None, 1e-2)
+
+
+@pytest.mark.parametrize("t,top_k", [(1, 1), (19, 4)])
+def test_fp8_w8a8_block_scales(t, top_k, device):
+    """DeepSeek-V3 fp8: kernel vs the fp8 reference (same quantization), and near bf16."""
+    h, i, e = 256, 256, 4
+    x, w13, w2 = make_layer(t, h, i, e, torch.bfloat16, device)
+    w13q, w13s = reference.quant_fp8_blocks(w13.float().cpu())
+    w2q, w2s = reference.quant_fp8_blocks(w2.float().cpu())
+    w, ids = random_routing(t, e, top_k, device)
+    c = cfg(BLOCK_K=128, BLOCK_N=64)
+    out = fm.fused_moe(x, w13q.to(device), w2q.to(device), w, ids,
+                       w13_scale=w13s.to(device), w2_scale=w2s.to(device), config=c)
+    ref = reference.fused_moe_fp8(x.cpu(), w13q, w2q, w.cpu(), ids.cpu(), w13s, w2s)
+    # interpreter: bf16 truncation of the SwiGLU output moves some fp8 roundings by one step
+    assert rel_err(out.cpu(), ref.float()) < (2e-2 if device == "cuda" else 3e-2)
+    assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 0.1
+
+
+def test_fp8_reference_quantization_roundtrip():
+    w = torch.randn(3, 200, 300)
+    q, s = reference.quant_fp8_blocks(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2, 3)
+    assert rel_err(reference.dequant_fp8_blocks(q, s), w) < 0.05
+
+
+def test_zero_tokens(device):
+    x, w13, w2 = make_layer(0, 32, 32, 4, torch.bfloat16, device)
+    out = fm.fused_moe(x, w13, w2, torch.zeros(0, 2, device=device),
+                       torch.zeros(0, 2, dtype=torch.int32, device=device), config=SMALL)
+    assert out.shape == (0, 32)
