@@ -6,6 +6,7 @@ One direction: each step takes the request and either answers or hands it on. Li
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -23,6 +24,7 @@ from gateway.errors import GatewayError, Kind
 from gateway.failover import ResumableStream, call_unary
 from gateway.http import Request, Response
 from gateway.metrics import Metrics
+from gateway.openapi import openapi_document
 from gateway.ratelimit import RateLimiter
 from gateway.redis_link import RedisLink
 from gateway.routing import Router
@@ -52,7 +54,9 @@ class Gateway:
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.prometheus,
+            ("GET", "/openapi.json"): self.openapi,
         }
+        self._openapi = msgspec.json.encode(openapi_document(topology))
         self._private: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -64,7 +68,12 @@ class Gateway:
         """Answer one request; every failure becomes an OpenAI-style error answer."""
         started = time.perf_counter()
         try:
-            response = await self._dispatch(request)
+            async with asyncio.timeout(self.topology.gateway.request_timeout_s):
+                response = await self._dispatch(request)
+        except TimeoutError:
+            response = Response.error(
+                GatewayError(Kind.UPSTREAM_TIMEOUT, "the request took too long", code="request_timeout")
+            )
         except GatewayError as err:
             response = Response.error(err)
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the process
@@ -127,6 +136,10 @@ class Gateway:
             zones.setdefault(e.zone, {})[e.tier] = e.healthy
         ready = self.pool.all_healthy()
         return Response.json({"status": "ready" if ready else "not ready", "zones": zones}, 200 if ready else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of this API."""
+        return Response(200, {"content-type": "application/json"}, self._openapi)
 
     async def prometheus(self, request: Request) -> Response:
         """Prometheus metrics."""
@@ -217,7 +230,8 @@ class Gateway:
         body: api.CompletionRequest = api.decode(request.body, api.CompletionRequest)
         model = self._generative(body.model, principal, request.path)
         body.check()
-        call = self._call(request, body, model, prompt=body.prompt_text())
+        # OpenAI's default for legacy completions.
+        call = self._call(request, body, model, prompt=body.prompt_text(), max_tokens=body.max_tokens or 16)
         return await self._generate(request, principal, body, model, call, openai_format.CompletionFormat())
 
     async def chat_completions(self, request: Request, principal: Principal) -> Response:
@@ -238,6 +252,10 @@ class Gateway:
 
     def _call(self, request: Request, body: api.SamplingFields, model: Model, **fields) -> GenerateCall:
         fields.setdefault("max_tokens", body.max_tokens)
+        if fields["max_tokens"] is not None and fields["max_tokens"] > model.max_output_tokens:
+            raise api.bad_request(
+                f"max_tokens {fields['max_tokens']} is over this model's limit of {model.max_output_tokens}", "max_tokens"
+            )
         return GenerateCall(
             model=model.name,
             temperature=body.temperature,
@@ -379,3 +397,23 @@ def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
 def too_large(limit: int) -> GatewayError:
     """413 for a body over the configured limit."""
     return GatewayError(Kind.TOO_LARGE, f"request body exceeds {limit} bytes", code="request_too_large")
+
+
+def body_timeout(seconds: float) -> GatewayError:
+    """408 for a client that did not deliver its body in time."""
+    return GatewayError(Kind.REQUEST_TIMEOUT, f"request body not received within {seconds:g}s", code="body_timeout")
+
+
+def header_limit(max_headers: int, max_bytes: int) -> GatewayError:
+    """431 for too many or too large headers."""
+    return GatewayError(
+        Kind.HEADERS_TOO_LARGE, f"at most {max_headers} headers and {max_bytes} bytes of headers", code="headers_too_large"
+    )
+
+
+def too_many_streams(limit: int) -> GatewayError:
+    """429 for a connection over its concurrent stream limit."""
+    return GatewayError(
+        Kind.RATE_LIMITED, f"at most {limit} concurrent requests per connection", code="too_many_streams",
+        headers={"retry-after": "1"},
+    )

@@ -33,6 +33,13 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     http3: Listener = Listener(port=8443)
     tls: TLS = TLS()
     max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    # Concurrent requests one QUIC connection may have open.
+    max_streams_per_connection: int = 100
+    idle_timeout_s: float = 60.0
+    # A client must deliver its whole request body within this time (slow clients are cut off).
+    body_timeout_s: float = 15.0
     request_timeout_s: float = 120.0
     # Per-try budget for one upstream call before the next zone is tried.
     upstream_timeout_s: float = 60.0
@@ -126,7 +133,8 @@ class Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Where the launcher finds the artefact: a directory, relative to the model cache if not absolute.
     path: str = ""
     versions: list[ModelVersion] = msgspec.field(default_factory=lambda: [ModelVersion()])
-    context_length: int = 0
+    # The most tokens one request may ask for; more is a 400 before any upstream is touched.
+    max_output_tokens: int = 4096
 
 
 class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -6,19 +6,29 @@ import asyncio
 
 from aiohttp import web
 
-from gateway.app import Gateway, too_large
+from gateway.app import Gateway, body_timeout, too_large
 from gateway.http import Request, Response
 
 
 class Http1Listener:
     """Serves the gateway over HTTP/1.1 and advertises HTTP/3 with Alt-Svc."""
 
-    def __init__(self, gateway: Gateway, *, h3_port: int | None, max_body: int) -> None:
+    def __init__(self, gateway: Gateway, *, h3_port: int | None) -> None:
+        cfg = gateway.topology.gateway
         self._gateway = gateway
-        self._max_body = max_body
+        self._max_body = cfg.max_body_bytes
+        self._body_timeout = cfg.body_timeout_s
         self._alt_svc = f'h3=":{h3_port}"; ma=86400' if h3_port else None
         # handler_cancellation: a client that goes away cancels its handler, and so its generation.
-        self._server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        self._server = web.Server(
+            self._handle,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=cfg.idle_timeout_s,
+            max_line_size=cfg.max_header_bytes,
+            max_field_size=cfg.max_header_bytes,
+            max_headers=cfg.max_headers,
+        )
         self._tcp: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -39,7 +49,12 @@ class Http1Listener:
             await self._tcp.wait_closed()
 
     async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
-        body = await self._read_body(raw)
+        try:
+            body = await asyncio.wait_for(self._read_body(raw), self._body_timeout)
+        except asyncio.TimeoutError:
+            response = Response.error(body_timeout(self._body_timeout))
+            response.headers["connection"] = "close"
+            return await self._write(raw, response)
         if body is None:
             response = Response.error(too_large(self._max_body))
         else:
@@ -59,8 +74,12 @@ class Http1Listener:
         """The body, or None when it exceeds the limit (read no further than limit + 1 bytes)."""
         if raw.content_length is not None and raw.content_length > self._max_body:
             return None
-        body = await raw.content.read(self._max_body + 1)
-        return None if len(body) > self._max_body else body
+        body = bytearray()
+        while chunk := await raw.content.read(self._max_body + 1 - len(body)):
+            body += chunk
+            if len(body) > self._max_body:
+                return None
+        return bytes(body)
 
     async def _write(self, raw: web.BaseRequest, response: Response) -> web.StreamResponse:
         headers = dict(response.headers)

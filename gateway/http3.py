@@ -18,7 +18,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
 from aioquic.tls import SessionTicket
 
-from gateway.app import Gateway, too_large
+from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_streams
+from gateway.errors import GatewayError
 from gateway.http import Request, Response
 
 
@@ -27,6 +28,7 @@ class _Pending:
     headers: dict[str, str]
     body: bytearray = field(default_factory=bytearray)
     refused: bool = False
+    deadline: asyncio.TimerHandle | None = None
 
 
 class SessionTicketStore:
@@ -48,10 +50,15 @@ class SessionTicketStore:
 class H3GatewayProtocol(QuicConnectionProtocol):
     """One QUIC connection: its HTTP/3 streams become gateway requests."""
 
-    def __init__(self, *args, gateway: Gateway, max_body: int, **kwargs) -> None:
+    def __init__(self, *args, gateway: Gateway, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        cfg = gateway.topology.gateway
         self._gateway = gateway
-        self._max_body = max_body
+        self._max_body = cfg.max_body_bytes
+        self._max_headers = cfg.max_headers
+        self._max_header_bytes = cfg.max_header_bytes
+        self._max_streams = cfg.max_streams_per_connection
+        self._body_timeout = cfg.body_timeout_s
         self._http: H3Connection | None = None
         self._pending: dict[int, _Pending] = {}
         self._tasks: dict[int, asyncio.Task] = {}
@@ -70,31 +77,51 @@ class H3GatewayProtocol(QuicConnectionProtocol):
 
     def _h3_event_received(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
+            if event.stream_id in self._pending or event.stream_id in self._tasks:
+                return  # trailers: nothing of ours needs them
             headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
-            self._pending[event.stream_id] = _Pending(headers)
+            pending = self._pending[event.stream_id] = _Pending(headers)
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > self._max_body:
-                self._refuse(event.stream_id)
+            size = sum(len(k) + len(v) for k, v in event.headers)
+            if len(event.headers) > self._max_headers or size > self._max_header_bytes:
+                self._refuse(event.stream_id, header_limit(self._max_headers, self._max_header_bytes))
+            elif len(self._tasks) >= self._max_streams:
+                self._refuse(event.stream_id, too_many_streams(self._max_streams))
+            elif length.isdigit() and int(length) > self._max_body:
+                self._refuse(event.stream_id, too_large(self._max_body))
+            elif not event.stream_ended:
+                pending.deadline = self._loop.call_later(self._body_timeout, self._body_too_slow, event.stream_id)
         elif isinstance(event, DataReceived):
             pending = self._pending.get(event.stream_id)
             if pending is None or pending.refused:
                 return
             pending.body += event.data
             if len(pending.body) > self._max_body:
-                self._refuse(event.stream_id)
+                self._refuse(event.stream_id, too_large(self._max_body))
                 return
         else:
             return
         if event.stream_ended:
             pending = self._pending.pop(event.stream_id, None)
+            if pending is not None and pending.deadline is not None:
+                pending.deadline.cancel()
             if pending is not None and not pending.refused:
                 self._start(event.stream_id, pending)
 
-    def _refuse(self, stream_id: int) -> None:
+    def _refuse(self, stream_id: int, error: GatewayError) -> None:
         # Answer at once; the rest of the body is dropped as it arrives.
-        self._pending[stream_id].refused = True
-        self._pending[stream_id].body = bytearray()
-        self._send_whole(stream_id, Response.error(too_large(self._max_body)))
+        pending = self._pending[stream_id]
+        pending.refused = True
+        pending.body = bytearray()
+        if pending.deadline is not None:
+            pending.deadline.cancel()
+        self._send_whole(stream_id, Response.error(error))
+
+    def _body_too_slow(self, stream_id: int) -> None:
+        pending = self._pending.get(stream_id)
+        if pending is not None and not pending.refused:
+            pending.deadline = None
+            self._refuse(stream_id, body_timeout(self._body_timeout))
 
     def _start(self, stream_id: int, pending: _Pending) -> None:
         h = pending.headers
@@ -150,10 +177,14 @@ class H3GatewayProtocol(QuicConnectionProtocol):
 class Http3Listener:
     """Serves the gateway over HTTP/3 on one UDP socket."""
 
-    def __init__(self, gateway: Gateway, *, cert: str, key: str, max_body: int) -> None:
+    def __init__(self, gateway: Gateway, *, cert: str, key: str) -> None:
         self._gateway = gateway
-        self._max_body = max_body
-        self._config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
+        self._config = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=H3_ALPN,
+            max_datagram_frame_size=65536,
+            idle_timeout=gateway.topology.gateway.idle_timeout_s,
+        )
         self._config.load_cert_chain(cert, key)
         self._tickets = SessionTicketStore()
         self._server: QuicServer | None = None
@@ -164,7 +195,7 @@ class Http3Listener:
             host,
             port,
             configuration=self._config,
-            create_protocol=lambda *a, **kw: H3GatewayProtocol(*a, gateway=self._gateway, max_body=self._max_body, **kw),
+            create_protocol=lambda *a, **kw: H3GatewayProtocol(*a, gateway=self._gateway, **kw),
             session_ticket_fetcher=self._tickets.pop,
             session_ticket_handler=self._tickets.add,
         )

@@ -43,9 +43,9 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
     await pool.check_once()
     pool.start()
     ensure_self_signed(Path(cfg.tls.cert), Path(cfg.tls.key))
-    h3 = Http3Listener(gateway, cert=cfg.tls.cert, key=cfg.tls.key, max_body=cfg.max_body_bytes)
+    h3 = Http3Listener(gateway, cert=cfg.tls.cert, key=cfg.tls.key)
     await h3.start(cfg.http3.host, cfg.http3.port)
-    h1 = Http1Listener(gateway, h3_port=h3.port, max_body=cfg.max_body_bytes)
+    h1 = Http1Listener(gateway, h3_port=h3.port)
     await h1.start(cfg.http1.host, cfg.http1.port)
     log.warning("gateway listening", extra={"http1": f"{cfg.http1.host}:{h1.port}", "http3": f"{cfg.http3.host}:{h3.port}"})
     try:

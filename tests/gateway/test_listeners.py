@@ -1,0 +1,114 @@
+"""Both listeners on real sockets in front of the pipeline: translation and hard edges."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import msgspec
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import parse_topology
+from gateway.http1 import Http1Listener
+from gateway.http3 import Http3Listener
+from gateway.tls import ensure_self_signed
+from gateway.upstreams import UpstreamPool
+from tests.gateway.test_pipeline import KEY, TOPOLOGY
+from tests.support.fakes import FakeUpstream
+from tests.support.h3 import h3_client
+
+
+@pytest.fixture(scope="module")
+async def listeners(tmp_path_factory):
+    raw = copy.deepcopy(TOPOLOGY)
+    raw["gateway"].update({"max_headers": 20, "max_header_bytes": 4096, "max_streams_per_connection": 4,
+                           "body_timeout_s": 0.5})
+    topo = parse_topology(raw)
+    ups = [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")]
+    ups[1].delay = 0.3
+    pool = UpstreamPool(ups, interval=60)
+    await pool.check_once()
+    gw = Gateway(topo, pool)
+    tls = tmp_path_factory.mktemp("tls")
+    ensure_self_signed(tls / "cert.pem", tls / "key.pem")
+    h3 = Http3Listener(gw, cert=str(tls / "cert.pem"), key=str(tls / "key.pem"))
+    await h3.start("127.0.0.1", 0)
+    h1 = Http1Listener(gw, h3_port=h3.port)
+    await h1.start("127.0.0.1", 0)
+    yield h1.port, h3.port
+    await h1.close()
+    await h3.close()
+
+
+async def http1(port: int, raw: bytes, wait: float = 5.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), wait)
+    writer.close()
+    return data
+
+
+def request_bytes(body: bytes, extra: str = "", length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {n}\r\n{extra}\r\n")
+    return head.encode() + body
+
+
+async def test_http1_answers_with_alt_svc_and_openapi(listeners):
+    h1_port, h3_port = listeners
+    reply = await http1(h1_port, request_bytes(b'{"model": "embed", "input": "x"}'))
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert f'alt-svc: h3=":{h3_port}"'.encode() in reply.lower()
+    doc = await http1(h1_port, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"HTTP/1.1 200" in doc and b'"openapi":"3.1.0"' in doc
+
+
+async def test_http1_slow_body_is_408(listeners):
+    h1_port, _ = listeners
+    reply = await http1(h1_port, request_bytes(b'{"model"', length=40), wait=5)
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b"body_timeout" in reply
+
+
+async def test_http1_too_many_headers_is_refused(listeners):
+    h1_port, _ = listeners
+    extra = "".join(f"X-Pad-{i}: {i}\r\n" for i in range(200))
+    reply = await http1(h1_port, request_bytes(b"{}", extra))
+    assert reply.split(b" ")[1] in (b"400", b"431")
+    # The listener still serves.
+    assert (await http1(h1_port, request_bytes(b'{"model": "embed", "input": "x"}'))).startswith(b"HTTP/1.1 200")
+
+
+async def test_h3_header_limits_and_body_limit(listeners):
+    _, h3_port = listeners
+    async with h3_client("127.0.0.1", h3_port, KEY) as c:
+        many = await c.post("/v1/embeddings", json={"model": "embed", "input": "x"},
+                            headers={f"x-pad-{i}": "v" for i in range(30)})
+        assert many.status == 431 and many.json()["error"]["code"] == "headers_too_large"
+        big = await c.post("/v1/embeddings", body=b"x" * 5000)
+        assert big.status == 413
+        ok = await c.post("/v1/embeddings", json={"model": "embed", "input": "x"})
+        assert ok.status == 200
+
+
+async def test_h3_concurrent_stream_limit(listeners):
+    _, h3_port = listeners
+    async with h3_client("127.0.0.1", h3_port, KEY) as c:
+        body = {"model": "llm", "prompt": "x", "max_tokens": 6}
+        replies = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses.count(200) >= 4 and 429 in statuses
+    refused = next(r for r in replies if r.status == 429)
+    assert refused.json()["error"]["code"] == "too_many_streams"
+
+
+async def test_h3_stream_and_client_disconnect(listeners):
+    _, h3_port = listeners
+    async with h3_client("127.0.0.1", h3_port, KEY) as c:
+        r = await c.post("/v1/completions", json={"model": "llm", "prompt": "x", "stream": True, "max_tokens": 6})
+    assert r.status == 200
+    assert r.sse_events()[-1] == "[DONE]"
+    assert msgspec.json.decode(r.sse_events()[0])["object"] == "text_completion"
