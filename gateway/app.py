@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 import numpy as np
 
-from gateway import api, openai_format
+from gateway import api, openai_format, tracing
 from gateway.auth import Authenticator, Principal, authorize
 from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable
 from gateway.config import Model, Topology
@@ -68,8 +68,12 @@ class Gateway:
         """Answer one request; every failure becomes an OpenAI-style error answer."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.topology.gateway.request_timeout_s):
-                response = await self._dispatch(request)
+            with tracing.server_span(f"{request.method} {request.path}", request.headers) as span:
+                async with asyncio.timeout(self.topology.gateway.request_timeout_s):
+                    response = await self._dispatch(request)
+                if span.is_recording():
+                    span.set_attribute("http.response.status_code", response.status)
+                    span.set_attribute("meridian.zone", response.headers.get("x-meridian-zone", ""))
         except TimeoutError:
             response = Response.error(
                 GatewayError(Kind.UPSTREAM_TIMEOUT, "the request took too long", code="request_timeout")
@@ -186,8 +190,9 @@ class Gateway:
         try:
             endpoints = self.router.rank(model.tier, self.router.client_region(request))
             timeout = self.topology.gateway.upstream_timeout_s
+            traceparent = tracing.current_traceparent(request.headers.get("traceparent"))
             endpoint, result = await call_unary(
-                endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout)
+                endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent)
             )
             dims = len(result.vectors[0]) if result.vectors else 0
             if body.dimensions is not None and body.dimensions != dims:
@@ -263,7 +268,7 @@ class Gateway:
             seed=body.seed,
             stop=tuple(body.stop_list()),
             stream=body.stream,
-            traceparent=request.headers.get("traceparent"),
+            traceparent=tracing.current_traceparent(request.headers.get("traceparent")),
             **fields,
         )
 

@@ -84,6 +84,14 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.tenants.get(tenant, self.default)
 
 
+class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    # OTLP/HTTP traces endpoint; empty means the exporter's default (OTEL_EXPORTER_OTLP_* or localhost).
+    otlp_endpoint: str = ""
+    service_name: str = "meridian-gateway"
+    sample_ratio: float = 1.0
+
+
 class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     lat: float
@@ -181,6 +189,7 @@ class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: AuthConfig = AuthConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def region(self, name: str) -> Region | None:
         """The region called `name`, if the topology has one."""

@@ -31,7 +31,9 @@ class CoreUpstream:
         self._client = InferenceServerClient(url=f"{host}:{grpc_port}")
         self._models = models
 
-    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> EmbedResult:
+    async def embed(
+        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
+    ) -> EmbedResult:
         """The core serves no embedding models."""
         raise GatewayError(Kind.BAD_REQUEST, f"model {model!r} does not produce embeddings")
 

@@ -37,11 +37,14 @@ class EdgeUpstream:
         self._stub = EdgeStub(self._channel)
         self._health = HealthStub(self._channel)
 
-    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> EmbedResult:
+    async def embed(
+        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
+    ) -> EmbedResult:
         """Embed `inputs` with `model` on this edge."""
         request = edge_pb2.EmbedRequest(model=model, inputs=inputs)
+        metadata = {"traceparent": traceparent} if traceparent else None
         try:
-            reply = await self._stub.Embed(request, timeout=timeout)
+            reply = await self._stub.Embed(request, timeout=timeout, metadata=metadata)
         except Exception as exc:  # noqa: BLE001 - every transport failure is classified below
             raise _classify(exc) from exc
         return EmbedResult([list(e.values) for e in reply.embeddings], reply.prompt_tokens)

@@ -8,7 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.app import Gateway
 from gateway.config import Topology, load_topology
 from gateway.core_client import CoreUpstream
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level, access_log=args.access_log)
     topology = load_topology(args.topology)
+    tracing.configure(topology.tracing)
     try:
         import uvloop
 

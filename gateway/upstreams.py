@@ -53,7 +53,9 @@ class Upstream(Protocol):
     zone: str
     tier: Tier
 
-    async def embed(self, model: str, inputs: list[str], *, timeout: float) -> EmbedResult: ...
+    async def embed(
+        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
+    ) -> EmbedResult: ...
 
     def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]: ...
 

@@ -225,3 +225,13 @@ async def test_models_list(zones):
     assert [m["id"] for m in msgspec.json.decode(narrow.body)["data"]] == ["embed"]
     assert (await gw.handle(req("GET", "/v1/models/llm"))).status == 200
     assert (await gw.handle(req("GET", "/v1/models/none"))).status == 404
+
+
+async def test_traceparent_is_carried_upstream(zones):
+    gw = await make_gateway(zones)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}, headers={"traceparent": parent}))
+    await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}, headers={"traceparent": parent}))
+    # Without an SDK installed the trace id and parent are passed on unchanged.
+    assert zones[0].traceparent.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert zones[1].calls[0].traceparent.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -19,7 +19,8 @@ class FakeUpstream:
         self.embed_calls = 0
         self.delay = 0.0
 
-    async def embed(self, model, inputs, *, timeout):
+    async def embed(self, model, inputs, *, timeout, traceparent=None):
+        self.traceparent = traceparent
         self.embed_calls += 1
         await asyncio.sleep(self.delay)
         if self.fail:
