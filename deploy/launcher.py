@@ -186,7 +186,7 @@ class LocalStack:
         return "\n".join([
             "Meridian is up.",
             f"  HTTP/3   {self.h3_url}   (self-signed certificate: {self.topology.gateway.tls.cert})",
-            f"  HTTP/1.1 {self.http_url}",
+            f"  HTTP/1.1 {self.http_url}" + (f"   (TLS: https://{self.topology.gateway.https.host}:{self.topology.gateway.https.port})" if self.topology.gateway.https.port else ""),
             f"  API key  {self.settings.api_key}",
             f"  zones    {zones}",
             f"  models   {models}",
@@ -308,6 +308,8 @@ def check_ports(topology: Topology) -> None:
         taken.append(f"{g.http1.host}:{g.http1.port}/tcp")
     if port_in_use(g.http3.host, g.http3.port, socket.SOCK_DGRAM):
         taken.append(f"{g.http3.host}:{g.http3.port}/udp")
+    if g.https.port and port_in_use(g.https.host, g.https.port):
+        taken.append(f"{g.https.host}:{g.https.port}/tcp")
     if port_in_use(topology.redis.host, topology.redis.port):
         taken.append(f"{topology.redis.host}:{topology.redis.port}/tcp")
     for z in topology.zones:

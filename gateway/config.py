@@ -31,6 +31,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str = ""
     http1: Listener = Listener(port=8080)
     http3: Listener = Listener(port=8443)
+    # HTTP/1.1 over TLS (the mobile SDK's fallback when UDP is blocked); port 0 turns it off.
+    https: Listener = Listener(port=0)
     tls: TLS = TLS()
     max_body_bytes: int = 1 << 20
     max_header_bytes: int = 16384

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from aiohttp import web
 
@@ -31,10 +32,10 @@ class Http1Listener:
         )
         self._tcp: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind and start accepting connections."""
+    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
+        """Bind and start accepting connections (over TLS when `tls` is given)."""
         loop = asyncio.get_running_loop()
-        self._tcp = await loop.create_server(self._server, host, port, reuse_address=True, backlog=1024)
+        self._tcp = await loop.create_server(self._server, host, port, reuse_address=True, backlog=1024, ssl=tls)
 
     @property
     def port(self) -> int:

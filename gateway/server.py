@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 from pathlib import Path
 
 from gateway import logs, tracing
@@ -47,11 +48,19 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
     await h3.start(cfg.http3.host, cfg.http3.port)
     h1 = Http1Listener(gateway, h3_port=h3.port)
     await h1.start(cfg.http1.host, cfg.http1.port)
+    listeners = [h1]
+    if cfg.https.port:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+        https = Http1Listener(gateway, h3_port=h3.port)
+        await https.start(cfg.https.host, cfg.https.port, tls=tls)
+        listeners.append(https)
     log.warning("gateway listening", extra={"http1": f"{cfg.http1.host}:{h1.port}", "http3": f"{cfg.http3.host}:{h3.port}"})
     try:
         await stop.wait()
     finally:
-        await h1.close()
+        for listener in listeners:
+            await listener.close()
         await h3.close()
         await pool.close()
         await redis.close()

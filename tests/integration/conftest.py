@@ -48,6 +48,7 @@ def stack(tmp_path_factory) -> Stack:
     topo = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
     topo["gateway"]["http1"]["port"] = free_port()
     topo["gateway"]["http3"]["port"] = free_port(socket.SOCK_DGRAM)
+    topo["gateway"]["https"]["port"] = free_port()
     topo["redis"]["port"] = free_port()
     for i, zone in enumerate(topo["zones"]):
         zone["address"] = f"127.0.{31 + i}.1"
