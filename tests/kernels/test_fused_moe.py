@@ -86,9 +86,12 @@ def test_align_is_a_padded_permutation(tk, e, bm, device):
     assert n_used == int(((counts + bm - 1) // bm).sum())
 
 
+@pytest.mark.parametrize("tiny_max", [0, 64])
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 @pytest.mark.parametrize("t", [1, 5, 37])
-def test_bf16_random_routing(t, top_k, device):
+def test_bf16_random_routing(t, top_k, tiny_max, device, monkeypatch):
+    """Both alignments: a separate launch (tiny_max=0) and inside the GEMMs (few slots)."""
+    monkeypatch.setattr(fm, "TINY_MAX", tiny_max)
     x, w13, w2 = make_layer(t, 64, 48, 8, torch.bfloat16, device)
     w, ids = random_routing(t, 8, top_k, device)
     check(x, w13, w2, w, ids, SMALL, 1e-2)
@@ -97,10 +100,12 @@ def test_bf16_random_routing(t, top_k, device):
 def test_fp32_accumulation(device):
     x, w13, w2 = make_layer(21, 64, 48, 6, torch.float32, device)
     w, ids = random_routing(21, 6, 3, device)
-    check(x, w13, w2, w, ids, SMALL, 2e-3 if device == "cuda" else 1e-5)  # tf32 on the GPU
+    check(x, w13, w2, w, ids, SMALL, 5e-3 if device == "cuda" else 1e-5)  # tf32 on the GPU
 
 
-def test_experts_with_no_tokens(device):
+@pytest.mark.parametrize("tiny_max", [0, 64])
+def test_experts_with_no_tokens(tiny_max, device, monkeypatch):
+    monkeypatch.setattr(fm, "TINY_MAX", tiny_max)
     x, w13, w2 = make_layer(9, 64, 32, 16, torch.bfloat16, device)
     w, ids = random_routing(9, 16, 2, device, experts=[3, 11, 12])
     check(x, w13, w2, w, ids, SMALL, 1e-2)

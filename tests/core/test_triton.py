@@ -1,0 +1,196 @@
+"""A real tritonserver serving the local checkpoint through our python-backend model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from core.checkpoint.synthetic import MODEL_NAME
+from core.engine import Engine, GenerationRequest
+from core.model.loader import load_model
+from core.tokenizer import Tokenizer
+from core.triton.repository import CoreModelSpec, write_model_repository
+from core.triton.server import TritonServerSpec, tritonserver_command
+
+grpcclient = pytest.importorskip("tritonclient.grpc.aio")
+from tritonclient.grpc import InferInput  # noqa: E402
+
+pytestmark = pytest.mark.integration
+READY_TIMEOUT_S = 120
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ready(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=1).status == 200
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(local_checkpoint, tmp_path_factory):
+    """tritonserver on free ports; yields (grpc url, seconds to ready)."""
+    tmp = tmp_path_factory.mktemp("triton")
+    repo = write_model_repository(tmp / "repo", [CoreModelSpec(MODEL_NAME, local_checkpoint, threads=2)])
+    http, grpc, metrics = free_ports(3)
+    argv, env = tritonserver_command(TritonServerSpec(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                                      backend_dir=tmp / "backends"))
+    log = open(tmp / "tritonserver.log", "wb")
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{http}/v2"
+        while not (_ready(f"{base}/health/ready") and _ready(f"{base}/models/{MODEL_NAME}/ready")):
+            if proc.poll() is not None or time.monotonic() - started > READY_TIMEOUT_S:
+                pytest.fail(f"tritonserver did not become ready:\n{(tmp / 'tritonserver.log').read_text()[-4000:]}")
+            time.sleep(0.2)
+        ready_s = time.monotonic() - started
+        print(f"tritonserver ready in {ready_s:.1f}s")
+        yield f"127.0.0.1:{grpc}", ready_s
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(server):
+    c = grpcclient.InferenceServerClient(server[0])
+    yield c
+    await c.close()
+
+
+def _input(name: str, values, dtype: str) -> InferInput:
+    arr = np.asarray(values)
+    inp = InferInput(name, list(arr.shape), dtype)
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
+def inputs(prompt: bytes | None = b"Hello, world!", *, max_tokens=16, temperature=0.0, seed=None, stream=False,
+           stop=None, messages=None, prefix=None, top_p=None):
+    out = [_input("max_tokens", np.array([max_tokens], np.int32), "INT32"),
+           _input("temperature", np.array([temperature], np.float32), "FP32"),
+           _input("stream", np.array([stream], bool), "BOOL")]
+    if prompt is not None:
+        out.append(_input("text_input", np.array([prompt], np.object_), "BYTES"))
+    if messages is not None:
+        out.append(_input("messages", np.array([json.dumps(messages).encode()], np.object_), "BYTES"))
+    if seed is not None:
+        out.append(_input("seed", np.array([seed], np.uint64), "UINT64"))
+    if top_p is not None:
+        out.append(_input("top_p", np.array([top_p], np.float32), "FP32"))
+    if stop is not None:
+        out.append(_input("stop", np.array([s.encode() for s in stop], np.object_), "BYTES"))
+    if prefix is not None:
+        out.append(_input("prefix_token_ids", np.array(prefix, np.int32), "INT32"))
+    return out
+
+
+async def infer(client, request_inputs) -> list:
+    """All responses of one streamed request: decoded dicts, or an error string."""
+    async def requests():
+        yield {"model_name": MODEL_NAME, "inputs": request_inputs}
+
+    out = []
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            out.append(str(error))
+            continue
+        out.append({
+            "text": result.as_numpy("text_output")[0].decode(),
+            "token_ids": result.as_numpy("token_ids").tolist(),
+            "finish_reason": result.as_numpy("finish_reason")[0].decode(),
+            "prompt_tokens": int(result.as_numpy("prompt_tokens")[0]),
+            "completion_tokens": int(result.as_numpy("completion_tokens")[0]),
+        })
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_engine(local_checkpoint):
+    eng = Engine(load_model(local_checkpoint), Tokenizer(local_checkpoint), max_batch=2, max_seq_len=512)
+    yield eng
+    eng.close()
+
+
+async def test_non_streaming_returns_whole_text_and_counts(client, local_checkpoint):
+    (only,) = await infer(client, inputs(max_tokens=12))
+    assert only["finish_reason"] in ("length", "stop")
+    assert only["completion_tokens"] == len(only["token_ids"]) <= 12
+    assert only["prompt_tokens"] == len(Tokenizer(local_checkpoint).encode("Hello, world!"))
+    assert only["text"]
+
+
+async def test_streaming_yields_deltas_then_final(client):
+    responses = await infer(client, inputs(max_tokens=24, stream=True, temperature=0.8, seed=5))
+    assert len(responses) > 2
+    assert all(r["finish_reason"] == "" for r in responses[:-1])
+    assert responses[-1]["finish_reason"] in ("length", "stop")
+    (whole,) = await infer(client, inputs(max_tokens=24, stream=False, temperature=0.8, seed=5))
+    assert "".join(r["text"] for r in responses) == whole["text"]
+    assert [t for r in responses for t in r["token_ids"]] == whole["token_ids"]
+
+
+async def test_same_seed_same_text(client):
+    a, b, c = [(await infer(client, inputs(max_tokens=20, temperature=1.0, top_p=0.9, seed=s)))[0] for s in (7, 7, 8)]
+    assert a["text"] == b["text"] and a["token_ids"] == b["token_ids"]
+    assert a["token_ids"] != c["token_ids"]
+
+
+async def test_greedy_equals_in_process_model(client, local_engine):
+    (served,) = await infer(client, inputs(b"Tell me about the sea.", max_tokens=20))
+    ids = local_engine.tokenizer.encode("Tell me about the sea.")
+    local = local_engine.generate(GenerationRequest("local", ids, max_tokens=20, temperature=0.0))
+    assert (served["text"], served["token_ids"]) == (local.text, local.token_ids)
+
+
+async def test_chat_messages_and_resume(client, local_engine):
+    messages = [{"role": "user", "content": "Hi, how are you?"}]
+    (full,) = await infer(client, inputs(None, messages=messages, max_tokens=16, temperature=0.9, seed=3))
+    assert full["prompt_tokens"] == len(local_engine.tokenizer.encode_chat(messages))
+    (rest,) = await infer(client, inputs(None, messages=messages, max_tokens=16, temperature=0.9, seed=3,
+                                         prefix=full["token_ids"][:6]))
+    assert rest["token_ids"] == full["token_ids"][6:]
+    assert full["text"].endswith(rest["text"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_tokens=-1), "max_tokens must be at least 1"),
+    (dict(prompt=b"\xff\xfe broken"), "text_input is not valid UTF-8"),
+    (dict(prompt=None), "text_input (or messages) is required"),
+    (dict(prompt=None, messages=[{"role": 1}]), "messages must be"),
+    (dict(prefix=[10**8]), "outside the vocabulary"),
+])
+async def test_bad_input_is_a_clear_error_and_server_goes_on(client, bad, message):
+    responses = await infer(client, inputs(**bad))
+    assert len(responses) == 1 and isinstance(responses[0], str), responses
+    assert message in responses[0]
+    (ok,) = await infer(client, inputs(max_tokens=3))
+    assert ok["completion_tokens"] == 3 or ok["finish_reason"] == "stop"
+
+
+def test_ready_time(server):
+    assert server[1] < READY_TIMEOUT_S

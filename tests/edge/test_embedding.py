@@ -1,0 +1,117 @@
+"""The ONNX embedding loop against sentence-transformers' own encoder, and the export's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.export import build_embedding_model, fingerprint, source_dir
+from edge.runtime.embedding import EmbeddingModel
+
+LONG = " ".join(
+    f"Sentence {i} of a long document that runs well past the model's maximum sequence length." for i in range(60)
+)
+CASES = {
+    "short": ["Hello world."],
+    "sentence": ["The edge worker answers small requests close to the user."],
+    "long_past_256_tokens": [LONG],
+    "unicode": ["Zürich, 東京, Σωκράτης, مرحبا and emoji 🙂👍🏽 — “quotes” and ﬁ ligatures."],
+    "whitespace_and_empty": ["  padded with spaces\tand\ttabs\n", ""],
+    "mixed_batch": [
+        "a",
+        "A medium sentence about caching embeddings at the edge.",
+        LONG,
+        "Ünïcödé straße",
+        "Numbers 12345 and symbols #@$%^&*()",
+        "short",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def model(embedding_model_dir: Path) -> EmbeddingModel:
+    """Our runtime, one thread."""
+    return EmbeddingModel.load(embedding_model_dir, threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(package_model_dir: Path):
+    """sentence-transformers' own encoder for the same checkpoint, on CPU with one thread."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)
+    return SentenceTransformer(str(package_model_dir), device="cpu")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_sentence_transformers(model: EmbeddingModel, reference, case: str) -> None:
+    texts = CASES[case]
+    ours = model.embed(texts).vectors
+    theirs = reference.encode(texts, convert_to_numpy=True, normalize_embeddings=False, batch_size=len(texts))
+    cosine = (ours * theirs).sum(axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    assert cosine.min() >= 0.999, cosine
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_shape_dtype_and_unit_norm(model: EmbeddingModel) -> None:
+    result = model.embed(CASES["mixed_batch"])
+    assert result.vectors.shape == (len(CASES["mixed_batch"]), 384)
+    assert result.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_prompt_tokens_count_real_tokens_after_truncation(model: EmbeddingModel) -> None:
+    assert model.embed(["hello world"]).prompt_tokens == 4  # [CLS] hello world [SEP]
+    assert model.embed([LONG]).prompt_tokens == 256  # truncated at max_seq_length
+    assert model.embed(["hello world", LONG]).prompt_tokens == 260  # padding is not counted
+
+
+def test_batching_and_order_do_not_change_vectors(model: EmbeddingModel) -> None:
+    texts = CASES["mixed_batch"]
+    batch = model.embed(texts).vectors
+    alone = np.stack([model.embed([t]).vectors[0] for t in texts])
+    reversed_batch = model.embed(texts[::-1]).vectors[::-1]
+    np.testing.assert_allclose(batch, alone, atol=1e-5)
+    np.testing.assert_allclose(batch, reversed_batch, atol=1e-5)
+
+
+def test_empty_batch(model: EmbeddingModel) -> None:
+    result = model.embed([])
+    assert result.vectors.shape == (0, 384) and result.prompt_tokens == 0
+
+
+def test_meta_describes_the_export(embedding_model_dir: Path) -> None:
+    meta = json.loads((embedding_model_dir / "meta.json").read_text())
+    assert meta["dimension"] == 384
+    assert meta["max_seq_length"] == 256
+    assert meta["pooling"] == "mean" and meta["normalize"] is True
+    assert meta["fingerprint"] == fingerprint(source_dir())
+    assert {p.name for p in embedding_model_dir.iterdir()} >= {"model.onnx", "tokenizer.json", "meta.json"}
+
+
+def test_onnx_axes_are_dynamic(model: EmbeddingModel) -> None:
+    inputs = {i.name: i.shape for i in model.session.get_inputs()}
+    assert inputs == {name: ["batch", "sequence"] for name in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_rebuild_is_skipped_when_up_to_date(embedding_model_dir: Path, capsys) -> None:
+    before = (embedding_model_dir / "model.onnx").stat().st_mtime_ns
+    assert build_embedding_model(embedding_model_dir) == embedding_model_dir
+    assert (embedding_model_dir / "model.onnx").stat().st_mtime_ns == before
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_export_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(FileExistsError):
+        build_embedding_model(tmp_path)
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_load_names_the_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        EmbeddingModel.load(tmp_path)
