@@ -1,0 +1,1 @@
+"""MoE model code: one file per family on shared layers, loaded from Hugging Face checkpoints."""

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from core.triton.repository import CoreModelSpec, write_model_repository
 from core.triton.server import TritonServerSpec, tritonserver_command
 
 grpcclient = pytest.importorskip("tritonclient.grpc.aio")
-from tritonclient.grpc import InferInput  # noqa: E402
+from tritonclient.grpc import InferInput
 
 pytestmark = pytest.mark.integration
 READY_TIMEOUT_S = 120

@@ -1,0 +1,215 @@
+"""The engine: one thread that prefills joining requests and decodes the running batch step by step.
+
+The model family is hidden behind `model(tokens, start, cache, slots, last_only)` and
+`model.cache_layout()`; requests come in through `submit` and leave through their `on_event` handler,
+which is called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.engine.kv_cache import SlotKVCache
+from core.engine.request import GenerationEvent, GenerationRequest
+from core.engine.sampler import SamplingParams, sample
+from core.engine.scheduler import EventHandler, Scheduler, Sequence
+from core.engine.text import TextStream
+from core.tokenizer import Tokenizer
+
+log = logging.getLogger("meridian.core.engine")
+
+
+@dataclass
+class GenerationResult:
+    """A whole completion, gathered from a request's events."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class Engine:
+    """Continuous-batching generation over one model on one device."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, max_seq_len: int = 2048) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.vocab_size = model.config.vocab_size
+        self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+        self.cache = SlotKVCache(model.cache_layout(), max_batch, self.max_seq_len, weight.dtype, self.device)
+        self.scheduler = Scheduler(max_batch)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meridian-engine", daemon=True)
+        self._thread.start()
+
+    # --- public API -------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_event: EventHandler) -> None:
+        """Queue `request`; raises ValueError for bad input. Events go to `on_event` (engine thread)."""
+        self._validate(request)
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        sampling = SamplingParams(request.temperature, request.top_p, request.top_k, seed)
+        seq = Sequence(request, on_event, sampling, TextStream(self.tokenizer, tuple(request.stop)))
+        self.scheduler.add(seq)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request before its next step; it ends with finish_reason "cancelled"."""
+        return self.scheduler.cancel(request_id)
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Blocking convenience: run `request` and gather its events."""
+        events: queue.Queue[GenerationEvent] = queue.Queue()
+        self.submit(request, events.put)
+        text, ids = [], []
+        while True:
+            event = events.get(timeout=timeout)
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            if event.finished:
+                return GenerationResult("".join(text), ids, event.finish_reason, event.prompt_tokens,
+                                        event.completion_tokens, event.error)
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running get no further events)."""
+        self._closed.set()
+        with self.scheduler.lock:
+            self.scheduler.wakeup.notify_all()
+        self._thread.join(timeout=10)
+
+    @property
+    def active(self) -> int:
+        """Requests waiting or running."""
+        with self.scheduler.lock:
+            return len(self.scheduler.by_id)
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def _validate(self, r: GenerationRequest) -> None:
+        if not r.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if r.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {r.max_tokens}")
+        if r.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {r.temperature}")
+        if not 0 < r.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
+        if r.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {r.top_k}")
+        if r.seed is not None and not 0 <= r.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits unsigned, got {r.seed}")
+        for name, ids in (("prompt", r.prompt_ids), ("prefix_token_ids", r.prefix_token_ids)):
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        total = len(r.prompt_ids) + len(r.prefix_token_ids)
+        if total >= self.max_seq_len:
+            raise ValueError(f"prompt of {total} tokens leaves no room in the context of {self.max_seq_len}")
+
+    # --- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._closed.is_set():
+                self.scheduler.wait_for_work(0.05)
+                for seq in self.scheduler.take_cancelled():
+                    self._end(seq, "cancelled", "")
+                for seq in self.scheduler.admit(self.cache.free_slots):
+                    try:
+                        self._prefill(seq)
+                    except Exception as exc:  # a bad request must not stop the others
+                        log.exception("prefill failed for %s", seq.request.request_id)
+                        self._end(seq, "error", "", error=f"prefill failed: {exc}")
+                running = list(self.scheduler.running)
+                if running:
+                    try:
+                        self._decode(running)
+                    except Exception as exc:
+                        log.exception("decode step failed")
+                        for seq in running:
+                            self._end(seq, "error", "", error=f"decode failed: {exc}")
+
+    def _prefill(self, seq: Sequence) -> None:
+        """Run the prompt (and any resumed prefix) and sample the first new token."""
+        if seq.cancelled:
+            self._end(seq, "cancelled", "")
+            return
+        r = seq.request
+        for token in r.prefix_token_ids:  # replay, so held-back text and stops are as in the first run
+            seq.text.push(token)
+            seq.completion.append(token)
+        if seq.text.stopped or (seq.completion and seq.completion[-1] in self._eos(r)):
+            self._end(seq, "stop", "")
+            return
+        if len(seq.completion) >= r.max_tokens:
+            self._end(seq, "length", seq.text.finish())
+            return
+        seq.slot = self.cache.allocate()
+        ids = torch.tensor([r.prompt_ids + r.prefix_token_ids], dtype=torch.long, device=self.device)
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)
+        logits = self.model(ids, zero, self.cache, slots, last_only=True)[0, -1]
+        self.scheduler.start(seq)
+        self._accept(seq, sample(logits.float().cpu(), seq.sampling, len(seq.completion)))
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        """One token for every running sequence."""
+        dev = self.device
+        tokens = torch.tensor([[s.completion[-1]] for s in batch], dtype=torch.long, device=dev)
+        start = torch.tensor([s.length - 1 for s in batch], dtype=torch.long, device=dev)
+        slots = torch.tensor([s.slot for s in batch], dtype=torch.long, device=dev)
+        logits = self.model(tokens, start, self.cache, slots)[:, -1].float().cpu()
+        for seq, row in zip(batch, logits):
+            self._accept(seq, sample(row, seq.sampling, len(seq.completion)))
+
+    def _eos(self, r: GenerationRequest) -> frozenset[int]:
+        return frozenset() if r.ignore_eos else self.tokenizer.eos_token_ids
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """Record a sampled token, send its text, and end the sequence when it is done."""
+        r = seq.request
+        seq.completion.append(token)
+        seq.unsent.append(token)
+        if token in self._eos(r):
+            self._end(seq, "stop", seq.text.finish())
+            return
+        text = seq.text.push(token)
+        if seq.text.stopped:
+            self._end(seq, "stop", text)
+        elif len(seq.completion) >= r.max_tokens or seq.length >= self.max_seq_len:
+            self._end(seq, "length", text + seq.text.finish())
+        elif text:
+            self._emit(seq, GenerationEvent(r.request_id, text, self._take_unsent(seq), seq.prompt_tokens,
+                                            len(seq.completion)))
+
+    def _take_unsent(self, seq: Sequence) -> list[int]:
+        ids, seq.unsent = seq.unsent, []
+        return ids
+
+    def _end(self, seq: Sequence, reason: str, text: str, error: str | None = None) -> None:
+        """Free the slot, forget the sequence, and send its final event."""
+        if seq.slot >= 0:
+            self.cache.release(seq.slot)
+            seq.slot = -1
+        self.scheduler.finish(seq)
+        r = seq.request
+        self._emit(seq, GenerationEvent(r.request_id, text, self._take_unsent(seq), seq.prompt_tokens,
+                                        len(seq.completion), reason, error))
+
+    def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # the receiver's failure ends its request only
+            log.exception("event handler failed for %s", seq.request.request_id)
+            if not event.finished:
+                seq.cancelled = True

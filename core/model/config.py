@@ -1,0 +1,171 @@
+"""config.json -> one typed ModelConfig, shared by every family the core serves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+SUPPORTED_FAMILIES = ("deepseek_v3", "qwen3_moe", "mixtral")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `type` is "default" or "yarn"."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Hugging Face config.json that our model code reads."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope_interleave: bool = False
+    # Mixture of experts.
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring: str = "softmax"
+    first_k_dense_replace: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Multi-head latent attention (DeepSeek).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Block-scaled fp8 checkpoints: (rows, cols) of one scale block.
+    fp8_block: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        """Read a config.json dict, taking both the transformers v5 and the legacy key spellings."""
+        model_type = raw.get("model_type", "")
+        if model_type not in SUPPORTED_FAMILIES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        heads = raw["num_attention_heads"]
+        kv_heads = raw.get("num_key_value_heads") or heads
+        eos = raw.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        values: dict = dict(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw.get("intermediate_size", 0),
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            attention_bias=raw.get("attention_bias", False),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            rope=_rope(raw),
+        )
+        if model_type == "deepseek_v3":
+            values.update(
+                head_dim=raw["qk_rope_head_dim"],  # transformers sets it so; rope acts on these dims only
+                rope_interleave=raw.get("rope_interleave", True),
+                n_routed_experts=raw["n_routed_experts"],
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                moe_intermediate_size=raw["moe_intermediate_size"],
+                n_shared_experts=raw.get("n_shared_experts") or 0,
+                n_group=raw.get("n_group") or 1,
+                topk_group=raw.get("topk_group") or 1,
+                routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+                norm_topk_prob=raw.get("norm_topk_prob", True),
+                scoring=raw.get("scoring_func", "sigmoid"),
+                first_k_dense_replace=raw.get("first_k_dense_replace") or 0,
+                q_lora_rank=raw.get("q_lora_rank"),
+                kv_lora_rank=raw["kv_lora_rank"],
+                qk_rope_head_dim=raw["qk_rope_head_dim"],
+                qk_nope_head_dim=raw["qk_nope_head_dim"],
+                v_head_dim=raw["v_head_dim"],
+            )
+        elif model_type == "qwen3_moe":
+            values.update(
+                n_routed_experts=raw["num_experts"],
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                moe_intermediate_size=raw["moe_intermediate_size"],
+                norm_topk_prob=raw.get("norm_topk_prob", False),
+                decoder_sparse_step=raw.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+            )
+        elif model_type == "mixtral":
+            values.update(
+                n_routed_experts=raw["num_local_experts"],
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                moe_intermediate_size=raw["intermediate_size"],
+                norm_topk_prob=True,
+            )
+        quant = raw.get("quantization_config") or {}
+        if quant.get("quant_method") == "fp8":
+            values["fp8_block"] = tuple(quant.get("weight_block_size") or (128, 128))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        """Read `path` (a config.json or the checkpoint directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _rope(raw: dict) -> RopeConfig:
+    """RoPE from `rope_parameters` (transformers v5) or `rope_scaling` + `rope_theta` (older files)."""
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise ValueError(f"unsupported rope type {kind!r}; supported: default, yarn")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    max_pos = raw.get("max_position_embeddings", 4096)
+    original = params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor") or max_pos / original
+    return RopeConfig(
+        theta=theta,
+        type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=params.get("beta_fast") or 32.0,
+        beta_slow=params.get("beta_slow") or 1.0,
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=params.get("truncate", True),
+    )

@@ -1,0 +1,129 @@
+"""DeepSeek-V3: multi-head latent attention (low-rank q and kv, decoupled RoPE), dense MLP layers
+first, then MoE layers with shared experts and sigmoid, bias-corrected, group-limited routing.
+
+Parameter names equal the checkpoint's, so loading is a plain mapping (routed experts are stacked).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.model.config import ModelConfig
+from core.model.layers import (
+    MLP,
+    MoE,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    attention,
+    causal_mask,
+    yarn_mscale,
+)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention; the cache holds the normed kv latent and the rotated rope key."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, n * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n * cfg.v_head_dim, h, bias=cfg.attention_bias)
+        self.scale = self.qk_head_dim**-0.5
+        if cfg.rope.type != "default" and cfg.rope.mscale_all_dim:
+            # YaRN sharpens the softmax too, by mscale squared (q and k each carry one factor).
+            self.scale *= yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
+
+    def forward(self, x, cos, sin, mask, cache, layer, slots, start) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        nope, rope, n = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.num_attention_heads
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, n, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rot = q.split([nope, rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
+        k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, cfg.rope_interleave).squeeze(1)
+        latent, k_rot = cache.update(layer, slots, start, (latent, k_rot))
+        kv = self.kv_b_proj(latent).view(b, -1, n, nope + cfg.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, n, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        return self.o_proj(attention(q, k, v, mask, self.scale))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then pre-norm MLP (dense below first_k_dense_replace, MoE above)."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.self_attn = MLAttention(cfg)
+        if index >= cfg.first_k_dense_replace:
+            self.mlp = MoE(cfg, correction_bias=True)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, slots, start) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index, slots, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm (the checkpoint's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Token ids in, next-token logits out, reading and writing the KV cache of the given slots."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+
+    def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer, the per-token shapes the cache stores: the kv latent and the shared rope key."""
+        entry = ((self.config.kv_lora_rank,), (self.config.qk_rope_head_dim,))
+        return [entry] * self.config.num_hidden_layers
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        cache,
+        slots: torch.Tensor,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T] at positions start[b]..start[b]+T-1 -> logits [B, T or 1, V] in fp32."""
+        t = tokens.shape[1]
+        positions = start[:, None] + torch.arange(t, device=tokens.device)[None, :]
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = causal_mask(start, t, int(start.max()) + t)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, slots, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
