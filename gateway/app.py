@@ -21,7 +21,7 @@ from gateway.auth import Authenticator, Principal, authorize
 from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable
 from gateway.config import Model, Topology
 from gateway.errors import GatewayError, Kind
-from gateway.failover import ResumableStream, call_unary
+from gateway.failover import Failover
 from gateway.http import Request, Response
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
@@ -50,6 +50,7 @@ class Gateway:
         self.auth = Authenticator(topology.auth)
         self.cache = L2Cache(redis, topology.cache)
         self.limiter = RateLimiter(redis, topology.limits, self.metrics)
+        self.failover = Failover(topology.routing, self.metrics, stream_timeout_s=topology.gateway.request_timeout_s)
         self._public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -189,10 +190,13 @@ class Gateway:
             return self._embedding_response(body, model, got, "hit")
         try:
             endpoints = self.router.rank(model.tier, self.router.client_region(request))
-            timeout = self.topology.gateway.upstream_timeout_s
+            timeout = self.topology.routing.try_timeout_s
             traceparent = tracing.current_traceparent(request.headers.get("traceparent"))
-            endpoint, result = await call_unary(
-                endpoints, lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent)
+            # Embeddings are idempotent: hedged to the next zone when the first is slow.
+            endpoint, result = await self.failover.unary(
+                endpoints,
+                lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent),
+                hedge=True,
             )
             dims = len(result.vectors[0]) if result.vectors else 0
             if body.dimensions is not None and body.dimensions != dims:
@@ -289,7 +293,7 @@ class Gateway:
         if isinstance(got, CachedAnswer):
             return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, "hit")
         endpoints = self.router.rank(model.tier, self.router.client_region(request))
-        stream = ResumableStream(endpoints, call, self.topology.gateway.request_timeout_s)
+        stream = self.failover.stream(endpoints, call)
         try:
             await stream.start()
         except BaseException:

@@ -43,9 +43,6 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A client must deliver its whole request body within this time (slow clients are cut off).
     body_timeout_s: float = 15.0
     request_timeout_s: float = 120.0
-    # Per-try budget for one upstream call before the next zone is tried.
-    upstream_timeout_s: float = 60.0
-    health_interval_s: float = 1.0
     # The load balancer in front sets this header; it is trusted over the client address.
     region_header: str = "x-meridian-region"
 
@@ -84,6 +81,31 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def for_tenant(self, tenant: str) -> Limit:
         """The tenant's own limit, else the default."""
         return self.tenants.get(tenant, self.default)
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Active health checks.
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 0.5
+    # Ranking: distance counts as fibre round trips (about 100 km per millisecond), plus the
+    # probe round trip's peak-EWMA, which decays with this time constant.
+    km_per_ms: float = 100.0
+    rtt_decay_s: float = 1.0
+    # Locality spill-over: a zone with this many requests in flight is saturated.
+    zone_capacity: int = 32
+    # Outlier detection: consecutive failures eject an endpoint for a growing interval.
+    consecutive_failures: int = 2
+    base_ejection_s: float = 1.0
+    max_ejection_s: float = 30.0
+    # Retries in the next zone: a budget of this fraction of requests, with a floor per second.
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 10.0
+    # Per-try timeouts.
+    try_timeout_s: float = 10.0
+    first_chunk_timeout_s: float = 30.0
+    chunk_gap_timeout_s: float = 2.0
+    # Hedge idempotent unary requests (embeddings) to the next zone after this delay; 0 turns it off.
+    hedge_after_s: float = 0.25
 
 
 class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -192,6 +214,7 @@ class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     tracing: TracingConfig = TracingConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     def region(self, name: str) -> Region | None:
         """The region called `name`, if the topology has one."""

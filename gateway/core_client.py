@@ -147,4 +147,5 @@ def _classify_transport(exc: BaseException) -> Exception:
     text = str(exc)
     if "DEADLINE_EXCEEDED" in text or isinstance(exc, asyncio.TimeoutError):
         return UpstreamFailure("core timed out", timeout=True)
-    return UpstreamFailure(f"core unreachable: {type(exc).__name__}: {text[:200]}")
+    # grpc reports a refused or reset connection as UNAVAILABLE.
+    return UpstreamFailure(f"core unreachable: {type(exc).__name__}: {text[:200]}", hard="UNAVAILABLE" in text)

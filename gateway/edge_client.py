@@ -103,5 +103,5 @@ def _classify(exc: BaseException) -> Exception:
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamFailure("edge timed out", timeout=True)
     if isinstance(exc, (OSError, StreamTerminatedError, ConnectionError)):
-        return UpstreamFailure(f"edge unreachable: {exc}")
+        return UpstreamFailure(f"edge unreachable: {exc}", hard=True)
     return UpstreamFailure(f"edge call failed: {type(exc).__name__}: {exc}")

@@ -1,58 +1,135 @@
-"""Retrying in the next zone: unary calls, and generation streams resumed from the tokens sent.
+"""Retrying in the next zone: unary calls (with hedging), and generation streams resumed.
 
 A request moves to another zone only when nothing has reached the client yet, or when the engine
 can resume it: a stream continues in the next zone from the prompt plus the tokens already sent,
-with the same seed, so the client sees one unbroken stream.
+with the same seed, so the client sees one unbroken stream. Retries and hedges draw on a budget
+(a fraction of live traffic) so that a sick region cannot double the load on the healthy ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.metrics import Metrics
 from gateway.upstreams import Endpoint, GenerateCall, GenerateChunk
 
 T = TypeVar("T")
 log = logging.getLogger("meridian.gateway.failover")
 
 
-def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:
-    healthy = [e for e in endpoints if e.healthy]
-    if not healthy:
-        raise GatewayError(Kind.NO_HEALTHY_ZONE, "no healthy zone can serve this request", code="no_healthy_zone")
-    return healthy
+class RetryBudget:
+    """Retries allowed: `ratio` of requests, plus a floor of `min_per_s`, banked for 10 seconds."""
+
+    def __init__(self, ratio: float, min_per_s: float, window_s: float = 10.0) -> None:
+        self._ratio = ratio
+        self._min_per_s = min_per_s
+        self._floor = max(1.0, min_per_s * window_s)
+        self._cap = 2 * self._floor
+        self._tokens = self._floor
+        self._at = time.monotonic()
+
+    def on_request(self) -> None:
+        """Every first try deposits its share."""
+        self._tokens = min(self._cap, self._tokens + self._ratio)
+
+    def try_spend(self) -> bool:
+        """Take one retry if the budget allows it."""
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self._tokens < self._floor:
+            self._tokens = min(self._floor, self._tokens + (now - self._at) * self._min_per_s)
+        self._at = now
 
 
-def _exhausted(last: UpstreamFailure | None) -> GatewayError:
-    if last is not None and last.timeout:
-        return GatewayError(Kind.UPSTREAM_TIMEOUT, f"every zone timed out ({last})", code="upstream_timeout")
-    return GatewayError(Kind.NO_HEALTHY_ZONE, f"every zone failed ({last})", code="upstream_unavailable")
+class Failover:
+    """Runs calls against ranked endpoints: timeouts, passive outlier detection, retries, hedges."""
 
+    def __init__(self, config: RoutingConfig, metrics: Metrics, *, stream_timeout_s: float = 3600.0) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.stream_timeout_s = stream_timeout_s
+        self.budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
 
-def _eject(endpoint: Endpoint, failure: UpstreamFailure) -> None:
-    # Passive health: stop sending here until the active check sees it answer again.
-    endpoint.healthy = False
-    log.warning("upstream failed", extra={"zone": endpoint.zone, "tier": endpoint.tier, "error": str(failure)})
+    def failed(self, endpoint: Endpoint, failure: UpstreamFailure) -> None:
+        """Record a failed call against its endpoint (ejecting it when that is due)."""
+        self.metrics.upstream_errors.inc(endpoint.zone, endpoint.tier)
+        if endpoint.record_failure(hard=failure.hard):
+            self.metrics.ejections.inc(endpoint.zone, endpoint.tier)
+            log.warning("endpoint ejected", extra={"zone": endpoint.zone, "tier": endpoint.tier, "error": str(failure)})
 
+    async def unary(
+        self, endpoints: list[Endpoint], call: Callable[[Endpoint], Awaitable[T]], *, hedge: bool = False
+    ) -> tuple[Endpoint, T]:
+        """The first successful answer; hedges idempotent calls to the next zone after a delay."""
+        queue = _usable(endpoints)
+        self.budget.on_request()
+        running: dict[asyncio.Task, Endpoint] = {}
+        last: UpstreamFailure | None = None
 
-async def call_unary(endpoints: list[Endpoint], call: Callable[[Endpoint], Awaitable[T]]) -> tuple[Endpoint, T]:
-    """Run `call` on the first endpoint that answers; a retryable failure moves to the next."""
-    last: UpstreamFailure | None = None
-    for endpoint in _usable(endpoints):
+        def launch(endpoint: Endpoint) -> None:
+            running[asyncio.ensure_future(self._try(endpoint, call))] = endpoint
+
+        launch(queue.pop(0))
+        try:
+            while running:
+                can_hedge = hedge and self.config.hedge_after_s > 0 and queue
+                done, _ = await asyncio.wait(
+                    running, timeout=self.config.hedge_after_s if can_hedge else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    if self.budget.try_spend():
+                        self.metrics.retries.inc("hedge")
+                        launch(queue.pop(0))
+                    else:
+                        hedge = False
+                    continue
+                for task in done:
+                    endpoint = running.pop(task)
+                    try:
+                        result = task.result()
+                    except UpstreamFailure as failure:
+                        last = failure
+                        if not failure.retryable:
+                            raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
+                        self.failed(endpoint, failure)
+                        continue
+                    endpoint.record_success()
+                    return endpoint, result
+                if not running and queue and self.budget.try_spend():
+                    self.metrics.retries.inc(queue[0].tier)
+                    launch(queue.pop(0))
+        finally:
+            for task in running:
+                task.cancel()
+        raise _exhausted(last)
+
+    async def _try(self, endpoint: Endpoint, call: Callable[[Endpoint], Awaitable[T]]) -> T:
         endpoint.in_flight += 1
         try:
-            return endpoint, await call(endpoint)
-        except UpstreamFailure as failure:
-            if not failure.retryable:
-                raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
-            last = failure
-            _eject(endpoint, failure)
+            return await asyncio.wait_for(call(endpoint), self.config.try_timeout_s)
+        except asyncio.TimeoutError:
+            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} timed out", timeout=True) from None
         finally:
             endpoint.in_flight -= 1
-    raise _exhausted(last)
+
+    def stream(self, endpoints: list[Endpoint], call: GenerateCall) -> ResumableStream:
+        """A generation stream that survives the loss of a zone."""
+        self.budget.on_request()
+        return ResumableStream(self, _usable(endpoints), call)
 
 
 class ResumableStream:
@@ -61,23 +138,29 @@ class ResumableStream:
     `first_zone` is known once `start()` returned, before any chunk reaches the client.
     """
 
-    def __init__(self, endpoints: list[Endpoint], call: GenerateCall, timeout: float) -> None:
-        self._queue = _usable(endpoints)
+    def __init__(self, failover: Failover, queue: list[Endpoint], call: GenerateCall) -> None:
+        self._failover = failover
+        self._queue = queue
         self._call = call
-        self._timeout = timeout
         self._tokens: list[int] = []
         self._first: GenerateChunk | None = None
         self._current: AsyncIterator[GenerateChunk] | None = None
+        self._endpoint: Endpoint | None = None
         self.first_zone: str = ""
         self.resumed = 0
 
     async def start(self) -> None:
         """Open the stream in the first zone that yields a chunk."""
-        self._first = await self._open()
+        self._first = await self._open(first=True)
 
-    async def _open(self) -> GenerateChunk:
+    async def _open(self, *, first: bool) -> GenerateChunk:
+        cfg = self._failover.config
         last: UpstreamFailure | None = None
+        attempt = 0
         while self._queue:
+            if attempt and not self._failover.budget.try_spend():
+                break
+            attempt += 1
             endpoint = self._queue.pop(0)
             call = self._call
             if self._tokens:
@@ -86,46 +169,86 @@ class ResumableStream:
                     prefix_token_ids=call.prefix_token_ids + tuple(self._tokens),
                     max_tokens=None if call.max_tokens is None else call.max_tokens - len(self._tokens),
                 )
-            stream = endpoint.upstream.generate(call, timeout=self._timeout)
+            stream = endpoint.upstream.generate(call, timeout=self._failover.stream_timeout_s)
+            endpoint.in_flight += 1
             try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                last = UpstreamFailure("stream ended before its first chunk")
-                _eject(endpoint, last)
-                continue
+                chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint)
             except UpstreamFailure as failure:
+                endpoint.in_flight -= 1
+                await _close_quietly(stream)
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
                 last = failure
-                _eject(endpoint, failure)
+                self._failover.failed(endpoint, failure)
                 continue
-            self._current = stream
+            if attempt > 1 or not first:
+                self._failover.metrics.retries.inc(endpoint.tier)
+            self._current, self._endpoint = stream, endpoint
             self.first_zone = self.first_zone or endpoint.zone
-            return first
+            return chunk
         raise _exhausted(last)
+
+    @staticmethod
+    async def _next(stream: AsyncIterator[GenerateChunk], timeout: float, endpoint: Endpoint) -> GenerateChunk:
+        try:
+            return await asyncio.wait_for(anext(stream), timeout)
+        except StopAsyncIteration:
+            raise UpstreamFailure("stream ended without a finish reason") from None
+        except asyncio.TimeoutError:
+            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True) from None
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""
         chunk = self._first
         assert chunk is not None, "start() first"
+        gap = self._failover.config.chunk_gap_timeout_s
         while True:
             self._tokens.extend(chunk.token_ids)
             yield chunk
             if chunk.finish_reason:
+                self._endpoint.record_success()
                 return
             try:
-                chunk = await anext(self._current)
-            except StopAsyncIteration:
-                chunk = None
-                failure = UpstreamFailure("stream ended without a finish reason")
-            except UpstreamFailure as exc:
-                chunk, failure = None, exc
-            if chunk is None:
-                log.warning("resuming stream in the next zone", extra={"error": str(failure)})
+                chunk = await self._next(self._current, gap, self._endpoint)
+            except UpstreamFailure as failure:
+                if not failure.retryable:
+                    raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
+                log.warning("resuming stream in the next zone", extra={"zone": self._endpoint.zone, "error": str(failure)})
+                self._failover.failed(self._endpoint, failure)
+                await self._release()
                 self.resumed += 1
-                chunk = await self._open()
+                self._failover.metrics.resumed.inc(self._endpoint.tier)
+                chunk = await self._open(first=False)
+
+    async def _release(self) -> None:
+        if self._current is not None:
+            await _close_quietly(self._current)
+            self._current = None
+        if self._endpoint is not None:
+            self._endpoint.in_flight -= 1
 
     async def aclose(self) -> None:
         """Close the upstream stream (cancels the generation when the client went away)."""
-        if self._current is not None:
-            await self._current.aclose()
+        await self._release()
+        self._endpoint = None
+
+
+async def _close_quietly(stream: AsyncIterator) -> None:
+    try:
+        await stream.aclose()
+    except Exception:  # noqa: BLE001 - closing a broken stream may raise; nothing to do about it
+        pass
+
+
+def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:
+    now = time.monotonic()
+    usable = [e for e in endpoints if e.available(now)]
+    if not usable:
+        raise GatewayError(Kind.NO_HEALTHY_ZONE, "no healthy zone can serve this request", code="no_healthy_zone")
+    return usable
+
+
+def _exhausted(last: UpstreamFailure | None) -> GatewayError:
+    if last is not None and last.timeout:
+        return GatewayError(Kind.UPSTREAM_TIMEOUT, f"every zone timed out ({last})", code="upstream_timeout")
+    return GatewayError(Kind.NO_HEALTHY_ZONE, f"every zone failed ({last})", code="upstream_unavailable")

@@ -1,10 +1,18 @@
-"""Which zone answers: the client's region, then zones ranked by health and distance from it."""
+"""Which zone answers: the client's region, then zones ranked by health, locality and latency.
+
+Ranking, best first: endpoints that are available (healthy and not ejected) before the rest;
+among those, unsaturated before saturated (locality-weighted spill-over: the nearest zone takes the
+traffic until it is full); then the lowest expected cost, the fibre distance from the client's
+region plus the probe round trip's peak EWMA (so a slow zone loses its traffic, and wins it back
+as its probes speed up).
+"""
 
 from __future__ import annotations
 
 import math
+import random
 
-from gateway.config import Region, Tier, Topology
+from gateway.config import Model, Region, Tier, Topology
 from gateway.http import Request
 from gateway.upstreams import Endpoint, UpstreamPool
 
@@ -21,10 +29,11 @@ def distance_km(a: Region, b: Region) -> float:
 class Router:
     """Ranks a tier's endpoints for one request."""
 
-    def __init__(self, topology: Topology, pool: UpstreamPool) -> None:
+    def __init__(self, topology: Topology, pool: UpstreamPool, rng: random.Random | None = None) -> None:
         self._topology = topology
         self._pool = pool
         self._zone_region = {z.name: topology.region(z.region) for z in topology.zones}
+        self._rng = rng or random.Random()
 
     def client_region(self, request: Request) -> Region | None:
         """The trusted load-balancer header, else the CIDR table, else the gateway's own region."""
@@ -39,11 +48,26 @@ class Router:
         return self._topology.region(self._topology.gateway.region)
 
     def rank(self, tier: Tier, region: Region | None) -> list[Endpoint]:
-        """Healthy endpoints first, then the nearest to `region`, then the least loaded."""
+        """Every endpoint of `tier`, best first."""
+        km_per_ms = self._pool.config.km_per_ms
 
-        def key(endpoint: Endpoint) -> tuple[bool, float, int]:
+        def key(endpoint: Endpoint) -> tuple[bool, bool, float]:
             zone_region = self._zone_region.get(endpoint.zone)
-            dist = distance_km(region, zone_region) if region and zone_region else 0.0
-            return (not endpoint.healthy, dist, endpoint.in_flight)
+            dist_ms = distance_km(region, zone_region) / km_per_ms if region and zone_region else 0.0
+            cost = dist_ms + endpoint.rtt.value * 1000.0
+            return (not endpoint.available(), endpoint.saturated(), cost)
 
         return sorted(self._pool.for_tier(tier), key=key)
+
+    def version(self, model: Model) -> str:
+        """The model version for one request, by the canary weights."""
+        versions = model.versions
+        if len(versions) == 1:
+            return versions[0].name
+        total = sum(v.weight for v in versions)
+        pick = self._rng.uniform(0, total)
+        for v in versions:
+            pick -= v.weight
+            if pick <= 0:
+                return v.name
+        return versions[-1].name

@@ -38,7 +38,7 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
 async def run(topology: Topology, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     cfg = topology.gateway
-    pool = UpstreamPool(build_upstreams(topology), interval=cfg.health_interval_s)
+    pool = UpstreamPool(build_upstreams(topology), topology.routing)
     redis = RedisLink(topology.redis)
     gateway = Gateway(topology, pool, redis=redis)
     await pool.check_once()

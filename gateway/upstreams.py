@@ -7,12 +7,13 @@ an in-process upstream. `UpstreamPool` holds every zone's upstreams and their he
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.config import Tier
+from gateway.config import RoutingConfig, Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +65,19 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(slots=True)
 class Endpoint:
-    """An upstream with what the gateway knows of its health."""
+    """An upstream with what the gateway knows of it: health, ejection, latency and load."""
 
-    upstream: Upstream
-    healthy: bool = False
-    last_checked: float = 0.0
-    in_flight: int = 0
+    def __init__(self, upstream: Upstream, config: RoutingConfig) -> None:
+        self.upstream = upstream
+        self._config = config
+        self.healthy = False
+        self.last_checked = 0.0
+        self.in_flight = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.consecutive_failures = 0
+        self.rtt = PeakEwma(config.rtt_decay_s)
 
     @property
     def zone(self) -> str:
@@ -81,14 +87,69 @@ class Endpoint:
     def tier(self) -> Tier:
         return self.upstream.tier
 
+    def available(self, now: float | None = None) -> bool:
+        """Healthy by the last probe and not ejected by outlier detection."""
+        return self.healthy and (now if now is not None else time.monotonic()) >= self.ejected_until
+
+    def saturated(self) -> bool:
+        return self.in_flight >= self._config.zone_capacity
+
+    def record_success(self) -> None:
+        """A call answered: the failure streak ends (the ejection count decays on probes)."""
+        self.consecutive_failures = 0
+
+    def record_failure(self, *, hard: bool) -> bool:
+        """A call failed; returns True when this ejected the endpoint.
+
+        A hard failure (connection refused or reset) means the process is gone: out at once. Timeouts
+        and errors eject after `consecutive_failures`, for an interval that doubles each time.
+        """
+        self.consecutive_failures += 1
+        if not hard and self.consecutive_failures < self._config.consecutive_failures:
+            return False
+        if hard:
+            self.healthy = False
+        self.ejections += 1
+        interval = min(self._config.max_ejection_s, self._config.base_ejection_s * 2 ** (self.ejections - 1))
+        self.ejected_until = time.monotonic() + interval
+        self.consecutive_failures = 0
+        return True
+
+    def record_probe(self, ok: bool, rtt_s: float, now: float) -> None:
+        """An active health check's answer."""
+        self.healthy = ok
+        self.last_checked = now
+        if ok:
+            self.rtt.observe(rtt_s, now)
+            if now >= self.ejected_until and self.ejections and now - self.ejected_until > self._config.max_ejection_s:
+                self.ejections = 0  # well for a long while: forget past ejections
+        else:
+            self.rtt.observe(self._config.probe_timeout_s, now)
+
+
+class PeakEwma:
+    """A latency estimate that jumps up at once and decays with time constant `tau` (Finagle's peak EWMA)."""
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self.value = 0.0
+        self._at = 0.0
+
+    def observe(self, sample: float, now: float) -> None:
+        if sample > self.value:
+            self.value = sample
+        else:
+            w = math.exp(-(now - self._at) / self.tau) if self._at else 0.0
+            self.value = self.value * w + sample * (1 - w)
+        self._at = now
+
 
 class UpstreamPool:
     """Every zone's upstreams, kept fresh by an active health check."""
 
-    def __init__(self, upstreams: list[Upstream], *, interval: float, timeout: float = 1.0) -> None:
-        self.endpoints = [Endpoint(u) for u in upstreams]
-        self._interval = interval
-        self._timeout = timeout
+    def __init__(self, upstreams: list[Upstream], config: RoutingConfig | None = None) -> None:
+        self.config = config or RoutingConfig()
+        self.endpoints = [Endpoint(u, self.config) for u in upstreams]
         self._task: asyncio.Task | None = None
 
     def for_tier(self, tier: Tier) -> list[Endpoint]:
@@ -101,13 +162,18 @@ class UpstreamPool:
 
     async def check_once(self) -> None:
         """Probe every endpoint concurrently and record the answers."""
-        results = await asyncio.gather(
-            *(e.upstream.health(timeout=self._timeout) for e in self.endpoints), return_exceptions=True
-        )
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        started = time.monotonic()
+        try:
+            ok = await asyncio.wait_for(
+                endpoint.upstream.health(timeout=self.config.probe_timeout_s), self.config.probe_timeout_s
+            )
+        except Exception:  # noqa: BLE001 - a probe that fails in any way says "not healthy"
+            ok = False
         now = time.monotonic()
-        for endpoint, ok in zip(self.endpoints, results):
-            endpoint.healthy = ok is True
-            endpoint.last_checked = now
+        endpoint.record_probe(ok is True, now - started, now)
 
     def start(self) -> None:
         """Run the health check loop in the background."""
@@ -116,7 +182,7 @@ class UpstreamPool:
     async def _loop(self) -> None:
         while True:
             await self.check_once()
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.config.probe_interval_s)
 
     async def close(self) -> None:
         """Stop checking and close every upstream's connections."""

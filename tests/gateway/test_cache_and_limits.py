@@ -35,7 +35,7 @@ async def gateway(redis_port: int, *, limits: dict | None = None, prefix_db: int
         raw["limits"] = limits
     topo = parse_topology(raw)
     ups = upstreams or [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")]
-    pool = UpstreamPool(ups, interval=60)
+    pool = UpstreamPool(ups)
     await pool.check_once()
     link = RedisLink(topo.redis, retry_after=0.2)
     return Gateway(topo, pool, redis=link), ups

@@ -27,7 +27,7 @@ async def listeners(tmp_path_factory):
     topo = parse_topology(raw)
     ups = [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")]
     ups[1].delay = 0.3
-    pool = UpstreamPool(ups, interval=60)
+    pool = UpstreamPool(ups)
     await pool.check_once()
     gw = Gateway(topo, pool)
     tls = tmp_path_factory.mktemp("tls")

@@ -41,7 +41,7 @@ TOPOLOGY = {
 
 
 async def make_gateway(upstreams) -> Gateway:
-    pool = UpstreamPool(upstreams, interval=60)
+    pool = UpstreamPool(upstreams)
     await pool.check_once()
     return Gateway(parse_topology(TOPOLOGY), pool)
 
@@ -149,15 +149,14 @@ async def test_region_picks_the_nearest_zone(zones):
     assert (await gw.handle(req("POST", "/v1/embeddings", body, ip="192.0.2.1"))).headers["x-meridian-zone"] == "zone-a"
 
 
-async def test_unary_fails_over_to_the_next_zone(zones):
-    zones[0].fail = True
+async def test_unary_fails_over_to_the_next_zone_and_ejects_after_two_failures(zones):
     gw = await make_gateway(zones)
-    zones[0].fail = False
-    gw.pool.endpoints[0].healthy = True  # the health check has not noticed yet
-    zones[0].fail = True
-    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
-    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
-    assert gw.pool.endpoints[0].healthy is False
+    zones[0].fail = True  # the health check has not noticed yet
+    for _ in range(2):
+        r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+        assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    assert not gw.pool.endpoints[0].available()
+    assert gw.metrics.ejections.get("zone-a", "edge") == 1
 
 
 async def test_no_healthy_zone_is_503(zones):

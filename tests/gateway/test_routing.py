@@ -1,0 +1,138 @@
+"""Ranking, outlier detection, retry budget, hedging and stream timeouts, with in-process upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import Model, ModelVersion, RoutingConfig, parse_topology
+from gateway.errors import UpstreamFailure
+from gateway.failover import RetryBudget
+from gateway.routing import Router
+from gateway.upstreams import Endpoint, PeakEwma, UpstreamPool
+from tests.gateway.test_pipeline import TOPOLOGY, req
+from tests.support.fakes import FakeUpstream
+
+
+async def gateway_with(routing: dict | None = None):
+    raw = {**TOPOLOGY, "routing": routing or {}}
+    ups = [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core"),
+           FakeUpstream("zone-b", "edge"), FakeUpstream("zone-b", "core")]
+    topo = parse_topology(raw)
+    pool = UpstreamPool(ups, topo.routing)
+    await pool.check_once()
+    return Gateway(topo, pool), ups
+
+
+def test_peak_ewma_jumps_up_and_decays():
+    e = PeakEwma(tau=1.0)
+    e.observe(0.001, 100.0)
+    e.observe(0.6, 100.5)
+    assert e.value == 0.6
+    e.observe(0.001, 102.5)  # two time constants later
+    assert 0.06 < e.value < 0.1
+
+
+async def test_slow_zone_loses_traffic_then_wins_it_back():
+    gw, ups = await gateway_with()
+    router, pool = gw.router, gw.pool
+    west = gw.topology.region("west")
+    assert router.rank("edge", west)[0].zone == "zone-a"
+    a = pool.endpoints[0]
+    now = time.monotonic()
+    a.rtt.observe(0.6, now)  # 300 ms each way
+    assert router.rank("edge", west)[0].zone == "zone-b"
+    for t in range(1, 6):
+        a.rtt.observe(0.001, now + t)
+    assert router.rank("edge", west)[0].zone == "zone-a"
+
+
+async def test_saturated_nearest_zone_spills_over():
+    gw, ups = await gateway_with({"zone_capacity": 2})
+    west = gw.topology.region("west")
+    gw.pool.endpoints[0].in_flight = 2
+    assert gw.router.rank("edge", west)[0].zone == "zone-b"
+    gw.pool.endpoints[0].in_flight = 1
+    assert gw.router.rank("edge", west)[0].zone == "zone-a"
+
+
+def test_ejection_interval_doubles_and_hard_failures_eject_at_once():
+    cfg = RoutingConfig(consecutive_failures=2, base_ejection_s=1.0, max_ejection_s=3.0)
+    e = Endpoint(FakeUpstream("z", "edge"), cfg)
+    e.healthy = True
+    assert e.record_failure(hard=False) is False and e.available()
+    assert e.record_failure(hard=False) is True and not e.available()
+    first = e.ejected_until - time.monotonic()
+    e.ejected_until = 0
+    e.record_failure(hard=False)
+    e.record_failure(hard=False)
+    second = e.ejected_until - time.monotonic()
+    assert 0.9 < first <= 1.0 and 1.9 < second <= 2.0
+    e.ejected_until = 0
+    e.record_failure(hard=False)
+    e.record_failure(hard=False)
+    assert e.ejected_until - time.monotonic() <= 3.0  # capped
+    fresh = Endpoint(FakeUpstream("z", "edge"), cfg)
+    fresh.healthy = True
+    assert fresh.record_failure(hard=True) and not fresh.healthy
+
+
+async def test_hedged_embedding_answers_from_the_next_zone():
+    gw, ups = await gateway_with({"hedge_after_s": 0.05})
+    ups[0].delay = 1.0
+    started = time.perf_counter()
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    assert time.perf_counter() - started < 0.5
+    assert gw.metrics.retries.get("hedge") == 1
+
+
+async def test_retry_budget_stops_retry_storms():
+    budget = RetryBudget(ratio=0.1, min_per_s=0.0, window_s=10)
+    spent = sum(budget.try_spend() for _ in range(5))
+    assert spent == 1  # the floor of one
+    for _ in range(20):
+        budget.on_request()
+    assert sum(budget.try_spend() for _ in range(5)) == 2
+
+
+async def test_stalled_stream_resumes_elsewhere():
+    gw, ups = await gateway_with({"chunk_gap_timeout_s": 0.2})
+    original = ups[1].generate
+
+    async def stalls(call, *, timeout):
+        async for chunk in original(call, timeout=timeout):
+            yield chunk
+            if chunk.token_ids == [2]:
+                await asyncio.sleep(30)
+
+    ups[1].generate = stalls
+    body = {"model": "llm", "prompt": "p", "stream": True, "max_tokens": 6, "seed": 1}
+    r = await gw.handle(req("POST", "/v1/completions", body))
+    raw = b"".join([c async for c in r.stream]).decode()
+    events = [msgspec.json.decode(e.removeprefix("data: ")) for e in raw.split("\n\n") if e.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == "t0 t1 t2 t3 t4 t5 "
+    assert ups[3].calls[0].prefix_token_ids == (0, 1, 2)
+    assert gw.metrics.resumed.get("core") == 1
+
+
+def test_canary_weights():
+    topo = parse_topology(TOPOLOGY)
+    model = Model(name="m", tier="core", kind="generate",
+                  versions=[ModelVersion("1", 90), ModelVersion("2", 10)])
+    router = Router(topo, UpstreamPool([]), rng=random.Random(5))
+    picks = [router.version(model) for _ in range(2000)]
+    assert 0.07 < picks.count("2") / len(picks) < 0.13
+
+
+async def test_unavailable_zone_fails_no_request_when_another_is_healthy():
+    gw, ups = await gateway_with()
+    ups[0].fail = ups[1].fail = True
+    statuses = [(await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": str(i)}))).status
+                for i in range(20)]
+    assert statuses == [200] * 20
