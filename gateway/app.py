@@ -185,7 +185,7 @@ class Gateway:
         if model.kind != "embedding":
             raise api.bad_request(f"model {model.name!r} does not produce embeddings", "model")
         texts = body.texts(MAX_EMBED_INPUTS)
-        got, cache_state = await self._cache_begin(principal, model, request.path, body, True)
+        got, cache_state = await self._cache_begin(principal, model, self.router.version(model), request.path, body, True)
         if isinstance(got, CachedAnswer):
             return self._embedding_response(body, model, got, "hit")
         try:
@@ -223,12 +223,12 @@ class Gateway:
         return Response.json({"object": "list", "data": data, "model": model.name, "usage": usage}, headers=headers)
 
     async def _cache_begin(
-        self, principal: Principal, model: Model, route: str, body, deterministic: bool
+        self, principal: Principal, model: Model, version: str, route: str, body, deterministic: bool
     ) -> tuple[CachedAnswer | Lease | None, str]:
         """(hit, lease to fill, or None) and the x-meridian-cache value for a produced answer."""
         if not (self.cache.enabled and deterministic):
             return None, "bypass"
-        key = cache_key(principal.tenant, model.name, model.versions[0].name, route, body)
+        key = cache_key(principal.tenant, model.name, version, route, body)
         got = await self.cache.begin(key)
         return got, "miss" if got is not None else "bypass"
 
@@ -273,6 +273,7 @@ class Gateway:
             stop=tuple(body.stop_list()),
             stream=body.stream,
             traceparent=tracing.current_traceparent(request.headers.get("traceparent")),
+            model_version=self.router.version(model),
             **fields,
         )
 
@@ -288,7 +289,7 @@ class Gateway:
         meta = openai_format.Meta(id=f"{fmt.id_prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         got, cache_state = await self._cache_begin(
-            principal, model, request.path, body, cacheable(body.temperature, body.seed)
+            principal, model, call.model_version, request.path, body, cacheable(body.temperature, body.seed)
         )
         if isinstance(got, CachedAnswer):
             return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, "hit")

@@ -41,6 +41,7 @@ class CoreUpstream:
         """Stream a generation from the decoupled model through `stream_infer`."""
         request = {
             "model_name": call.model,
+            "model_version": call.model_version,
             "inputs": _inputs(call),
             "outputs": [InferRequestedOutput(n) for n in _OUTPUTS],
         }

@@ -37,6 +37,8 @@ class GenerateCall:
     # Tokens another zone already sent to the client: generation resumes after them.
     prefix_token_ids: tuple[int, ...] = ()
     traceparent: str | None = None
+    # Chosen by the canary weights; empty means the upstream's default version.
+    model_version: str = ""
 
 
 @dataclass(slots=True)

@@ -12,7 +12,8 @@ from edge.export import build_embedding_model, fingerprint, source_dir
 from edge.runtime.embedding import EmbeddingModel
 
 LONG = " ".join(
-    f"Sentence {i} of a long document that runs well past the model's maximum sequence length." for i in range(60)
+    f"Sentence {i} of a long document that runs well past the model's maximum sequence length."
+    for i in range(60)
 )
 CASES = {
     "short": ["Hello world."],
@@ -95,7 +96,9 @@ def test_meta_describes_the_export(embedding_model_dir: Path) -> None:
 
 def test_onnx_axes_are_dynamic(model: EmbeddingModel) -> None:
     inputs = {i.name: i.shape for i in model.session.get_inputs()}
-    assert inputs == {name: ["batch", "sequence"] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    assert inputs == {
+        name: ["batch", "sequence"] for name in ("input_ids", "attention_mask", "token_type_ids")
+    }
 
 
 def test_rebuild_is_skipped_when_up_to_date(embedding_model_dir: Path, capsys) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +14,8 @@ import pytest
 from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from edge.api import edge_pb2
 from edge.api.edge_grpc import EdgeStub
@@ -31,12 +30,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _config(model_dir: Path, **overrides: object) -> EdgeConfig:
     """A worker on a free loopback port with small limits (so the limit tests stay cheap)."""
-    settings: dict = dict(
-        host="127.0.0.1", port=0, zone="test-zone", models={MODEL: model_dir}, threads=1, workers=2,
-        max_batch_inputs=8, max_input_chars=2000, drain_timeout_s=5.0,
-    )
+    settings: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "zone": "test-zone",
+        "models": {MODEL: model_dir},
+        "threads": 1,
+        "workers": 2,
+        "max_batch_inputs": 8,
+        "max_input_chars": 2000,
+        "drain_timeout_s": 5.0,
+    }
     settings.update(overrides)
-    return EdgeConfig(**settings)
+    return EdgeConfig(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +79,11 @@ async def test_health_is_serving(channel: Channel) -> None:
     assert await _status(channel, SERVICE) == HealthCheckResponse.SERVING
 
 
-async def test_embed_returns_unit_vectors_in_input_order(
-    channel: Channel, embedding_model_dir: Path
-) -> None:
+async def test_embed_returns_unit_vectors_in_input_order(channel: Channel, embedding_model_dir: Path) -> None:
     texts = ["The cat sat on the mat.", "Quarterly revenue grew by 4%.", "東京タワー", "a"]
     reply = await EdgeStub(channel).Embed(
-        edge_pb2.EmbedRequest(model=MODEL, inputs=texts), metadata={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+        edge_pb2.EmbedRequest(model=MODEL, inputs=texts),
+        metadata={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
     )
     vectors = np.array([e.values for e in reply.embeddings], dtype=np.float32)
     assert reply.model == MODEL
@@ -115,7 +120,7 @@ class _RawBytes:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+    def SerializeToString(self) -> bytes:
         return self.data
 
 
@@ -140,7 +145,9 @@ async def test_generate_is_unimplemented_with_a_reason(channel: Channel) -> None
 async def test_still_serving_after_bad_requests(channel: Channel) -> None:
     for _ in range(3):
         await _embed_error(channel, edge_pb2.EmbedRequest(model="nope", inputs=["x"]))
-    reply = await EdgeStub(channel).Embed(edge_pb2.EmbedRequest(model=MODEL, inputs=["still here"]), timeout=30)
+    reply = await EdgeStub(channel).Embed(
+        edge_pb2.EmbedRequest(model=MODEL, inputs=["still here"]), timeout=30
+    )
     assert len(reply.embeddings) == 1
     assert await _status(channel, SERVICE) == HealthCheckResponse.SERVING
 
@@ -184,7 +191,9 @@ async def test_drain_finishes_in_flight_requests_and_refuses_new_ones(embedding_
     slow = _SlowModel(0.6)
     worker.service.models["slow"] = slow
     async with Channel("127.0.0.1", worker.port) as chan:
-        in_flight = asyncio.create_task(EdgeStub(chan).Embed(edge_pb2.EmbedRequest(model="slow", inputs=["x"]), timeout=10))
+        in_flight = asyncio.create_task(
+            EdgeStub(chan).Embed(edge_pb2.EmbedRequest(model="slow", inputs=["x"]), timeout=10)
+        )
         await asyncio.wait_for(slow.started.wait(), 5)
         stopping = asyncio.create_task(worker.stop())
         await asyncio.sleep(0.05)
@@ -204,15 +213,15 @@ async def test_port_zero_binds_a_free_port(server: EdgeServer) -> None:
 @pytest.mark.integration
 async def test_cli_serves_then_exits_zero_on_sigterm(embedding_model_dir: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "port"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edge.server", "--host", "127.0.0.1", "--port", "0", "--zone", "cli-zone",
-         "--model", f"{MODEL}={embedding_model_dir}", "--threads", "1", "--port-file", str(port_file)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    argv = ["-m", "edge.server", "--host", "127.0.0.1", "--port", "0", "--zone", "cli-zone"]
+    argv += ["--model", f"{MODEL}={embedding_model_dir}", "--threads", "1", "--port-file", str(port_file)]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():  # written once the worker reports SERVING
-            assert process.poll() is None, process.communicate()
+            assert process.returncode is None, await process.communicate()
             assert time.monotonic() < deadline, "worker did not report its port in time"
             await asyncio.sleep(0.05)
         async with Channel("127.0.0.1", int(port_file.read_text())) as chan:
@@ -220,10 +229,10 @@ async def test_cli_serves_then_exits_zero_on_sigterm(embedding_model_dir: Path, 
             reply = await EdgeStub(chan).Embed(edge_pb2.EmbedRequest(model=MODEL, inputs=["hi"]), timeout=30)
             assert len(reply.embeddings[0].values) == 384
         process.send_signal(signal.SIGTERM)
-        out, err = await asyncio.to_thread(process.communicate, timeout=30)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.communicate()
+            await process.communicate()
     assert process.returncode == 0, err
-    assert out == "" and err == "", "the worker should be quiet at the default log level"
+    assert out == b"" and err == b"", "the worker should be quiet at the default log level"

@@ -1,0 +1,42 @@
+"""The edge worker's configuration: loaded once (from the command line) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything one edge worker process needs to know."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (see `port_file`)
+    zone: str = "local"
+    models: dict[str, Path] = field(default_factory=dict)  # served model name -> exported model folder
+    threads: int = 1  # ONNX Runtime intra-op threads per session
+    workers: int = 1  # inference threads: requests running at once, off the event loop
+    max_batch_inputs: int = 256  # inputs in one Embed request
+    max_input_chars: int = 32_768  # characters in one input (the model reads 256 tokens anyway)
+    drain_timeout_s: float = 15.0  # how long SIGTERM waits for in-flight requests
+    log_level: str = "warning"
+    port_file: Path | None = None  # written with the bound port once SERVING, for launchers using port 0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that could only fail later, with a message naming the setting."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not self.models:
+            raise ValueError("at least one model is required (NAME=DIR)")
+        for name in self.models:
+            if not name or "=" in name:
+                raise ValueError(f"invalid model name {name!r}")
+        for setting in ("threads", "workers", "max_batch_inputs", "max_input_chars"):
+            if getattr(self, setting) < 1:
+                raise ValueError(f"{setting} must be at least 1, got {getattr(self, setting)}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

@@ -1,0 +1,31 @@
+"""The models a worker serves, loaded from exported folders by the task their meta.json names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from edge.runtime.embedding import META_FILE, EmbeddingModel
+
+
+def load_models(models: Mapping[str, Path], threads: int) -> dict[str, EmbeddingModel]:
+    """Load every configured model; fails loudly (at startup) on a missing or unknown export."""
+    loaded: dict[str, EmbeddingModel] = {}
+    for name, model_dir in models.items():
+        task = _task(Path(model_dir))
+        if task != "embedding":
+            # The small LM (task "generation") arrives with its own runtime in a later change.
+            raise ValueError(
+                f"model {name!r} at {model_dir}: task {task!r} is not supported by this worker yet"
+            )
+        loaded[name] = EmbeddingModel.load(model_dir, threads=threads)
+    return loaded
+
+
+def _task(model_dir: Path) -> str:
+    """The task recorded in an export's meta.json ("embedding" for exports that predate the field)."""
+    meta_path = model_dir / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: is {model_dir} an exported model folder?")
+    return str(json.loads(meta_path.read_text()).get("task", "embedding"))

@@ -1,0 +1,137 @@
+"""Sentence embeddings from an exported encoder: tokenize, run ONNX, mean-pool, L2-normalise.
+
+No server code here: the mobile SDK runs this same loop on device. The model folder is what
+`edge.export.build_embedding_model` writes: `model.onnx`, `tokenizer.json` and `meta.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class EmbeddingMeta:
+    """What `meta.json` says about an exported embedding model."""
+
+    dimension: int
+    max_seq_length: int
+    pooling: str
+    normalize: bool
+    fingerprint: str
+
+    @classmethod
+    def read(cls, model_dir: Path) -> EmbeddingMeta:
+        """Read and check `meta.json` in `model_dir`."""
+        raw = json.loads((model_dir / META_FILE).read_text())
+        meta = cls(
+            dimension=int(raw["dimension"]),
+            max_seq_length=int(raw["max_seq_length"]),
+            pooling=str(raw["pooling"]),
+            normalize=bool(raw["normalize"]),
+            fingerprint=str(raw.get("fingerprint", "")),
+        )
+        if meta.pooling != "mean":
+            raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported (only 'mean')")
+        return meta
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings of a batch, in input order, and the tokens they consumed."""
+
+    vectors: np.ndarray  # float32 [N, dimension]
+    prompt_tokens: int  # tokens fed to the model after truncation, [CLS]/[SEP] included
+
+
+class EmbeddingModel:
+    """An ONNX Runtime CPU session plus its tokenizer; `embed` is safe to call from several threads."""
+
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, meta: EmbeddingMeta) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.meta = meta
+        # token_type_ids is optional in BERT-style exports; feed only what the graph declares.
+        self._input_names = {i.name for i in session.get_inputs()}
+
+    @classmethod
+    def load(cls, model_dir: Path | str, threads: int = 1) -> EmbeddingModel:
+        """Load an exported model folder; `threads` bounds ONNX Runtime's intra-op pool."""
+        model_dir = Path(model_dir)
+        for name in (MODEL_FILE, TOKENIZER_FILE, META_FILE):
+            if not (model_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{model_dir / name} is missing: run `python -m edge.export DIR` first"
+                )
+        meta = EmbeddingMeta.read(model_dir)
+        return cls(
+            _session(model_dir / MODEL_FILE, threads), _tokenizer(model_dir / TOKENIZER_FILE, meta), meta
+        )
+
+    @property
+    def dimension(self) -> int:
+        """Length of each embedding vector."""
+        return self.meta.dimension
+
+    def embed(self, texts: list[str]) -> EmbedResult:
+        """Embed `texts` exactly as sentence-transformers would (mean pooling, then L2 norm)."""
+        if not texts:
+            return EmbedResult(np.zeros((0, self.dimension), np.float32), 0)
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        (hidden,) = self.session.run(["last_hidden_state"], feeds)
+        vectors = mean_pool(hidden, mask)
+        if self.meta.normalize:
+            vectors = l2_normalize(vectors)
+        return EmbedResult(vectors.astype(np.float32, copy=False), int(mask.sum()))
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Average the token vectors of each row over its real (unpadded) tokens."""
+    weights = mask[:, :, None].astype(hidden.dtype)
+    # The clamp mirrors sentence-transformers; it only matters for an all-padding row.
+    return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Scale each row to unit length (zero rows stay zero), as torch's F.normalize does."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.clip(norms, 1e-12, None)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with small, fixed thread pools: edge boxes share cores with other work."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings would break our one-JSON-per-line logs
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:
+    """The model's tokenizer, truncating at max_seq_length and padding to the batch's longest."""
+    tokenizer = Tokenizer.from_file(str(path))
+    # tokenizer.json ships with truncation at 128 and fixed padding to 128 (from the original
+    # training setup); sentence-transformers overrides both, so we must too.
+    tokenizer.enable_truncation(max_length=meta.max_seq_length)
+    pad = tokenizer.padding or {}
+    tokenizer.enable_padding(
+        pad_id=pad.get("pad_id", 0),
+        pad_type_id=pad.get("pad_type_id", 0),
+        pad_token=pad.get("pad_token", "[PAD]"),
+    )
+    return tokenizer
