@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
-import pytest  # noqa: E402
+import pytest
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

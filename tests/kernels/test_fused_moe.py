@@ -8,21 +8,25 @@ import pytest
 import torch
 
 from kernels import reference
+
 fm = importlib.import_module("kernels.fused_moe")
 
 # Small blocks keep the interpreter fast and make the edge cases (padding, several blocks per
 # expert, split-K, grouped ordering, ragged K) appear at small sizes.
 SMALL = {
     "BLOCK_M": 16,
-    "gate_up": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2),
-    "down": dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2),
+    "gate_up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
+    "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2},
 }
 
 
 def cfg(**over) -> dict:
     """SMALL with overrides applied to both kernels (BLOCK_M at the top)."""
-    c = {"BLOCK_M": over.pop("BLOCK_M", SMALL["BLOCK_M"]),
-         "gate_up": dict(SMALL["gate_up"]), "down": dict(SMALL["down"])}
+    c = {
+        "BLOCK_M": over.pop("BLOCK_M", SMALL["BLOCK_M"]),
+        "gate_up": dict(SMALL["gate_up"]),
+        "down": dict(SMALL["down"]),
+    }
     for k, v in over.items():
         for part in ("gate_up", "down"):
             if k != "SPLIT_K" or part == "down":
@@ -67,7 +71,8 @@ def check(x, w13, w2, w, ids, config, tol):
 
 
 @pytest.mark.parametrize("tk,e,bm", [(1, 4, 16), (37, 5, 16), (500, 64, 16), (700, 8, 32), (2000, 3, 64)])
-def test_align_is_a_padded_permutation(tk, e, bm, device):
+def test_align_is_a_padded_permutation(tk, e, bm, device, monkeypatch):
+    monkeypatch.setattr(fm, "ALIGN_CHUNK", 256)  # several chunks at the larger sizes
     ids = torch.randint(0, e, (tk,), dtype=torch.int32)
     if tk > 30:
         ids[: tk // 2] = e - 1  # a crowded expert and, for e=64, empty ones
@@ -77,6 +82,7 @@ def test_align_is_a_padded_permutation(tk, e, bm, device):
     n_used = int(used.sum())
     assert used[:n_used].all() and not used[n_used:].any()
     assert torch.equal(block_expert[:n_used], block_expert[:n_used].sort().values)
+    assert (block_expert[:n_used] < e).all()
     rows = sorted_ids[: n_used * bm].view(n_used, bm)
     real = rows < tk
     assert torch.equal(rows[real].sort().values, torch.arange(tk))  # every slot exactly once
@@ -128,8 +134,9 @@ def test_ragged_k_split_k_and_grouped_order(device):
     check(x, w13, w2, w, ids, cfg(SPLIT_K=3, GROUP_M=4), 1e-2)
 
 
-def test_many_slots_parallel_align(device):
-    """More slots than the one-program alignment takes: the three-launch path."""
+def test_many_slots_several_align_chunks(device, monkeypatch):
+    """Several chunks of slots in the alignment's count and scatter launches."""
+    monkeypatch.setattr(fm, "ALIGN_CHUNK", 128)
     x, w13, w2 = make_layer(80, 32, 32, 16, torch.bfloat16, device)
     w, ids = random_routing(80, 16, 8, device)
     check(x, w13, w2, w, ids, cfg(BLOCK_M=32), 1e-2)
@@ -150,8 +157,16 @@ def test_fp8_w8a8_block_scales(t, top_k, device):
     w2q, w2s = reference.quant_fp8_blocks(w2.float().cpu())
     w, ids = random_routing(t, e, top_k, device)
     c = cfg(BLOCK_K=128, BLOCK_N=64)
-    out = fm.fused_moe(x, w13q.to(device), w2q.to(device), w, ids,
-                       w13_scale=w13s.to(device), w2_scale=w2s.to(device), config=c)
+    out = fm.fused_moe(
+        x,
+        w13q.to(device),
+        w2q.to(device),
+        w,
+        ids,
+        w13_scale=w13s.to(device),
+        w2_scale=w2s.to(device),
+        config=c,
+    )
     ref = reference.fused_moe_fp8(x.cpu(), w13q, w2q, w.cpu(), ids.cpu(), w13s, w2s)
     # interpreter: bf16 truncation of the SwiGLU output moves some fp8 roundings by one step
     assert rel_err(out.cpu(), ref.float()) < (2e-2 if device == "cuda" else 3e-2)
@@ -167,6 +182,12 @@ def test_fp8_reference_quantization_roundtrip():
 
 def test_zero_tokens(device):
     x, w13, w2 = make_layer(0, 32, 32, 4, torch.bfloat16, device)
-    out = fm.fused_moe(x, w13, w2, torch.zeros(0, 2, device=device),
-                       torch.zeros(0, 2, dtype=torch.int32, device=device), config=SMALL)
+    out = fm.fused_moe(
+        x,
+        w13,
+        w2,
+        torch.zeros(0, 2, device=device),
+        torch.zeros(0, 2, dtype=torch.int32, device=device),
+        config=SMALL,
+    )
     assert out.shape == (0, 32)

@@ -10,7 +10,7 @@ import torch
 from kernels import reference
 
 # Triton's interpreter casts fp32 to bf16 by truncation, not to nearest: one ulp apart on CPU.
-EXACT = dict(rtol=0, atol=0) if torch.cuda.is_available() else dict(rtol=8e-3, atol=0)
+EXACT = {"rtol": 0, "atol": 0} if torch.cuda.is_available() else {"rtol": 8e-3, "atol": 0}
 
 rmsnorm = importlib.import_module("kernels.rmsnorm")
 
@@ -24,7 +24,7 @@ def test_rms_norm_matches_reference(dtype, h, with_residual, device):
     res = torch.randn(2, 3, h).to(dtype) if with_residual else None
     ref = reference.rms_norm(x, w, 1e-6, res)
     got = rmsnorm.rms_norm(x.to(device), w.to(device), 1e-6, res.to(device) if with_residual else None)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     if with_residual:
         torch.testing.assert_close(got[1].cpu(), ref[1], **EXACT)  # the sum rounds once
         ref, got = ref[0], got[0]

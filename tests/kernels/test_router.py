@@ -20,13 +20,22 @@ def by_id(weights, ids):
 
 
 CASES = {
-    "mixtral": dict(e=8, top_k=2, kw=dict(scoring="softmax")),
-    "qwen3": dict(e=32, top_k=8, kw=dict(scoring="softmax", norm_topk_prob=True)),
-    "v2lite": dict(e=64, top_k=6, kw=dict(scoring="softmax", norm_topk_prob=False)),
-    "v3": dict(e=64, top_k=8, kw=dict(scoring="sigmoid", n_group=8, topk_group=4,
-                                      routed_scaling_factor=2.5), bias=True),
-    "v3_top1": dict(e=16, top_k=1, kw=dict(scoring="sigmoid", n_group=4, topk_group=2), bias=True),
-    "odd_experts": dict(e=12, top_k=3, kw=dict(scoring="softmax")),
+    "mixtral": {"e": 8, "top_k": 2, "kw": {"scoring": "softmax"}},
+    "qwen3": {"e": 32, "top_k": 8, "kw": {"scoring": "softmax", "norm_topk_prob": True}},
+    "v2lite": {"e": 64, "top_k": 6, "kw": {"scoring": "softmax", "norm_topk_prob": False}},
+    "v3": {
+        "e": 64,
+        "top_k": 8,
+        "kw": {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5},
+        "bias": True,
+    },
+    "v3_top1": {
+        "e": 16,
+        "top_k": 1,
+        "kw": {"scoring": "sigmoid", "n_group": 4, "topk_group": 2},
+        "bias": True,
+    },
+    "odd_experts": {"e": 12, "top_k": 3, "kw": {"scoring": "softmax"}},
 }
 
 
@@ -47,18 +56,15 @@ def test_route_matches_reference(name, t, device):
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
 
 
-def test_dropped_groups_score_zero_like_hugging_face(device):
-    """Negative biased scores in kept groups lose to 0.0 in dropped ones, as in transformers."""
-    e, t = 16, 4
+def test_dropped_groups_never_win_over_negative_biased_scores(device):
+    """As transformers 5 routes: dropped groups score -inf, so negative biased scores in kept groups win."""
+    e, t = 16, 8
     logits = torch.randn(t, e)
-    bias = torch.full((e,), -2.0)
-    bias[:4] = 0.5  # group 0 wins; its 4 experts, then the 0.0 of dropped groups
-    ref_w, ref_ids = by_id(*reference.route(logits, 6, scoring="sigmoid", n_group=4, topk_group=1,
-                                            correction_bias=bias, norm_topk_prob=False))
-    w, ids = by_id(*[a.cpu() for a in router.route(logits.to(device), 6, scoring="sigmoid", n_group=4,
-                                                   topk_group=1, correction_bias=bias.to(device),
-                                                   norm_topk_prob=False)])
-    assert set(ids[0, :].tolist()) >= {0, 1, 2, 3}
-    # which 0.0-scored experts fill the last two places is a tie (so no renormalization here)
-    torch.testing.assert_close(w[:, :4], ref_w[:, :4], rtol=1e-5, atol=1e-6)
-    assert torch.equal(ids[:, :4], ref_ids[:, :4])
+    bias = torch.full((e,), -3.0)
+    bias[:8] = -1.5  # groups 0 and 1 win on their (negative) sums; every biased score is below 0
+    kw = dict(scoring="sigmoid", n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    ref_w, ref_ids = by_id(*reference.route(logits, 4, correction_bias=bias, **kw))
+    w, ids = by_id(*[a.cpu() for a in router.route(logits.to(device), 4, correction_bias=bias.to(device), **kw)])
+    assert ids.max() < 8 and ref_ids.max() < 8
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,601 @@
+"""Fused MoE experts in Triton: align and sort the routed (token, slot) pairs by expert, a grouped
+GEMM for the gate and up projections with SwiGLU fused in, and a grouped GEMM for the down
+projection that applies the top-k weight and sums into the output (fp32 atomics). bf16/fp16/fp32,
+and DeepSeek-V3's w8a8 fp8 with 128x128 weight block scales (activations quantized per token per
+128 columns inside the GEMMs). Reference: `kernels.reference.fused_moe` / `fused_moe_fp8`.
+
+Layout (as vLLM's fused MoE): slot s = token * top_k + j; `sorted_ids` lists the slots expert by
+expert, each expert's run padded to a multiple of BLOCK_M with the sentinel T*top_k;
+`block_expert[b]` is the expert of block b, -1 past the last block, so a grid sized from the
+shapes alone (capturable in a CUDA graph) can skip the blocks it does not need.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+FP8_MAX = 448.0
+FP8_EPS = 1e-10
+FP8_BLOCK = 128
+ALIGN_CHUNK = 1024
+TINY_MAX = 64  # up to this many slots, each GEMM program aligns its own rows (no align launch)
+
+
+# --------------------------------------------------------------------------------------------
+# Align: sort slots by expert, pad each expert's run to BLOCK_M.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _plan_blocks(
+    counts, sorted_ptr, block_expert_ptr, max_blocks, TK, BLOCK_M: tl.constexpr, BB: tl.constexpr
+):
+    """From per-expert counts: write block -> expert and the pad sentinels; return each
+    expert's first position in `sorted_ids`."""
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    block_start = block_end - blocks
+    total = tl.sum(blocks, axis=0)
+    for b0 in range(0, max_blocks, BB):
+        b = b0 + tl.arange(0, BB)
+        # the expert of block b is the number of experts whose blocks all end at or before b
+        e_of_b = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(b < total, e_of_b, -1), mask=b < max_blocks)
+    pad_pos = (block_start * BLOCK_M + counts)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    pad_mask = pad_pos < (block_end * BLOCK_M)[:, None]
+    tl.store(sorted_ptr + pad_pos, tl.zeros_like(pad_pos) + TK, mask=pad_mask)
+    return block_start * BLOCK_M
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, TK, E, CHUNK: tl.constexpr):
+    """Expert histogram of one chunk of slots, by atomics."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < TK, other=-1).to(tl.int32)
+    ok = (offs < TK) & (ids >= 0) & (ids < E)
+    tl.atomic_add(counts_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _align_plan_kernel(
+    counts_ptr,
+    cursor_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    TK,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BB: tl.constexpr,
+):
+    """Blocks and pads from the histogram; each expert's first free position into `cursor`."""
+    e = tl.arange(0, E_PAD)
+    base = _plan_blocks(tl.load(counts_ptr + e), sorted_ptr, block_expert_ptr, max_blocks, TK, BLOCK_M, BB)
+    tl.store(cursor_ptr + e, base)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, TK, E, CHUNK: tl.constexpr):
+    """Each slot takes the next free position of its expert (atomics): the order inside an
+    expert's run is arbitrary, which no row's result depends on."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < TK, other=-1).to(tl.int32)
+    ok = (offs < TK) & (ids >= 0) & (ids < E)
+    pos = tl.atomic_add(cursor_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=ok, sem="relaxed")
+    tl.store(sorted_ptr + pos, offs, mask=ok)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks]); sizes depend
+    on shapes only, so this is capturable in a CUDA graph. Four short launches (memset, count,
+    plan, scatter), parallel over the slots."""
+    ids = topk_ids.reshape(-1)
+    tk = ids.numel()
+    max_blocks = triton.cdiv(tk, block_m) + min(num_experts, tk)
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    counts = torch.zeros(2, e_pad, dtype=torch.int32, device=ids.device)  # histogram, cursor
+    grid = (triton.cdiv(tk, ALIGN_CHUNK),)
+    _align_count_kernel[grid](ids, counts[0], tk, num_experts, CHUNK=ALIGN_CHUNK)
+    _align_plan_kernel[(1,)](
+        counts[0],
+        counts[1],
+        sorted_ids,
+        block_expert,
+        tk,
+        max_blocks,
+        BLOCK_M=block_m,
+        E_PAD=e_pad,
+        BB=max(16, min(256, 8192 // e_pad)),
+        num_warps=4,
+    )
+    _align_scatter_kernel[grid](ids, counts[1], sorted_ids, tk, num_experts, CHUNK=ALIGN_CHUNK)
+    return sorted_ids, block_expert
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped GEMMs.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tiny_plan(ids_ptr, pid_m, TK, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TK_PAD: tl.constexpr):
+    """The alignment of a few slots (decode), recomputed by every GEMM program for its own row
+    block instead of by a separate launch: (expert or -1, slot per row or TK for pads)."""
+    s = tl.arange(0, TK_PAD)
+    ids = tl.load(ids_ptr + s, mask=s < TK, other=-1).to(tl.int32)
+    ids = tl.where(ids < E, ids, -1)
+    onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+    counts = tl.sum(onehot, axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    block_start = block_end - blocks
+    expert = tl.sum((block_end <= pid_m).to(tl.int32), axis=0)
+    expert = tl.where(pid_m < tl.sum(blocks, axis=0), expert, -1)
+    rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+    pos = tl.sum(onehot * block_start[None, :], axis=1) * BLOCK_M + rank
+    pos = tl.where(tl.sum(onehot, axis=1) > 0, pos, -1)
+    eq = pos[None, :] == (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    slot = tl.sum(tl.where(eq, s[None, :], 0), axis=1)
+    slot = tl.where(tl.sum(eq.to(tl.int32), axis=1) > 0, slot, TK)
+    return expert, slot
+
+
+@triton.jit
+def _block_rows(
+    ids_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    pid_m,
+    TK,
+    E,
+    BLOCK_M: tl.constexpr,
+    TINY: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TK_PAD: tl.constexpr,
+):
+    """(expert, slots) of row block pid_m: from the alignment's output, or computed (TINY)."""
+    if TINY:
+        expert, slot = _tiny_plan(ids_ptr, pid_m, TK, E, BLOCK_M, E_PAD, TK_PAD)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return expert, slot
+
+
+@triton.jit
+def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering (Triton matmul tutorial): GROUP_M blocks of rows share each weight tile
+    while it is still in L2."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b; UPCAST under Triton's interpreter, whose low-precision dot is wrong
+    (triton 3.9: bf16 operands give garbage)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _quant_rows(a, UPCAST: tl.constexpr):
+    """Per-row fp8 e4m3 quantization of one [BM, 128] activation tile: (fp8 tile, scales [BM]).
+    UPCAST (the interpreter, whose fp32->fp8 cast can be off by a binade) rounds in fp32 math
+    instead, to the same e4m3 grid, half away from zero rather than to even."""
+    a = a.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
+    v = a / scale[:, None]
+    if UPCAST:
+        mag = tl.abs(v)
+        # e4m3: 3 mantissa bits; below 2**-6 the subnormal spacing 2**-9 holds
+        step = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(mag, 1e-30))), -6.0) - 3.0)
+        q = tl.where(v < 0, -1.0, 1.0) * tl.floor(mag / step + 0.5) * step
+        return q, scale
+    return v.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    h_ptr,
+    zero_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    ids_ptr,
+    TK,
+    TOP_K,
+    E,
+    H,
+    I,
+    num_pid_m,
+    n_zero,
+    zero_per_prog,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FP8: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TINY: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TK_PAD: tl.constexpr,
+):
+    """h[p] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T) for sorted position p of expert e."""
+    pid = tl.program_id(0)
+    # Zero this program's share of the fp32 output the down kernel will atomically add into:
+    # saves a memset launch, and stream order puts it before the down kernel.
+    z0 = pid * zero_per_prog
+    for z in range(z0, tl.minimum(z0 + zero_per_prog, n_zero), ZERO_BLOCK):
+        zo = z + tl.arange(0, ZERO_BLOCK)
+        tl.store(zero_ptr + zo, tl.zeros([ZERO_BLOCK], tl.float32), mask=zo < n_zero)
+
+    pid_m, pid_n = _tile_ids(pid, num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert, slot = _block_rows(
+        ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
+    )
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = slot < TK
+    tok = tl.where(valid, slot // TOP_K, 0)  # pad rows read token 0 and are never stored
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % I  # wrap instead of masking the weight loads; the store masks
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    if FP8:
+        gs_ptrs = ws_ptr + expert * stride_se + (cols // BLOCK_K) * stride_sn
+        us_ptrs = ws_ptr + expert * stride_se + ((cols + I) // BLOCK_K) * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(tl.cdiv(H, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            aq, a_s = _quant_rows(a, UPCAST)
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_g += _dot(aq, g, zero, UPCAST) * (a_s[:, None] * tl.load(gs_ptrs + kb)[None, :])
+            acc_u += _dot(aq, u, zero, UPCAST) * (a_s[:, None] * tl.load(us_ptrs + kb)[None, :])
+        else:
+            acc_g = _dot(a, g, acc_g, UPCAST)
+            acc_u = _dot(a, u, acc_u, UPCAST)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < I))
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,
+    w_ptr,
+    ws_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    ids_ptr,
+    topk_w_ptr,
+    TK,
+    TOP_K,
+    E,
+    H,
+    I,
+    num_pid_m,
+    k_per_split,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FP8: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TINY: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TK_PAD: tl.constexpr,
+):
+    """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    expert, slot = _block_rows(
+        ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
+    )
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = slot < TK
+    slot = tl.where(valid, slot, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % H
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, I)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+    if FP8:
+        bs_ptrs = ws_ptr + expert * stride_se + (cols // BLOCK_K) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = tl.arange(0, BLOCK_K) < k_hi - k
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            aq, a_s = _quant_rows(a, UPCAST)
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc += _dot(aq, b, zero, UPCAST) * (a_s[:, None] * tl.load(bs_ptrs + k // BLOCK_K)[None, :])
+        else:
+            acc = _dot(a, b, acc, UPCAST)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc *= tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + (slot // TOP_K)[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.atomic_add(out_ptrs, acc, mask=valid[:, None] & (offs_n[None, :] < H), sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# Tuned launch configurations (data, per GPU and shape) and the launcher.
+# --------------------------------------------------------------------------------------------
+
+
+def config_file_name(num_experts: int, hidden: int, inter: int, dtype: str, device: str) -> str:
+    """JSON file name for one shape on one GPU, e.g. E64_H2048_I1408_bf16_NVIDIA_H100_80GB_HBM3.json."""
+    gpu = re.sub(r"[^A-Za-z0-9.-]+", "_", device)
+    return f"E{num_experts}_H{hidden}_I{inter}_{dtype}_{gpu}.json"
+
+
+def default_config(tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> dict:
+    """Heuristic configuration where no tuned file exists."""
+    rows = tokens * top_k / max(1, num_experts)  # mean rows per expert
+    bk = 128 if fp8 else 64
+    if rows <= 16:
+        bm, bn, warps, stages = 16, 64, 4, 4
+        bk = 128
+    elif rows <= 64:
+        bm, bn, warps, stages = 64, 64, 4, 4
+    else:
+        bm, bn, warps, stages = 64, 128, 8, 3
+    kernel = {
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "GROUP_M": 1 if rows <= 64 else 8,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+    return {"BLOCK_M": bm, "gate_up": dict(kernel), "down": dict(kernel, SPLIT_K=1)}
+
+
+@functools.cache
+def _tuned(name: str) -> dict[int, dict] | None:
+    """The tuned configurations of one JSON file, keyed by token count, or None."""
+    path = Path(os.environ.get("MERIDIAN_MOE_CONFIG_DIR", CONFIG_DIR)) / name
+    if not path.exists():
+        return None
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+def dtype_tag(x: torch.Tensor, fp8: bool) -> str:
+    """Short dtype name used in config file names."""
+    return "fp8_w8a8" if fp8 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "fp32")
+
+
+def get_config(x: torch.Tensor, w13: torch.Tensor, top_k: int, fp8: bool = False) -> dict:
+    """Tuned configuration for this shape on this GPU (nearest token count), else the default."""
+    tokens, hidden = x.shape
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    device = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    table = _tuned(config_file_name(num_experts, hidden, inter, dtype_tag(x, fp8), device))
+    if not table:
+        return default_config(tokens, top_k, num_experts, fp8)
+    return table[min(table, key=lambda t: abs(t - tokens))]
+
+
+def _interpreted() -> bool:
+    """True when kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Plan(NamedTuple):
+    """Where each row block's slots are: the alignment's output, or (tiny) the routed ids
+    themselves, aligned inside each GEMM program."""
+
+    sorted_ids: torch.Tensor | None
+    block_expert: torch.Tensor | None
+    topk_ids: torch.Tensor
+    num_experts: int
+    max_blocks: int
+
+    def kernel_args(self) -> tuple:
+        """Pointer arguments (sorted, block_expert, ids) for the GEMM kernels."""
+        ids = self.topk_ids
+        return (
+            ids if self.sorted_ids is None else self.sorted_ids,
+            ids if self.block_expert is None else self.block_expert,
+            ids,
+        )
+
+    def constexprs(self) -> dict:
+        """TINY, E_PAD, TK_PAD for the GEMM kernels."""
+        return {
+            "TINY": self.sorted_ids is None,
+            "E_PAD": triton.next_power_of_2(self.num_experts),
+            "TK_PAD": max(16, triton.next_power_of_2(self.topk_ids.numel())),
+        }
+
+
+def plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
+    """Align the slots by expert: inside the GEMMs for a few slots, else by `align_by_expert`."""
+    tk = topk_ids.numel()
+    max_blocks = triton.cdiv(tk, block_m) + min(num_experts, tk)
+    ids = topk_ids.reshape(-1)
+    if tk <= TINY_MAX:
+        return Plan(None, None, ids, num_experts, max_blocks)
+    sorted_ids, block_expert = align_by_expert(ids, num_experts, block_m)
+    return Plan(sorted_ids, block_expert, ids, num_experts, max_blocks)
+
+
+def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None):
+    """Launch the gate/up grouped GEMM with SwiGLU into h; also zeroes `out` (fp32)."""
+    fp8 = w13_scale is not None
+    hidden, inter, max_blocks = x.shape[1], h.shape[1], pl.max_blocks
+    cfg = dict(cfg)
+    bk = cfg.pop("BLOCK_K")
+    bk = FP8_BLOCK if fp8 else bk  # one scale per K step: the 128-column quantization group
+    ws = w13_scale if fp8 else w13  # any pointer when not fp8
+    grid = max_blocks * triton.cdiv(inter, cfg["BLOCK_N"])
+    zero_block = 1024
+    per_prog = triton.cdiv(triton.cdiv(out.numel(), grid), zero_block) * zero_block
+    _gate_up_kernel[(grid,)](
+        x,
+        w13,
+        ws,
+        h,
+        out,
+        *pl.kernel_args(),
+        x.shape[0] * top_k,
+        top_k,
+        pl.num_experts,
+        hidden,
+        inter,
+        max_blocks,
+        out.numel(),
+        per_prog,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        ws.stride(0) if fp8 else 0,
+        ws.stride(1) if fp8 else 0,
+        h.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_K=bk,
+        EVEN_K=hidden % bk == 0,
+        FP8=fp8,
+        ZERO_BLOCK=zero_block,
+        UPCAST=_interpreted(),
+        **pl.constexprs(),
+        **cfg,
+    )
+
+
+def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None):
+    """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics."""
+    fp8 = w2_scale is not None
+    hidden, inter, max_blocks = out.shape[1], h.shape[1], pl.max_blocks
+    cfg = dict(cfg)
+    bk = cfg.pop("BLOCK_K")
+    bk = FP8_BLOCK if fp8 else bk
+    split_k = cfg.pop("SPLIT_K", 1)
+    k_per_split = triton.cdiv(triton.cdiv(inter, bk), split_k) * bk
+    split_k = triton.cdiv(inter, k_per_split)
+    ws = w2_scale if fp8 else w2
+    grid = (max_blocks * triton.cdiv(hidden, cfg["BLOCK_N"]), split_k)
+    _down_kernel[grid](
+        h,
+        w2,
+        ws,
+        out,
+        *pl.kernel_args()[:2],
+        pl.topk_ids,
+        topk_weights,
+        out.shape[0] * top_k,
+        top_k,
+        pl.num_experts,
+        hidden,
+        inter,
+        max_blocks,
+        k_per_split,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        ws.stride(0) if fp8 else 0,
+        ws.stride(1) if fp8 else 0,
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_K=bk,
+        EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
+        FP8=fp8,
+        UPCAST=_interpreted(),
+        **pl.constexprs(),
+        **cfg,
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Routed experts with SwiGLU and the weighted top-k sum; see `reference.fused_moe`. With
+    `w13_scale`/`w2_scale` (fp32 [E, ceil(N/128), ceil(K/128)], DeepSeek-V3's
+    `weight_scale_inv`), w13/w2 are fp8 e4m3 and the result follows `reference.fused_moe_fp8`.
+    Four launches (align, gate/up, down, cast to x's dtype; three for at most TINY_MAX slots),
+    none of which syncs the host."""
+    fp8 = w13_scale is not None
+    tokens, hidden = x.shape
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    assert w13.shape == (num_experts, 2 * inter, hidden) and w2.shape == (num_experts, hidden, inter)
+    assert not fp8 or (w2_scale is not None and w13.dtype == torch.float8_e4m3fn)
+    if tokens == 0:
+        return x.new_zeros(0, hidden)
+    cfg = config or get_config(x, w13, top_k, fp8)
+    bm = cfg["BLOCK_M"]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+    pl = plan(topk_ids, num_experts, bm)
+    out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
+    h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
+    gate_up(x, w13, h, out, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None)
+    down(h, w2, out, pl, topk_weights, top_k, cfg["down"], bm, w2_scale.contiguous() if fp8 else None)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
