@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge.server import main as edge_main
 
         return edge_main(argv[1:])
+    if argv and argv[0] == "proxy":
+        from deploy.drills.proxy import main as proxy_main
+
+        return proxy_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -50,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="rebuild even when built")
     models.set_defaults(func=cmd_models)
 
+    drill = sub.add_parser("drill", help="failover drill: local stack behind fault proxies, load, one fault, a report")
+    drill.add_argument("scenarios", nargs="+", metavar="SCENARIO",
+                       help="kill-zone, blackhole-zone, slow-zone, restart-core, kill-redis, zone-returns")
+    drill.add_argument("--topology", help="topology YAML (default: deploy/local.yaml)")
+    drill.add_argument("--out", help="report folder (default: var/drills/<time>)")
+    drill.add_argument("--before", type=float, default=4.0, help="seconds of load before the fault")
+    drill.add_argument("--during", type=float, default=5.0, help="seconds the fault lasts")
+    drill.add_argument("--after", type=float, default=4.0, help="seconds of load after the fault")
+    drill.add_argument("--embed-rate", type=float, default=10.0, help="embeddings per second")
+    drill.add_argument("--complete-rate", type=float, default=1.0, help="completions per second")
+    drill.add_argument("--stream-rate", type=float, default=1.0, help="streamed completions per second")
+    drill.set_defaults(func=cmd_drill)
+
+    sub.add_parser("proxy", help="run a fault-injection proxy (see `meridian proxy --help`)")
     sub.add_parser("gateway", help="run the gateway process (see `meridian gateway --help`)")
     sub.add_parser("edge", help="run an edge worker process (see `meridian edge --help`)")
     return p
@@ -135,6 +153,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGKILL)
     print("stopped (killed after 60 s)")
     return 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    """Run failover drills and report."""
+    from deploy.drills.load import Rates
+    from deploy.drills.runner import Timing, main as drill_main
+
+    timing = Timing(args.before, args.during, args.after)
+    rates = Rates(args.embed_rate, args.complete_rate, args.stream_rate)
+    return drill_main(args.scenarios, args.out, timing, rates, args.topology)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -57,12 +57,29 @@ def _model_dir(settings: Settings, model: Model) -> Path:
 
 
 class LocalStack:
-    """The processes of one local deployment."""
+    """The processes of one local deployment.
 
-    def __init__(self, settings: Settings, topology: Topology) -> None:
+    With `fault_proxies`, a fault-injection proxy stands in front of each zone on the zone's
+    address + 1 (127.0.1.1 -> 127.0.1.2), and the gateway talks to the zones through them.
+    """
+
+    def __init__(self, settings: Settings, topology: Topology, *, fault_proxies: bool = False) -> None:
         self.settings = settings
         self.topology = topology
+        self.fault_proxies = fault_proxies
+        self.proxy_controls: dict[str, str] = {}
         self.children: list[Child] = []
+
+    def child(self, name: str) -> Child:
+        """The child process called `name` (e.g. "zone-a-core")."""
+        return next(c for c in self.children if c.name == name)
+
+    def gateway_topology(self) -> Topology:
+        """The topology the gateway sees: zones behind their proxies when there are proxies."""
+        if not self.fault_proxies:
+            return self.topology
+        zones = [replace(z, address=proxy_address(z.address)) for z in self.topology.zones]
+        return replace(self.topology, zones=zones)
 
     # -- plan ---------------------------------------------------------------------------------
 
@@ -72,15 +89,27 @@ class LocalStack:
         run = self.settings.run_dir
         run.mkdir(parents=True, exist_ok=True)
         topo_file = run / "topology.yaml"
-        topo_file.write_text(dump_topology(self.topology))
+        topo_file.write_text(dump_topology(self.gateway_topology()))
         children = [self._redis()]
         for zone in self.topology.zones:
             if zone.edge is not None:
                 children.append(self._edge(zone))
             if zone.core is not None:
                 children.append(self._core(zone))
+            if self.fault_proxies:
+                children.append(self._proxy(zone))
         children.append(self._gateway(topo_file))
         return children
+
+    def _proxy(self, zone: Zone) -> Child:
+        front = proxy_address(zone.address)
+        ports = [p for p in ((zone.edge and zone.edge.port), (zone.core and zone.core.grpc_port)) if p]
+        control = free_port()
+        self.proxy_controls[zone.name] = f"http://127.0.0.1:{control}"
+        argv = [sys.executable, "-m", "deploy.drills.proxy", "--control", f"127.0.0.1:{control}"]
+        for port in ports:
+            argv += ["--forward", f"tcp:{front}:{port}={zone.address}:{port}"]
+        return Child(f"{zone.name}-proxy", argv, self._log(f"{zone.name}-proxy"))
 
     def _check_artefacts(self) -> None:
         missing = [m for m in self.topology.models if not Path(m.path).is_dir()]
@@ -193,6 +222,19 @@ class LocalStack:
             f"  logs     {self.settings.log_dir}",
             f"  try: curl -s {self.http_url}/v1/models -H 'Authorization: Bearer {self.settings.api_key}'",
         ])
+
+
+def proxy_address(address: str) -> str:
+    """The loopback address of a zone's fault proxy: the zone's own, last octet + 1."""
+    head, _, last = address.rpartition(".")
+    return f"{head}.{int(last) + 1}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def redis_server_binary() -> str:

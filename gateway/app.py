@@ -185,7 +185,9 @@ class Gateway:
         if model.kind != "embedding":
             raise api.bad_request(f"model {model.name!r} does not produce embeddings", "model")
         texts = body.texts(MAX_EMBED_INPUTS)
-        got, cache_state = await self._cache_begin(principal, model, self.router.version(model), request.path, body, True)
+        got, cache_state = await self._cache_begin(
+            request, principal, model, self.router.version(model), body, True
+        )
         if isinstance(got, CachedAnswer):
             return self._embedding_response(body, model, got, "hit")
         try:
@@ -223,12 +225,13 @@ class Gateway:
         return Response.json({"object": "list", "data": data, "model": model.name, "usage": usage}, headers=headers)
 
     async def _cache_begin(
-        self, principal: Principal, model: Model, version: str, route: str, body, deterministic: bool
+        self, request: Request, principal: Principal, model: Model, version: str, body, deterministic: bool
     ) -> tuple[CachedAnswer | Lease | None, str]:
         """(hit, lease to fill, or None) and the x-meridian-cache value for a produced answer."""
-        if not (self.cache.enabled and deterministic):
+        control = request.headers.get("cache-control", "")
+        if not (self.cache.enabled and deterministic) or "no-cache" in control or "no-store" in control:
             return None, "bypass"
-        key = cache_key(principal.tenant, model.name, version, route, body)
+        key = cache_key(principal.tenant, model.name, version, request.path, body)
         got = await self.cache.begin(key)
         return got, "miss" if got is not None else "bypass"
 
@@ -289,7 +292,7 @@ class Gateway:
         meta = openai_format.Meta(id=f"{fmt.id_prefix}-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.name)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         got, cache_state = await self._cache_begin(
-            principal, model, call.model_version, request.path, body, cacheable(body.temperature, body.seed)
+            request, principal, model, call.model_version, body, cacheable(body.temperature, body.seed)
         )
         if isinstance(got, CachedAnswer):
             return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, "hit")

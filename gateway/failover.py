@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.upstreams import Endpoint, GenerateCall, GenerateChunk
 
 T = TypeVar("T")
+_WATCH_S = 0.05  # how often a waiting stream looks at its endpoint's health
 log = logging.getLogger("meridian.gateway.failover")
 
 
@@ -108,6 +109,9 @@ class Failover:
                         self.failed(endpoint, failure)
                         continue
                     endpoint.record_success()
+                    for slower in running.values():
+                        # Beaten by its own hedge: count it towards ejection, as a timeout.
+                        self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge", timeout=True))
                     return endpoint, result
                 if not running and queue and self.budget.try_spend():
                     self.metrics.retries.inc(queue[0].tier)
@@ -164,11 +168,8 @@ class ResumableStream:
             endpoint = self._queue.pop(0)
             call = self._call
             if self._tokens:
-                call = dataclasses.replace(
-                    call,
-                    prefix_token_ids=call.prefix_token_ids + tuple(self._tokens),
-                    max_tokens=None if call.max_tokens is None else call.max_tokens - len(self._tokens),
-                )
+                # The same request, resumed: max_tokens stays the whole budget, prefix included.
+                call = dataclasses.replace(call, prefix_token_ids=call.prefix_token_ids + tuple(self._tokens))
             stream = endpoint.upstream.generate(call, timeout=self._failover.stream_timeout_s)
             endpoint.in_flight += 1
             try:
@@ -190,12 +191,27 @@ class ResumableStream:
 
     @staticmethod
     async def _next(stream: AsyncIterator[GenerateChunk], timeout: float, endpoint: Endpoint) -> GenerateChunk:
+        """The next chunk; a stall, or the endpoint going down meanwhile, is a failure.
+
+        Watching the endpoint matters for a blackholed zone: the connection stays open and silent,
+        and the health checks notice well before any per-chunk timeout would.
+        """
+        pending = asyncio.ensure_future(anext(stream))
+        deadline = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(anext(stream), timeout)
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=min(_WATCH_S, max(0.0, deadline - time.monotonic())))
+                if done:
+                    return pending.result()
+                if not endpoint.available():
+                    raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} went down mid-stream", timeout=True)
+                if time.monotonic() >= deadline:
+                    raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True)
         except StopAsyncIteration:
             raise UpstreamFailure("stream ended without a finish reason") from None
-        except asyncio.TimeoutError:
-            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True) from None
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""

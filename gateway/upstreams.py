@@ -125,8 +125,6 @@ class Endpoint:
             self.rtt.observe(rtt_s, now)
             if now >= self.ejected_until and self.ejections and now - self.ejected_until > self._config.max_ejection_s:
                 self.ejections = 0  # well for a long while: forget past ejections
-        else:
-            self.rtt.observe(self._config.probe_timeout_s, now)
 
 
 class PeakEwma:

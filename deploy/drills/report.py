@@ -1,0 +1,142 @@
+"""A drill's numbers from its samples: failures, latency before/during/after, recovery, shifts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from deploy.drills.load import Sample
+
+WINDOW_S = 0.5
+STEP_S = 0.1
+
+
+@dataclass
+class DrillReport:
+    scenario: str
+    fault_at: float  # seconds since the load began
+    fault_end: float
+    client_failures: int
+    requests: int
+    recovery_seconds: float
+    p50_ms_before: float
+    p99_ms_before: float
+    p50_ms_during: float
+    p99_ms_during: float
+    p50_ms_after: float
+    p99_ms_after: float
+    retries: float
+    streams: int
+    streams_resumed: float
+    streams_token_identical: bool
+    streams_compared: int
+    shift_seconds: float | None = None  # slow-zone: until the nearest zone lost its traffic
+    return_seconds: float | None = None  # zone-returns: until the zone got traffic back
+    bound_seconds: float = 1.0
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def to_text(self) -> str:
+        """A short human summary."""
+        lines = [
+            f"drill {self.scenario}: {'PASSED' if self.passed else 'FAILED'}",
+            f"  requests {self.requests}, client failures {self.client_failures}",
+            f"  recovery {self.recovery_seconds:.2f}s (bound {self.bound_seconds:.1f}s)",
+            f"  p50/p99 ms  before {self.p50_ms_before:.0f}/{self.p99_ms_before:.0f}"
+            f"  during {self.p50_ms_during:.0f}/{self.p99_ms_during:.0f}"
+            f"  after {self.p50_ms_after:.0f}/{self.p99_ms_after:.0f}",
+            f"  retries {self.retries:.0f}, streams {self.streams}, resumed {self.streams_resumed:.0f}, "
+            f"token-identical {self.streams_token_identical} ({self.streams_compared} compared)",
+        ]
+        if self.shift_seconds is not None:
+            lines.append(f"  traffic left the zone in {self.shift_seconds:.2f}s")
+        if self.return_seconds is not None:
+            lines.append(f"  traffic came back to the zone in {self.return_seconds:.2f}s")
+        lines += [f"  ! {f}" for f in self.failures[:10]]
+        return "\n".join(lines)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+def baselines(samples: list[Sample], fault_at: float) -> dict[str, float]:
+    """Each kind's p99 latency over the requests that finished before the fault."""
+    out = {}
+    for kind in {s.kind for s in samples}:
+        before = [s.latency for s in samples if s.kind == kind and s.ok and s.started + s.latency < fault_at]
+        out[kind] = percentile(before, 99) or 1.0
+    return out
+
+
+def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, float]) -> float:
+    """Time from the fault to the end of the last window whose p99 is over 2x baseline (or that failed).
+
+    Latencies are taken relative to each kind's baseline p99, so embeddings and streams count alike.
+    """
+    # Requests in flight when the fault hit count from the fault's moment.
+    after = [(max(s.started, fault_at), s) for s in samples if s.started + s.latency >= fault_at]
+    if not after:
+        return 0.0
+    end = max(t for t, _ in after)
+    last_bad = fault_at
+    t = fault_at
+    while t <= end:
+        window = [s for at, s in after if t <= at < t + WINDOW_S]
+        ratios = [s.latency / base.get(s.kind, 1.0) for s in window if s.ok]
+        if any(not s.ok for s in window) or (ratios and percentile(ratios, 99) > 2.0):
+            last_bad = min(t + WINDOW_S, end)
+        t += STEP_S
+    return max(0.0, last_bad - fault_at)
+
+
+def first_time(samples: list[Sample], since: float, predicate, window: int = 5) -> float | None:
+    """Seconds after `since` until `window` consecutive answers satisfy `predicate`."""
+    ordered = sorted((s for s in samples if s.started >= since and s.ok and s.kind != "stream"), key=lambda s: s.started)
+    run = 0
+    for i, s in enumerate(ordered):
+        run = run + 1 if predicate(s) else 0
+        if run >= window:
+            return ordered[i - window + 1].started - since
+    return None
+
+
+def phase(samples: list[Sample], start: float, end: float) -> list[float]:
+    """Latencies (ms) of the requests that started in [start, end) or were in flight at `start`."""
+    return [s.latency * 1000 for s in samples
+            if s.ok and s.started < end and (s.started >= start or s.started + s.latency >= start > 0)]
+
+
+def plot(samples: list[Sample], report: DrillReport, path: Path) -> None:
+    """Latency over time, one colour per kind, failures in red, the fault shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.axvspan(report.fault_at, report.fault_end, color="orange", alpha=0.15, label="fault")
+    for kind, colour in (("embed", "tab:blue"), ("complete", "tab:green"), ("stream", "tab:purple")):
+        pts = [(s.started, s.latency * 1000) for s in samples if s.kind == kind and s.ok]
+        if pts:
+            ax.scatter(*zip(*pts), s=6, color=colour, label=kind)
+    bad = [(s.started, max(s.latency * 1000, 1)) for s in samples if not s.ok]
+    if bad:
+        ax.scatter(*zip(*bad), s=30, color="red", marker="x", label="failed")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds since the load began")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"drill {report.scenario}: recovery {report.recovery_seconds:.2f}s, failures {report.client_failures}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

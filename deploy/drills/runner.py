@@ -1,0 +1,254 @@
+"""`meridian drill`: a local multi-zone stack behind fault proxies, steady load, one fault, a report.
+
+Several scenarios share one stack; each leaves it healthy again for the next. Every scenario
+writes `<name>.json`, `<name>.txt` and `<name>.png`; the command's last line is the path of the
+JSON report (of the summary when several scenarios ran).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import yaml
+
+from deploy.drills import report as rpt
+from deploy.drills.load import LoadGenerator, Rates, Sample, stream_text
+from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
+from deploy.launcher import LocalStack, free_port, resolve_topology
+from deploy.settings import Settings
+from gateway.config import parse_topology
+
+
+@dataclass(frozen=True)
+class Timing:
+    before_s: float = 4.0
+    during_s: float = 5.0
+    after_s: float = 4.0
+
+
+def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
+    """A private copy of the local topology: its own loopback addresses and free ports."""
+    from deploy.settings import DEFAULT_TOPOLOGY
+
+    raw = yaml.safe_load((topology_path or DEFAULT_TOPOLOGY).read_text())
+    raw["gateway"]["http1"]["port"] = free_port()
+    raw["gateway"]["http3"]["port"] = _free_udp_port()
+    raw["gateway"]["https"] = {"host": "127.0.0.1", "port": 0}
+    raw["redis"]["port"] = free_port()
+    for i, zone in enumerate(raw["zones"]):
+        zone["address"] = f"127.0.{51 + 2 * i}.1"
+    var_dir.mkdir(parents=True, exist_ok=True)
+    path = var_dir / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    parse_topology(raw)  # fail early on a bad file
+    return Settings.resolve(topology=str(path), var_dir=str(var_dir))
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rates,
+                     topology_path: Path | None = None) -> list[rpt.DrillReport]:
+    """Start the stack, run each scenario in turn, stop the stack."""
+    settings = drill_settings(out_dir / "stack", topology_path)
+    topology = resolve_topology(settings)
+    stack = LocalStack(settings, topology, fault_proxies=True)
+    print(f"starting a drill stack ({len(topology.zones)} zones behind fault proxies) ...", flush=True)
+    await asyncio.to_thread(stack.start, 240.0, lambda m: print(m, flush=True))
+    core_model = next(m.name for m in topology.models if m.tier == "core")
+    reports = []
+    try:
+        await warm_up(stack.http_url, settings.api_key, core_model, [r.name for r in topology.regions])
+        for name in names:
+            scenario = SCENARIOS[name]
+            ctx = Context(stack, topology.zones[0].name)
+            report = await run_one(ctx, scenario, timing, rates, core_model, settings.api_key, out_dir)
+            print(report.to_text(), flush=True)
+            reports.append(report)
+            await scenario.restore(ctx)
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return reports
+
+
+async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates, core_model: str,
+                  api_key: str, out_dir: Path) -> rpt.DrillReport:
+    """One scenario under load; writes its report files."""
+    stack = ctx.stack
+    print(f"drill {scenario.name}: setting up", flush=True)
+    await scenario.setup(ctx)
+    during = scenario.during_s or timing.during_s
+    load = LoadGenerator(stack.http_url, api_key, core_model, rates)
+    metrics_before = await scrape(stack.http_url)
+    load.begin()
+    task = asyncio.create_task(load.run(timing.before_s + during + timing.after_s))
+    await _until(load, timing.before_s)
+    # Strike while a stream is mid-flight, so that resumption is part of every drill.
+    give_up = load.now() + 2.0
+    while load.streams_in_flight() == 0 and load.now() < give_up:
+        await asyncio.sleep(0.005)
+    fault_at = load.now()
+    print(f"drill {scenario.name}: fault at {fault_at:.1f}s", flush=True)
+    await scenario.inject(ctx)
+    await _until(load, timing.before_s + during)
+    fault_end = load.now()
+    await scenario.clear(ctx)
+    samples = await task
+    metrics_after = await scrape(stack.http_url)
+    if scenario.name != "kill-zone":  # the killed zone stays down until restore()
+        await wait_ready(stack, timeout=180)
+    identical, compared = await check_streams(stack.http_url, api_key, samples)
+    report = summarise(scenario, ctx.zone, samples, fault_at, fault_end, metrics_before, metrics_after,
+                       identical, compared)
+    if scenario.measure == "return":
+        report.return_seconds = _return_seconds(ctx, load, samples)
+        _judge(report, scenario)
+    write(report, samples, out_dir)
+    return report
+
+
+async def _until(load: LoadGenerator, t: float) -> None:
+    while load.now() < t:
+        await asyncio.sleep(0.02)
+
+
+def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: float, fault_end: float,
+              before: dict, after: dict, identical: bool, compared: int) -> rpt.DrillReport:
+    """The report's numbers from the samples and the gateway's counters."""
+    base = rpt.baselines(samples, fault_at)
+    end = max((s.started for s in samples), default=fault_end) + 1
+    failures = [s for s in samples if not s.ok]
+    r = rpt.DrillReport(
+        scenario=scenario.name,
+        fault_at=round(fault_at, 3),
+        fault_end=round(fault_end, 3),
+        client_failures=len(failures),
+        requests=len(samples),
+        recovery_seconds=round(rpt.recovery_seconds(samples, fault_at, base), 3),
+        p50_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 50),
+        p99_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 99),
+        p50_ms_during=rpt.percentile(rpt.phase(samples, fault_at, fault_end), 50),
+        p99_ms_during=rpt.percentile(rpt.phase(samples, fault_at, fault_end), 99),
+        p50_ms_after=rpt.percentile(rpt.phase(samples, fault_end, end), 50),
+        p99_ms_after=rpt.percentile(rpt.phase(samples, fault_end, end), 99),
+        retries=_delta(before, after, "meridian_retries_total"),
+        streams=sum(1 for s in samples if s.kind == "stream"),
+        streams_resumed=_delta(before, after, "meridian_streams_resumed_total"),
+        streams_token_identical=identical,
+        streams_compared=compared,
+        bound_seconds=scenario.bound_s,
+        failures=[f"{s.kind} at {s.started:.2f}s: {s.status} {s.error}" for s in failures],
+    )
+    if scenario.measure == "shift":
+        r.shift_seconds = rpt.first_time(samples, fault_at, lambda s: bool(s.zone) and s.zone != zone)
+    _judge(r, scenario)
+    return r
+
+
+def _judge(r: rpt.DrillReport, scenario: Scenario) -> None:
+    checks = [r.client_failures == 0, r.streams_token_identical]
+    if scenario.measure == "recovery":
+        checks.append(r.recovery_seconds <= scenario.bound_s)
+    elif scenario.measure == "shift":
+        checks.append(r.shift_seconds is not None and r.shift_seconds <= scenario.bound_s)
+    else:
+        checks.append(r.return_seconds is not None and r.return_seconds <= scenario.bound_s)
+    r.passed = all(checks)
+
+
+def _return_seconds(ctx: Context, load: LoadGenerator, samples: list[Sample]) -> float | None:
+    if ctx.returned_at is None:
+        return None
+    since = ctx.returned_at - load._t0
+    return rpt.first_time(samples, since, lambda s: s.zone == ctx.zone, window=1)
+
+
+async def warm_up(base_url: str, api_key: str, core_model: str, regions: list[str]) -> None:
+    """A few requests of each kind into every region's zone: a zone's first answers are slow
+    (lazy initialisation), and that must not count as the fault's doing."""
+    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json", "cache-control": "no-cache"}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for region in regions:
+            for i in range(3):
+                for sample in (
+                    Sample("embed", 0.0, body={"model": "all-minilm-l6-v2", "input": [f"warm {i}"]}),
+                    Sample("stream", 0.0, body={"model": core_model, "prompt": f"warm {i}", "max_tokens": 8,
+                                                "temperature": 0.5, "seed": i, "stream": True}),
+                ):
+                    if sample.kind == "embed":
+                        async with session.post(base_url + "/v1/embeddings", data=json.dumps(sample.body),
+                                                headers={"x-meridian-region": region}) as r:
+                            await r.read()
+                    else:
+                        await stream_text(session, base_url, sample, headers={"x-meridian-region": region})
+
+
+async def check_streams(base_url: str, api_key: str, samples: list[Sample]) -> tuple[bool, int]:
+    """Each stream against an undisturbed run of the same request (same seed, cache bypassed)."""
+    streams = [s for s in samples if s.kind == "stream" and s.ok]
+    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json", "cache-control": "no-cache"}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for s in streams:
+            ref = Sample("stream", 0.0, body=s.body)
+            await stream_text(session, base_url, ref)
+            if not ref.ok or ref.text != s.text:
+                return False, len(streams)
+    return True, len(streams)
+
+
+async def scrape(base_url: str) -> dict[str, float]:
+    """Sum of each counter family of the gateway's /metrics."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base_url + "/metrics") as r:
+            text = await r.text()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if m:
+            totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    return totals
+
+
+def _delta(before: dict, after: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def write(report: rpt.DrillReport, samples: list[Sample], out_dir: Path) -> Path:
+    """<scenario>.json, .txt, .png and the raw samples."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{report.scenario}.json"
+    path.write_text(report.to_json())
+    (out_dir / f"{report.scenario}.txt").write_text(report.to_text() + "\n")
+    (out_dir / f"{report.scenario}.samples.json").write_bytes(msgspec.json.encode(samples))
+    rpt.plot(samples, report, out_dir / f"{report.scenario}.png")
+    return path
+
+
+def main(names: list[str], out: str | None, timing: Timing, rates: Rates, topology: str | None) -> int:
+    """Run the drills; exit 1 when any failed a client request or missed its bound."""
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"error: unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)}")
+        return 2
+    out_dir = Path(out or f"var/drills/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    reports = asyncio.run(run_drills(names, out_dir, timing, rates, Path(topology) if topology else None))
+    if len(reports) == 1:
+        path = out_dir / f"{reports[0].scenario}.json"
+    else:
+        path = out_dir / "summary.json"
+        path.write_text(json.dumps({"passed": all(r.passed for r in reports),
+                                    "drills": [json.loads(r.to_json()) for r in reports]}, indent=2))
+    print(path)
+    return 0 if all(r.passed for r in reports) else 1

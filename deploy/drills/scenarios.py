@@ -1,0 +1,189 @@
+"""The faults a drill injects into a running local stack, and how each is undone.
+
+Faults hit the zone nearest to the load (the first zone of the topology, `zone-a` locally):
+that is the one carrying the traffic, so its loss is what a client would feel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass
+
+from deploy.drills.faults import Fault
+from deploy.drills.proxy import set_fault
+from deploy.launcher import LocalStack, http_get
+
+
+@dataclass
+class Context:
+    stack: LocalStack
+    zone: str
+    returned_at: float | None = None  # monotonic time the zone answered its health checks again
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    bound_s: float
+    # "recovery": p99 back within 2x baseline; "shift": traffic leaves the zone;
+    # "return": traffic comes back to the zone after it returns.
+    measure: str = "recovery"
+    needs_zone_down_first: bool = False
+    during_s: float | None = None  # overrides the drill's default fault duration
+
+    async def setup(self, ctx: Context) -> None:
+        if self.needs_zone_down_first:
+            await kill_zone(ctx)
+            await wait_gateway_sees(ctx, healthy=False)
+
+    async def inject(self, ctx: Context) -> None:
+        await _ACTIONS[self.name][0](ctx)
+
+    async def clear(self, ctx: Context) -> None:
+        await _ACTIONS[self.name][1](ctx)
+
+    async def restore(self, ctx: Context) -> None:
+        """Bring every part back so the next scenario starts from a healthy stack."""
+        await set_zone_fault(ctx, Fault())
+        for child in ctx.stack.children:
+            if not child.alive():
+                child.start()
+        await wait_ready(ctx.stack, timeout=180)
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+
+async def set_zone_fault(ctx: Context, fault: Fault) -> None:
+    url = ctx.stack.proxy_controls.get(ctx.zone)
+    if url:
+        await asyncio.to_thread(set_fault, url, fault)
+
+
+async def kill_zone(ctx: Context) -> None:
+    for part in ("edge", "core"):
+        child = ctx.stack.child(f"{ctx.zone}-{part}")
+        if child.alive():
+            child.proc.send_signal(signal.SIGKILL)
+            child.proc.wait(10)
+
+
+async def restart_zone(ctx: Context) -> None:
+    for part in ("edge", "core"):
+        child = ctx.stack.child(f"{ctx.zone}-{part}")
+        if not child.alive():
+            child.start()
+    asyncio.get_running_loop().create_task(_note_return(ctx))
+
+
+async def _note_return(ctx: Context) -> None:
+    ctx.returned_at = await wait_zone_answers(ctx)
+
+
+async def restart_core(ctx: Context) -> None:
+    child = ctx.stack.child(f"{ctx.zone}-core")
+    child.stop(timeout=10)
+    child.start()
+
+
+async def kill_redis(ctx: Context) -> None:
+    child = ctx.stack.child("redis")
+    child.proc.send_signal(signal.SIGKILL)
+    child.proc.wait(10)
+
+
+async def start_redis(ctx: Context) -> None:
+    child = ctx.stack.child("redis")
+    if not child.alive():
+        child.start()
+
+
+async def nothing(ctx: Context) -> None:
+    return None
+
+
+def _fault(fault: Fault):
+    async def apply(ctx: Context) -> None:
+        await set_zone_fault(ctx, fault)
+
+    return apply
+
+
+_ACTIONS = {
+    "kill-zone": (kill_zone, nothing),
+    "blackhole-zone": (_fault(Fault(blackhole=True)), _fault(Fault())),
+    "slow-zone": (_fault(Fault(latency_ms=300)), _fault(Fault())),
+    "restart-core": (restart_core, nothing),
+    "kill-redis": (kill_redis, start_redis),
+    "zone-returns": (restart_zone, nothing),
+}
+
+SCENARIOS = {
+    "kill-zone": Scenario("kill-zone", bound_s=1.0),
+    "blackhole-zone": Scenario("blackhole-zone", bound_s=1.0),
+    "slow-zone": Scenario("slow-zone", bound_s=2.0, measure="shift"),
+    "restart-core": Scenario("restart-core", bound_s=1.0, during_s=25.0),
+    "kill-redis": Scenario("kill-redis", bound_s=1.0),
+    "zone-returns": Scenario("zone-returns", bound_s=5.0, measure="return", needs_zone_down_first=True, during_s=40.0),
+}
+
+
+# -- waiting ------------------------------------------------------------------------------------
+
+
+async def wait_ready(stack: LocalStack, timeout: float) -> None:
+    """Until the gateway's /readyz is 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _ = await asyncio.to_thread(http_get, f"{stack.http_url}/readyz")
+        if status == 200:
+            return
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"the stack was not ready again within {timeout:.0f}s")
+
+
+async def wait_gateway_sees(ctx: Context, *, healthy: bool, timeout: float = 30) -> None:
+    """Until the gateway's readiness report shows the zone (both tiers) as `healthy`."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body = await asyncio.to_thread(http_get, f"{ctx.stack.http_url}/readyz")
+        try:
+            tiers = json.loads(body)["zones"][ctx.zone]
+        except (ValueError, KeyError):
+            tiers = {}
+        if tiers and all(v == healthy for v in tiers.values()):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gateway did not see {ctx.zone} {'up' if healthy else 'down'} in {timeout}s")
+
+
+async def wait_zone_answers(ctx: Context, timeout: float = 180) -> float:
+    """Until the zone's edge and core answer health checks directly (not through the gateway)."""
+    from grpclib.client import Channel
+    from grpclib.health.v1.health_grpc import HealthStub
+    from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+    zone = next(z for z in ctx.stack.topology.zones if z.name == ctx.zone)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        edge_ok = core_ok = False
+        if zone.edge:
+            channel = Channel(zone.address, zone.edge.port)
+            try:
+                reply = await HealthStub(channel).Check(HealthCheckRequest(), timeout=0.5)
+                edge_ok = reply.status == HealthCheckResponse.SERVING
+            except Exception:  # noqa: BLE001 - not up yet
+                edge_ok = False
+            finally:
+                channel.close()
+        if zone.core:
+            status, _ = await asyncio.to_thread(http_get, f"http://{zone.address}:{zone.core.http_port}/v2/health/ready", 0.5)
+            core_ok = status == 200
+        if edge_ok and core_ok:
+            return time.monotonic()
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{ctx.zone} did not come back within {timeout}s")

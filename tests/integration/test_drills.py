@@ -1,0 +1,53 @@
+"""Short regional failover drills, run for real: a stack behind fault proxies, load, faults."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import meridian
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def drills(tmp_path_factory) -> tuple[int, list[str], Path]:
+    out = tmp_path_factory.mktemp("drills")
+    # One stack, three faults on the nearest zone; kill-zone last (nothing to restart after it).
+    result = meridian("drill", "blackhole-zone", "slow-zone", "kill-zone", "--out", str(out),
+                      "--before", "3", "--during", "4", "--after", "3", timeout=900)
+    sys.stdout.write(result.stdout[-4000:])
+    return result.returncode, result.stdout.strip().splitlines(), out
+
+
+def test_drills_pass_and_print_the_report_path_last(drills):
+    code, lines, out = drills
+    assert code == 0, "\n".join(lines[-40:])
+    assert Path(lines[-1]) == out / "summary.json"
+
+
+@pytest.mark.parametrize("scenario", ["blackhole-zone", "slow-zone", "kill-zone"])
+def test_each_report(drills, scenario):
+    _, _, out = drills
+    report = json.loads((out / f"{scenario}.json").read_text())
+    for key in ("client_failures", "recovery_seconds", "p99_ms_before", "p99_ms_during", "p99_ms_after",
+                "retries", "streams_resumed", "streams_token_identical"):
+        assert key in report
+    assert report["client_failures"] == 0, report["failures"]
+    assert report["streams_token_identical"] is True
+    assert report["streams_compared"] > 0
+    if scenario == "slow-zone":
+        assert report["shift_seconds"] is not None and report["shift_seconds"] <= 2.0
+    else:
+        assert report["recovery_seconds"] <= 1.0
+    assert (out / f"{scenario}.png").stat().st_size > 10_000
+    assert (out / f"{scenario}.txt").read_text().startswith(f"drill {scenario}")
+
+
+def test_kill_zone_resumed_a_stream(drills):
+    _, _, out = drills
+    report = json.loads((out / "kill-zone.json").read_text())
+    assert report["streams_resumed"] >= 1
