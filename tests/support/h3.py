@@ -52,6 +52,8 @@ class _Client(QuicConnectionProtocol):
         self._streams[stream_id] = queue
         h = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
              (b":path", path.encode())] + [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        if body:
+            h.append((b"content-length", str(len(body)).encode()))
         self.http.send_headers(stream_id, h, end_stream=not body)
         if body:
             self.http.send_data(stream_id, body, end_stream=True)

@@ -1,0 +1,89 @@
+"""HTTP/3 first, HTTP/1.1 over TLS when UDP is blocked; the choice is remembered per server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import mobile
+from mobile.racing import ProtocolMemory
+from tests.mobile.fake_gateway import client_kwargs, running
+
+
+async def test_udp_blocked_falls_back_to_h1_within_one_handshake_timeout(tmp_path):
+    async with running(tmp_path) as gw:
+        gw.udp_enabled = False  # every datagram dropped: a firewall that blocks UDP
+        url = f"https://127.0.0.1:{gw.https_port}"
+        timeouts = mobile.Timeouts(handshake_s=1.0)
+        async with mobile.Client(url, **client_kwargs(gw, tmp_path, timeouts=timeouts)) as c:
+            start = time.perf_counter()
+            answer = await c.completions.create(model="m", prompt="hi")
+            elapsed = time.perf_counter() - start
+            assert answer.meta.protocol == "http/1.1" and answer.text == "hello"
+            assert elapsed < timeouts.handshake_s
+            await asyncio.sleep(1.0)  # the QUIC attempt has timed out by now: remembered
+            assert c.transport.memory.use_h1(c.transport.h3.server)
+            start = time.perf_counter()
+            listed = await c.models.list()
+            assert listed.meta.protocol == "http/1.1"
+            assert time.perf_counter() - start < 0.2  # straight to HTTP/1.1, no new race
+    assert all(s.protocol == "http/1.1" for s in gw.seen)
+
+
+async def test_quic_preferred_when_both_work(tmp_path):
+    async with running(tmp_path) as gw:
+        url = f"https://127.0.0.1:{gw.https_port}"
+        async with mobile.Client(url, **client_kwargs(gw, tmp_path)) as c:
+            answers = [await c.completions.create(model="m", prompt="hi") for _ in range(3)]
+    assert [a.meta.protocol for a in answers] == ["h3"] * 3
+    assert not c.transport.memory.use_h1(c.transport.h3.server)
+
+
+async def test_http1_only_and_plain_http_urls(tmp_path):
+    async with running(tmp_path) as gw:
+        url = f"https://127.0.0.1:{gw.https_port}"
+        async with mobile.Client(url, **client_kwargs(gw, tmp_path, http3=False)) as c:
+            stream = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+            assert [ch.text async for ch in stream] == ["hel", "lo"]
+            # keep-alive: the next request reuses the connection
+            await c.models.list()
+            assert c.transport.h1.handshakes == 1
+
+
+def test_protocol_memory_expires():
+    now = [0.0]
+    memory = ProtocolMemory(ttl_s=10, clock=lambda: now[0])
+    memory.quic_failed("gw:443")
+    assert memory.use_h1("gw:443") and not memory.use_h1("other:443")
+    now[0] = 10.0
+    assert not memory.use_h1("gw:443")  # try QUIC again: the network may have changed
+    memory.quic_failed("gw:443")
+    memory.quic_worked("gw:443")
+    assert not memory.use_h1("gw:443")
+
+
+async def test_nothing_reachable_is_a_connect_error(tmp_path):
+    async with running(tmp_path) as gw:
+        gw.udp_enabled = False
+        url = f"https://127.0.0.1:{gw.https_port}"
+        port = gw.https_port
+    # both listeners closed now
+    kw = client_kwargs(gw, tmp_path, timeouts=mobile.Timeouts(handshake_s=0.5),
+                       retry=mobile.RetryPolicy(max_attempts=2, base_delay_s=0.01))
+    async with mobile.Client(f"https://127.0.0.1:{port}", **kw) as c:
+        with pytest.raises(mobile.ConnectError):
+            await c.models.list()
+    assert url
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(mobile.ConfigError, match="base_url"):
+        mobile.Client("ftp://x")
+    with pytest.raises(mobile.ConfigError, match="prefer_local"):
+        mobile.Client("https://x", prefer_local=True)
+    with pytest.raises(mobile.ConfigError, match="not both"):
+        mobile.Client("https://x", api_key="a", token_provider=lambda r: "b")
+    with pytest.raises(mobile.ConfigError, match="no protocol"):
+        mobile.Client("http://x", http1=False)

@@ -1,0 +1,99 @@
+"""Offline mode: the on-device model answers when the gateway cannot be reached, marked local."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+import mobile
+from mobile.offline import EdgeLocalModel, chat_prompt
+
+
+class TinyModel:
+    """A stand-in for the edge's ONNX small LM: echoes words of the prompt."""
+
+    name = "tiny-local"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None,
+                 stop: Sequence[str]) -> Iterator[str]:
+        self.prompts.append(prompt)
+        for word in ["local", " answer", " here"][:max_tokens]:
+            if word.strip() in stop:
+                return
+            yield word
+
+
+def _dead_url() -> str:
+    """An https URL where nothing listens (TCP refused, UDP dropped)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"https://127.0.0.1:{port}"
+
+
+def _client(model, **kw) -> mobile.Client:
+    return mobile.Client(_dead_url(), api_key="k", local_model=model, migration_check_s=None,
+                         timeouts=mobile.Timeouts(handshake_s=0.3),
+                         retry=mobile.RetryPolicy(max_attempts=2, base_delay_s=0.01), **kw)
+
+
+async def test_unreachable_gateway_answers_from_local_model():
+    model = TinyModel()
+    async with _client(model) as c:
+        answer = await c.completions.create(model="meridian-moe-mini", prompt="hi", max_tokens=2)
+        chat = await c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hey"}])
+        stream = await c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hey"}], stream=True)
+        chunks = [ch async for ch in stream]
+    assert answer.text == "local answer" and answer.meta.local and answer.meta.protocol == "local"
+    assert answer.choices[0].finish_reason == "length"
+    assert chat.text == "local answer here" and chat.meta.local and chat.model == "tiny-local"
+    assert stream.meta.local and all(ch.meta.local for ch in chunks)
+    assert "".join(ch.text for ch in chunks) == "local answer here"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+    assert model.prompts[1] == "user: hey\nassistant:"
+
+
+async def test_prefer_local_skips_the_network():
+    model = TinyModel()
+    c = mobile.Client("https://gateway.invalid", api_key="k", local_model=model, prefer_local=True,
+                      migration_check_s=None)
+    answer = await c.completions.create(model="m", prompt="hi", stop=["here"])
+    assert answer.meta.local and answer.text == "local answer"
+    await c.aclose()
+
+
+async def test_without_local_model_the_network_error_surfaces():
+    c = mobile.Client(_dead_url(), api_key="k", migration_check_s=None, timeouts=mobile.Timeouts(handshake_s=0.3),
+                      retry=mobile.RetryPolicy(max_attempts=1))
+    with pytest.raises(mobile.ConnectError):
+        await c.completions.create(model="m", prompt="hi")
+    await c.aclose()
+
+
+async def test_edge_adapter_reports_a_missing_runtime_clearly(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_generation(name, *args, **kwargs):
+        if name == "edge.runtime.generation":
+            raise ImportError("No module named 'edge.runtime.generation'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_generation)
+    monkeypatch.setattr("importlib.import_module", lambda name: no_generation(name))
+    async with _client(EdgeLocalModel(tmp_path)) as c:
+        with pytest.raises(mobile.OfflineUnavailable, match="edge runtime"):
+            await c.completions.create(model="m", prompt="hi")
+    assert isinstance(EdgeLocalModel(tmp_path), mobile.LocalModel)
+    with pytest.raises(mobile.OfflineUnavailable, match="no local model"):
+        list(EdgeLocalModel(tmp_path / "absent").generate("x", 1, 0.0, None, []))
+
+
+def test_chat_prompt_refuses_bad_messages():
+    with pytest.raises(mobile.ConfigError):
+        chat_prompt([{"role": "user"}])
