@@ -56,17 +56,32 @@ class Child:
         """Whether the process is still running."""
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout` seconds."""
-        if not self.alive():
+    def signal_group(self, sig: int) -> None:
+        """Signal the child's whole process group: its own children (Triton's python stubs) too."""
+        if self.proc is None:
             return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once, as a crashed machine would go."""
+        self.signal_group(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds; leftovers of its group are killed too."""
+        if self.proc is None:
+            return
+        if self.alive():
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
 
     def log_tail(self, lines: int = 25) -> str:
         """The last lines of the child's log, for error reports."""
@@ -81,7 +96,7 @@ def stop_all(children: list[Child], timeout: float = 10.0) -> None:
     """Stop children in the given order, signalling all first so they drain in parallel."""
     for child in children:
         if child.alive():
-            child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            child.signal_group(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for child in children:
         if child.proc is None:
@@ -89,8 +104,8 @@ def stop_all(children: list[Child], timeout: float = 10.0) -> None:
         try:
             child.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait(5)
+            pass
+        child.kill()
 
 
 def pid_alive(pid: int) -> bool:

@@ -189,7 +189,7 @@ class Gateway:
             request, principal, model, self.router.version(model), body, True
         )
         if isinstance(got, CachedAnswer):
-            return self._embedding_response(body, model, got, "hit")
+            return _stored_response(got, "hit")
         try:
             endpoints = self.router.rank(model.tier, self.router.client_region(request))
             timeout = self.topology.routing.try_timeout_s
@@ -200,29 +200,21 @@ class Gateway:
                 lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent),
                 hedge=True,
             )
-            dims = len(result.vectors[0]) if result.vectors else 0
+            vectors = np.asarray(result.vectors, dtype="<f4")
+            dims = vectors.shape[1] if vectors.ndim == 2 else 0
             if body.dimensions is not None and body.dimensions != dims:
                 raise api.bad_request(f"model {model.name!r} has {dims} dimensions", "dimensions")
+            # The answer is stored as the bytes sent: a hit costs no re-encoding of the vectors.
             answer = CachedAnswer(
-                "embed", endpoint.zone, endpoint.tier, prompt_tokens=result.prompt_tokens, dims=dims,
-                vectors=np.asarray(result.vectors, dtype="<f4").tobytes(),
+                "embed", endpoint.zone, endpoint.tier, prompt_tokens=result.prompt_tokens,
+                body=_embedding_body(body, model, vectors, result.prompt_tokens),
             )
             if got is not None:
                 await got.store(answer)
         finally:
             if got is not None:
                 await got.release()
-        return self._embedding_response(body, model, answer, cache_state)
-
-    def _embedding_response(self, body: api.EmbeddingRequest, model: Model, answer: CachedAnswer, cache: str) -> Response:
-        vectors = np.frombuffer(answer.vectors, dtype="<f4").reshape(-1, answer.dims or 1)
-        data = [
-            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens}
-        headers = {"x-meridian-zone": answer.zone, "x-meridian-tier": answer.tier, "x-meridian-cache": cache}
-        return Response.json({"object": "list", "data": data, "model": model.name, "usage": usage}, headers=headers)
+        return _stored_response(answer, cache_state)
 
     async def _cache_begin(
         self, request: Request, principal: Principal, model: Model, version: str, body, deterministic: bool
@@ -399,6 +391,21 @@ async def _sse(
 
 def _event(data: object) -> bytes:
     return b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _embedding_body(body: api.EmbeddingRequest, model: Model, vectors: np.ndarray, tokens: int) -> bytes:
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return msgspec.json.encode({"object": "list", "data": data, "model": model.name, "usage": usage})
+
+
+def _stored_response(answer: CachedAnswer, cache: str) -> Response:
+    headers = {"content-type": "application/json", "x-meridian-zone": answer.zone, "x-meridian-tier": answer.tier,
+               "x-meridian-cache": cache}
+    return Response(200, headers, answer.body)
 
 
 def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:

@@ -26,7 +26,7 @@ _POLL_S = 0.005
 
 
 class CachedAnswer(msgspec.Struct, array_like=True):
-    """What is stored: the text deltas (or vectors) and the counts, enough to answer again."""
+    """What is stored: a generation's text deltas and counts, or an embedding answer's bytes."""
 
     kind: str  # "generate" | "embed"
     zone: str
@@ -35,8 +35,7 @@ class CachedAnswer(msgspec.Struct, array_like=True):
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    vectors: bytes = b""  # float32 little-endian, row-major
-    dims: int = 0
+    body: bytes = b""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -85,6 +84,7 @@ class L2Cache:
         self._link = link
         self._config = config
         self._local: dict[str, Lease] = {}
+        self._unlock = link.client.script(_UNLOCK) if link is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -139,7 +139,7 @@ class L2Cache:
         lock = _lock_key(key)
         while time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
-            raw, locked = await self._link.run(lambda r: _get_and_exists(r, key, lock))
+            raw, locked = await self._link.run(lambda r: r.get_and_exists(key, lock))
             if raw is not None:
                 try:
                     return _decoder.decode(raw)
@@ -163,7 +163,7 @@ class L2Cache:
         """Drop the lock (only if still ours) and wake local followers."""
         self._finish_local(lease)
         try:
-            await self._link.run(lambda r: r.eval(_UNLOCK, 1, _lock_key(lease.key), lease.token))
+            await self._link.run(lambda r: self._unlock(keys=[_lock_key(lease.key)], args=[lease.token]))
         except RedisDown:
             pass
 
@@ -180,10 +180,3 @@ _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del'
 def _lock_key(key: str) -> str:
     return key + ":lock"
 
-
-async def _get_and_exists(r, key: str, lock: str):
-    async with r.pipeline(transaction=False) as p:
-        p.get(key)
-        p.exists(lock)
-        raw, locked = await p.execute()
-    return raw, bool(locked)

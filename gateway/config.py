@@ -53,7 +53,6 @@ class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     db: int = 0
     # Loopback Redis answers in well under a millisecond; anything slower is treated as down.
     timeout_s: float = 0.25
-    max_connections: int = 64
 
     @property
     def url(self) -> str:

@@ -88,7 +88,7 @@ class RateLimiter:
         self._metrics = metrics
         self._local: dict[str, Bucket] = {}
         # EVALSHA with a reload on NOSCRIPT: the script text crosses the wire once.
-        self._script = link.client.register_script(_SCRIPT) if link is not None else None
+        self._script = link.client.script(_SCRIPT) if link is not None else None
 
     def limited(self, tenant: str) -> bool:
         """Whether this tenant has any limit at all (most calls then skip Redis entirely)."""

@@ -11,10 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from gateway.config import RedisConfig
+from gateway.resp import RespClient, RespConnectionError, RespError
 
 T = TypeVar("T")
 log = logging.getLogger("meridian.gateway.redis")
@@ -28,15 +26,7 @@ class RedisLink:
     """A Redis client that fails fast and probes again after a pause."""
 
     def __init__(self, config: RedisConfig, *, retry_after: float = 1.0) -> None:
-        self.client = aioredis.Redis(
-            host=config.host,
-            port=config.port,
-            db=config.db,
-            socket_timeout=config.timeout_s,
-            socket_connect_timeout=config.timeout_s,
-            max_connections=config.max_connections,
-            retry_on_timeout=False,
-        )
+        self.client = RespClient(config.host, config.port, config.db, timeout=config.timeout_s)
         self._retry_after = retry_after
         self._open_until = 0.0
 
@@ -45,13 +35,13 @@ class RedisLink:
         """False while the breaker is open."""
         return time.monotonic() >= self._open_until
 
-    async def run(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    async def run(self, op: Callable[[RespClient], Awaitable[T]]) -> T:
         """Run `op` against Redis; RedisDown when it cannot."""
         if not self.available:
             raise RedisDown("redis unavailable")
         try:
             return await op(self.client)
-        except (RedisError, OSError) as exc:
+        except (RespConnectionError, RespError, OSError) as exc:
             if self.available:
                 log.warning("redis unreachable; bypassing", extra={"error": str(exc)})
             self._open_until = time.monotonic() + self._retry_after

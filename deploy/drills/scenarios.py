@@ -7,7 +7,6 @@ that is the one carrying the traffic, so its loss is what a client would feel.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from dataclasses import dataclass
 
@@ -64,10 +63,7 @@ async def set_zone_fault(ctx: Context, fault: Fault) -> None:
 
 async def kill_zone(ctx: Context) -> None:
     for part in ("edge", "core"):
-        child = ctx.stack.child(f"{ctx.zone}-{part}")
-        if child.alive():
-            child.proc.send_signal(signal.SIGKILL)
-            child.proc.wait(10)
+        ctx.stack.child(f"{ctx.zone}-{part}").kill()
 
 
 async def restart_zone(ctx: Context) -> None:
@@ -89,9 +85,7 @@ async def restart_core(ctx: Context) -> None:
 
 
 async def kill_redis(ctx: Context) -> None:
-    child = ctx.stack.child("redis")
-    child.proc.send_signal(signal.SIGKILL)
-    child.proc.wait(10)
+    ctx.stack.child("redis").kill()
 
 
 async def start_redis(ctx: Context) -> None:
