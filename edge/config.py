@@ -19,6 +19,11 @@ class EdgeConfig:
     threads: int = 1  # ONNX Runtime intra-op threads per session
     workers: int = 1  # inference threads: requests running at once, off the event loop
     max_batch_inputs: int = 256  # inputs in one Embed request
+    max_batch: int = 32  # dynamic batching: inputs run together in one model call (1: one request at a time)
+    max_queue_delay_ms: float = 2.0  # how long the first queued input waits for company
+    l1_cache_entries: int = 4096  # edge-local cache of embeddings by (model, input); 0 turns it off
+    int8: bool = False  # serve the int8 weights of every model (exports carry both)
+    max_prompt_chars: int = 32_768  # characters in one Generate prompt
     max_input_chars: int = 32_768  # characters in one input (the model reads 256 tokens anyway)
     drain_timeout_s: float = 15.0  # how long SIGTERM waits for in-flight requests
     log_level: str = "warning"
@@ -33,9 +38,13 @@ class EdgeConfig:
         for name in self.models:
             if not name or "=" in name:
                 raise ValueError(f"invalid model name {name!r}")
-        for setting in ("threads", "workers", "max_batch_inputs", "max_input_chars"):
+        for setting in ("threads", "workers", "max_batch_inputs", "max_input_chars", "max_batch", "max_prompt_chars"):
             if getattr(self, setting) < 1:
                 raise ValueError(f"{setting} must be at least 1, got {getattr(self, setting)}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.l1_cache_entries < 0:
+            raise ValueError(f"l1_cache_entries must be >= 0, got {self.l1_cache_entries}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.log_level not in LOG_LEVELS:

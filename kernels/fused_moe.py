@@ -29,6 +29,10 @@ FP8_EPS = 1e-10
 FP8_BLOCK = 128
 ALIGN_CHUNK = 1024
 TINY_MAX = 64  # up to this many slots, each GEMM program aligns its own rows (no align launch)
+# Up to this many tokens the down kernel's last program per column tile writes the cast output
+# (no cast launch); above it, one program's pass over a column of all tokens would be a long tail.
+FUSED_CAST_MAX_TOKENS = 1024
+CAST_TILE = 8192  # elements per step of that pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,19 +317,24 @@ def _down_kernel(
     block_expert_ptr,
     ids_ptr,
     topk_w_ptr,
+    cnt_ptr,
+    final_ptr,
     TK,
     TOP_K,
     E,
     H,
     I,
+    T,
     num_pid_m,
     k_per_split,
+    n_contrib,
     stride_hm,
     stride_we,
     stride_wn,
     stride_se,
     stride_sn,
     stride_om,
+    stride_fm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -336,18 +345,74 @@ def _down_kernel(
     TINY: tl.constexpr,
     E_PAD: tl.constexpr,
     TK_PAD: tl.constexpr,
+    FUSED_CAST: tl.constexpr,
+    CAST_M: tl.constexpr,
 ):
-    """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics."""
+    """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics.
+    FUSED_CAST: the last of the `n_contrib` programs of a column tile (every program counts,
+    idle ones too) writes that tile's final values, cast, to `final` (no cast launch)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert, slot = _block_rows(
         ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
     )
-    if expert < 0:
-        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if expert >= 0:
+        _down_tile(
+            h_ptr, w_ptr, ws_ptr, out_ptr, topk_w_ptr, expert, slot, pid_m, offs_n, TK, TOP_K, H, I,
+            k_per_split, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FP8, UPCAST,
+        )
+    if FUSED_CAST:
+        # Split-K semaphore pattern: the barrier orders every thread's atomics before the
+        # counter's release; the counter's acquire orders the read-back after all of them.
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == n_contrib - 1:
+            tl.debug_barrier()
+            n_ok = offs_n < H
+            for t0 in range(0, T, CAST_M):
+                rows = t0 + tl.arange(0, CAST_M)
+                m = (rows < T)[:, None] & n_ok[None, :]
+                r64 = rows[:, None].to(tl.int64)
+                # .cg: from L2, where the atomics landed, never a stale L1 line
+                v = tl.load(out_ptr + r64 * stride_om + offs_n[None, :], mask=m, cache_modifier=".cg")
+                tl.store(final_ptr + r64 * stride_fm + offs_n[None, :], v.to(final_ptr.dtype.element_ty), mask=m)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # ready for the next call
+
+
+@triton.jit
+def _down_tile(
+    h_ptr,
+    w_ptr,
+    ws_ptr,
+    out_ptr,
+    topk_w_ptr,
+    expert,
+    slot,
+    pid_m,
+    offs_n,
+    TK,
+    TOP_K,
+    H,
+    I,
+    k_per_split,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FP8: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One (row block, column tile, K range) of the down GEMM, added into out by atomics."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = slot < TK
     slot = tl.where(valid, slot, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n % H
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, I)
@@ -460,11 +525,13 @@ class Plan(NamedTuple):
         )
 
     def constexprs(self) -> dict:
-        """TINY, E_PAD, TK_PAD for the GEMM kernels."""
+        """TINY, E_PAD, TK_PAD for the GEMM kernels (the pads only matter when TINY: fixed
+        otherwise, so one compiled kernel serves every shape and token count)."""
+        tiny = self.sorted_ids is None
         return {
-            "TINY": self.sorted_ids is None,
-            "E_PAD": triton.next_power_of_2(self.num_experts),
-            "TK_PAD": max(16, triton.next_power_of_2(self.topk_ids.numel())),
+            "TINY": tiny,
+            "E_PAD": triton.next_power_of_2(self.num_experts) if tiny else 16,
+            "TK_PAD": max(16, triton.next_power_of_2(self.topk_ids.numel())) if tiny else 16,
         }
 
 
@@ -522,8 +589,18 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None):
     )
 
 
-def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None):
-    """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics."""
+def workspace(tokens: int, hidden: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 sums [tokens, hidden], int32 counters [column tiles at the smallest BLOCK_N]) in
+    one buffer, so the gate/up kernel's zeroing pass clears both (0.0 and 0 share their bits)."""
+    n_cnt = triton.cdiv(hidden, 16)
+    buf = torch.empty(tokens * hidden + n_cnt, dtype=torch.float32, device=device)
+    return buf, buf[tokens * hidden :].view(torch.int32)
+
+
+def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None, final=None, counters=None):
+    """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics. With `final`
+    (and `counters`, zeroed, one per column tile), the last program of each column tile also
+    writes its columns of `final` (out cast to final's dtype)."""
     fp8 = w2_scale is not None
     hidden, inter, max_blocks = out.shape[1], h.shape[1], pl.max_blocks
     cfg = dict(cfg)
@@ -533,7 +610,12 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None)
     k_per_split = triton.cdiv(triton.cdiv(inter, bk), split_k) * bk
     split_k = triton.cdiv(inter, k_per_split)
     ws = w2_scale if fp8 else w2
-    grid = (max_blocks * triton.cdiv(hidden, cfg["BLOCK_N"]), split_k)
+    n_tiles = triton.cdiv(hidden, cfg["BLOCK_N"])
+    grid = (max_blocks * n_tiles, split_k)
+    fused = final is not None
+    assert not fused or (counters is not None and counters.numel() >= n_tiles)
+    tokens = out.shape[0]
+    cast_m = min(max(16, CAST_TILE // cfg["BLOCK_N"]), max(16, triton.next_power_of_2(tokens)))
     _down_kernel[grid](
         h,
         w2,
@@ -542,19 +624,26 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None)
         *pl.kernel_args()[:2],
         pl.topk_ids,
         topk_weights,
-        out.shape[0] * top_k,
+        counters if fused else out,
+        final if fused else out,
+        tokens * top_k,
         top_k,
         pl.num_experts,
         hidden,
         inter,
+        tokens,
         max_blocks,
         k_per_split,
+        max_blocks * split_k,
         h.stride(0),
         w2.stride(0),
         w2.stride(1),
         ws.stride(0) if fp8 else 0,
         ws.stride(1) if fp8 else 0,
         out.stride(0),
+        final.stride(0) if fused else 0,
+        FUSED_CAST=fused,
+        CAST_M=cast_m,
         BLOCK_M=block_m,
         BLOCK_K=bk,
         EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
@@ -575,27 +664,47 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts with SwiGLU and the weighted top-k sum; see `reference.fused_moe`. With
     `w13_scale`/`w2_scale` (fp32 [E, ceil(N/128), ceil(K/128)], DeepSeek-V3's
     `weight_scale_inv`), w13/w2 are fp8 e4m3 and the result follows `reference.fused_moe_fp8`.
-    Four launches (align, gate/up, down, cast to x's dtype; three for at most TINY_MAX slots),
-    none of which syncs the host."""
+    `out` (optional, [T, H] in x's dtype, contiguous rows) receives the result.
+    Launches: the alignment (none for at most TINY_MAX slots), gate/up, down, and a cast to x's
+    dtype only above FUSED_CAST_MAX_TOKENS tokens (below, the down kernel writes the cast
+    output itself); none syncs the host."""
     fp8 = w13_scale is not None
     tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     assert w13.shape == (num_experts, 2 * inter, hidden) and w2.shape == (num_experts, hidden, inter)
     assert not fp8 or (w2_scale is not None and w13.dtype == torch.float8_e4m3fn)
+    if out is not None:
+        assert out.shape == (tokens, hidden) and out.dtype == x.dtype and out.stride(1) == 1
     if tokens == 0:
-        return x.new_zeros(0, hidden)
+        return x.new_zeros(0, hidden) if out is None else out
     cfg = config or get_config(x, w13, top_k, fp8)
     bm = cfg["BLOCK_M"]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
     pl = plan(topk_ids, num_experts, bm)
-    out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
+    buf, counters = workspace(tokens, hidden, x.device)
+    acc, zero = buf[: tokens * hidden].view(tokens, hidden), buf
+    if x.dtype == torch.float32 and out is not None:
+        acc = zero = out  # the fp32 sums are the result itself
     h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
-    gate_up(x, w13, h, out, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None)
-    down(h, w2, out, pl, topk_weights, top_k, cfg["down"], bm, w2_scale.contiguous() if fp8 else None)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    # gate/up zeroes the fp32 sums and the counters (`zero`) before down adds into them
+    gate_up(x, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None)
+    fused = x.dtype != torch.float32 and tokens <= FUSED_CAST_MAX_TOKENS
+    final = None
+    if fused:
+        final = out if out is not None else torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    down(h, w2, acc, pl, topk_weights, top_k, cfg["down"], bm, w2_scale.contiguous() if fp8 else None,
+         final=final, counters=counters if fused else None)
+    if fused:
+        return final
+    if x.dtype == torch.float32:
+        return acc
+    if out is not None:
+        return out.copy_(acc)
+    return acc.to(x.dtype)

@@ -1,6 +1,9 @@
-"""The engine: one thread that prefills joining requests and decodes the running batch step by step.
+"""The engine: one thread that admits requests, prefills their prompts in chunks and decodes the
+running batch, one token per sequence per step.
 
-The model family is hidden behind `model(tokens, start, cache, slots, last_only)` and
+Each step runs at most one prefill chunk (up to `prefill_chunk` prompt tokens over the joining
+sequences) and one decode step, so a long prompt never stalls the streams already running. The model
+family is hidden behind `model(tokens, start, cache, slots, last_only, lengths)` and
 `model.cache_layout()`; requests come in through `submit` and leave through their `on_event` handler,
 which is called on the engine thread.
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.engine.kv_cache import SlotKVCache
+from core.engine.kv_cache import PagedKVCache
 from core.engine.request import GenerationEvent, GenerationRequest
 from core.engine.sampler import SamplingParams, sample
 from core.engine.scheduler import EventHandler, Scheduler, Sequence
@@ -41,13 +44,32 @@ class GenerationResult:
 class Engine:
     """Continuous-batching generation over one model on one device."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 8, max_seq_len: int = 2048) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_seq_len: int = 2048,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
+    ) -> None:
+        """`kv_cache_bytes`: the KV cache's memory budget (default: room for max_batch full-length
+        sequences); requests wait in the queue until their blocks fit in it."""
         self.model, self.tokenizer = model, tokenizer
         weight = next(model.parameters())
         self.device = weight.device
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
-        self.cache = SlotKVCache(model.cache_layout(), max_batch, self.max_seq_len, weight.dtype, self.device)
+        self.prefill_chunk = prefill_chunk
+        layout, table_len = model.cache_layout(), self.max_seq_len + prefill_chunk  # room for chunk padding
+        if kv_cache_bytes is None:
+            blocks = max_batch * -(-self.max_seq_len // block_size)
+            self.cache = PagedKVCache(layout, blocks, block_size, max_batch, table_len, weight.dtype, self.device)
+        else:
+            self.cache = PagedKVCache.from_budget(layout, kv_cache_bytes, block_size, max_batch, table_len,
+                                                  weight.dtype, self.device)
         self.scheduler = Scheduler(max_batch)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meridian-engine", daemon=True)
@@ -93,6 +115,18 @@ class Engine:
         with self.scheduler.lock:
             return len(self.scheduler.by_id)
 
+    @property
+    def free_blocks(self) -> int:
+        """KV cache blocks held by no request."""
+        return self.cache.free_blocks
+
+    def stats(self) -> dict[str, int]:
+        """Queue and cache occupancy, for metrics."""
+        s = self.scheduler
+        with s.lock:
+            counts = dict(waiting=len(s.waiting), prefilling=len(s.prefilling), running=len(s.running))
+        return counts | dict(free_blocks=self.cache.free_blocks, total_blocks=self.cache.num_blocks)
+
     # --- checks -----------------------------------------------------------------------------
 
     def _validate(self, r: GenerationRequest) -> None:
@@ -115,6 +149,12 @@ class Engine:
         total = len(r.prompt_ids) + len(r.prefix_token_ids)
         if total >= self.max_seq_len:
             raise ValueError(f"prompt of {total} tokens leaves no room in the context of {self.max_seq_len}")
+        if len(r.prompt_ids) + r.max_tokens > self.max_seq_len:
+            raise ValueError(f"max_tokens {r.max_tokens} exceeds the context: a prompt of {len(r.prompt_ids)} tokens "
+                             f"leaves room for at most {self.max_seq_len - len(r.prompt_ids)} in {self.max_seq_len}")
+        blocks = self.cache.blocks_for(len(r.prompt_ids) + r.max_tokens)
+        if blocks > self.cache.num_blocks:
+            raise ValueError(f"the request needs {blocks} KV cache blocks; the cache has {self.cache.num_blocks}")
 
     # --- engine thread ----------------------------------------------------------------------
 
@@ -124,26 +164,25 @@ class Engine:
                 self.scheduler.wait_for_work(0.05)
                 for seq in self.scheduler.take_cancelled():
                     self._end(seq, "cancelled", "")
-                for seq in self.scheduler.admit(self.cache.free_slots):
-                    try:
-                        self._prefill(seq)
-                    except Exception as exc:  # a bad request must not stop the others
-                        log.exception("prefill failed for %s", seq.request.request_id)
-                        self._end(seq, "error", "", error=f"prefill failed: {exc}")
-                running = list(self.scheduler.running)
-                if running:
-                    try:
-                        self._decode(running)
-                    except Exception as exc:
-                        log.exception("decode step failed")
-                        for seq in running:
-                            self._end(seq, "error", "", error=f"decode failed: {exc}")
+                while seq := self.scheduler.admit(lambda s: self.cache.can_allocate(s.max_length)):
+                    self._step("join", lambda batch: self._join(batch[0]), [seq])
+                self._step("prefill", self._prefill, list(self.scheduler.prefilling))
+                self._step("decode", self._decode, list(self.scheduler.running))
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Run the prompt (and any resumed prefix) and sample the first new token."""
-        if seq.cancelled:
-            self._end(seq, "cancelled", "")
+    def _step(self, name: str, run, batch: list[Sequence]) -> None:
+        """Run one batched step; its failure ends the sequences in it, never the engine."""
+        if not batch:
             return
+        try:
+            run(batch)
+        except Exception as exc:
+            log.exception("%s step failed", name)
+            for seq in batch:
+                if seq.slot >= 0 or name == "join":  # not ended already within the step
+                    self._end(seq, "error", "", error=f"{name} failed: {exc}")
+
+    def _join(self, seq: Sequence) -> None:
+        """An admitted request replays any resumed prefix, takes its cache blocks and awaits prefill."""
         r = seq.request
         for token in r.prefix_token_ids:  # replay, so held-back text and stops are as in the first run
             seq.text.push(token)
@@ -154,13 +193,35 @@ class Engine:
         if len(seq.completion) >= r.max_tokens:
             self._end(seq, "length", seq.text.finish())
             return
-        seq.slot = self.cache.allocate()
-        ids = torch.tensor([r.prompt_ids + r.prefix_token_ids], dtype=torch.long, device=self.device)
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
-        slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)
-        logits = self.model(ids, zero, self.cache, slots, last_only=True)[0, -1]
-        self.scheduler.start(seq)
-        self._accept(seq, sample(logits.float().cpu(), seq.sampling, len(seq.completion)))
+        seq.slot = self.cache.allocate(seq.max_length)
+        seq.feed = r.prompt_ids + r.prefix_token_ids
+        self.scheduler.start_prefill(seq)
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        """Up to `prefill_chunk` prompt tokens, over the joining sequences in order, in one forward;
+        a sequence whose prompt is complete samples its first token and joins the decode batch."""
+        rows, budget = [], self.prefill_chunk
+        for seq in joining:
+            take = min(len(seq.feed) - seq.fed, budget)
+            if take <= 0:
+                break
+            rows.append((seq, take))
+            budget -= take
+        width = max(take for _, take in rows)
+        dev = self.device
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (seq, take) in enumerate(rows):
+            tokens[i, :take] = torch.tensor(seq.feed[seq.fed : seq.fed + take])
+        start = torch.tensor([seq.fed for seq, _ in rows], dtype=torch.long, device=dev)
+        slots = torch.tensor([seq.slot for seq, _ in rows], dtype=torch.long, device=dev)
+        lengths = torch.tensor([take for _, take in rows], dtype=torch.long, device=dev)
+        logits = self.model(tokens.to(dev), start, self.cache, slots, last_only=True, lengths=lengths)
+        logits = logits[:, -1].float().cpu()
+        for (seq, take), row in zip(rows, logits):
+            seq.fed += take
+            if seq.fed == len(seq.feed):
+                self.scheduler.start_decode(seq)
+                self._accept(seq, sample(row, seq.sampling, len(seq.completion)))
 
     def _decode(self, batch: list[Sequence]) -> None:
         """One token for every running sequence."""

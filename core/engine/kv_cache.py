@@ -1,15 +1,19 @@
 """The KV cache behind the small interface the models use: `update(layer, slots, start, new)`.
 
 Each request owns a slot between joining and leaving the batch, so continuous batching only hands
-the model a different list of slots each step. This dense per-slot store is the simple first
-implementation; a paged one can replace it behind the same interface.
+the model a different list of slots each step. `PagedKVCache` is what the engine runs: a fixed pool
+of blocks sized from a memory budget, each slot a row of block ids. `SlotKVCache` is the dense
+reference it is tested against.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
+
+Layout = list[tuple[tuple[int, ...], ...]]
 
 
 class KVCache(Protocol):
@@ -69,4 +73,108 @@ class SlotKVCache:
         for buf, x in zip(self.buffers[layer], new):
             buf[slots[:, None], pos] = x.to(buf.dtype)
             out.append(buf[slots, :kv_len])
+        return tuple(out)
+
+
+def bytes_per_token(layout: Layout, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes over all layers."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) * size for entry in layout for shape in entry)
+
+
+class PagedKVCache:
+    """A pool of fixed-size blocks per layer and entry; a slot's row of the block table lists its blocks.
+
+    A sequence takes all the blocks it can ever need when it joins (prompt plus max_tokens), so a
+    running sequence never waits for memory; `can_allocate` is the admission test. Block 0 is a
+    scratch block: unassigned table entries point at it, so writes past a row's blocks (the padding
+    of a batched prefill) land there and are never read. `max_len` is the width of a table row in
+    tokens: a sequence's length plus the longest padding a batch may add.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        num_blocks: int,
+        block_size: int,
+        max_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks, self.block_size, self.max_slots, self.max_len = num_blocks, block_size, max_slots, max_len
+        self.pools = [
+            tuple(torch.zeros(num_blocks + 1, block_size, *shape, dtype=dtype, device=device) for shape in entry)
+            for entry in layout
+        ]
+        self.table = torch.zeros(max_slots, math.ceil(max_len / block_size), dtype=torch.long, device=device)
+        self._free_blocks = list(range(num_blocks, 0, -1))
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._owned: dict[int, list[int]] = {}
+
+    @classmethod
+    def from_budget(
+        cls, layout: Layout, budget_bytes: int, block_size: int, max_slots: int, max_len: int,
+        dtype: torch.dtype, device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """As many blocks as `budget_bytes` holds (the scratch block included)."""
+        per_block = bytes_per_token(layout, dtype) * block_size
+        return cls(layout, budget_bytes // per_block - 1, block_size, max_slots, max_len, dtype, device)
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens."""
+        return math.ceil(tokens / self.block_size)
+
+    def can_allocate(self, tokens: int) -> bool:
+        """Whether a sequence of up to `tokens` tokens can join now."""
+        return bool(self._free_slots) and self.blocks_for(tokens) <= len(self._free_blocks)
+
+    def allocate(self, tokens: int) -> int:
+        """Take a slot and the blocks for up to `tokens` tokens; returns the slot."""
+        if tokens > self.max_len:
+            raise ValueError(f"{tokens} tokens exceed the cache length {self.max_len}")
+        if not self.can_allocate(tokens):
+            raise RuntimeError(f"KV cache is full: {tokens} tokens do not fit")
+        slot = self._free_slots.pop()
+        blocks = [self._free_blocks.pop() for _ in range(self.blocks_for(tokens))]
+        self._owned[slot] = blocks
+        self.table[slot].zero_()
+        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give back a slot and its blocks; their stale contents are masked out for the next owner."""
+        self._free_blocks.extend(reversed(self._owned.pop(slot)))
+        self.table[slot].zero_()
+        self._free_slots.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        """How many sequences can still join (memory permitting)."""
+        return len(self._free_slots)
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks held by no sequence."""
+        return len(self._free_blocks)
+
+    def update(
+        self, layer: int, slots: torch.Tensor, start: torch.Tensor, new: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        """See KVCache.update."""
+        length = new[0].shape[1]
+        pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
+        kv_len = int((start + length).max())
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        table = self.table[slots]
+        block = table.gather(1, pos // self.block_size)
+        offset = pos % self.block_size
+        n = self.blocks_for(kv_len)
+        out = []
+        for pool, x in zip(self.pools[layer], new):
+            pool[block, offset] = x.to(pool.dtype)
+            out.append(pool[table[:, :n]].flatten(1, 2)[:, :kv_len])
         return tuple(out)

@@ -1,7 +1,10 @@
-"""Who runs next: the waiting queue, the running batch, and each sequence's bookkeeping.
+"""Who runs next: the waiting queue, the sequences being prefilled, the decode batch, and each
+sequence's bookkeeping.
 
-Continuous batching: sequences join (take a cache slot and are prefilled) and leave (finish, are
-cancelled, fail) between decode steps. Admission is first come, first served, up to the free slots.
+Continuous batching: sequences join (take cache blocks, are prefilled chunk by chunk) and leave
+(finish, are cancelled, fail) between steps. Admission is first come, first served: the head of the
+queue joins when the batch has room and the KV cache holds all the blocks it may need; until then
+it, and everything behind it, waits.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Sequence:
     completion: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # tokens whose text has not gone out yet
     cancelled: bool = False
+    feed: list[int] = field(default_factory=list)  # prompt (and resumed prefix) to prefill
+    fed: int = 0  # how much of `feed` is in the cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -40,6 +45,11 @@ class Sequence:
         """Tokens in the cache once the last sampled token is fed back."""
         return self.prompt_tokens + len(self.completion)
 
+    @property
+    def max_length(self) -> int:
+        """The most tokens this sequence can ever hold: what its cache blocks are sized for."""
+        return self.prompt_tokens + self.request.max_tokens
+
 
 class Scheduler:
     """Thread-safe queues between submitters and the engine thread."""
@@ -47,6 +57,7 @@ class Scheduler:
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
         self.lock = threading.Lock()
@@ -72,42 +83,53 @@ class Scheduler:
             self.wakeup.notify()
             return True
 
-    def admit(self, free_slots: int) -> list[Sequence]:
-        """Waiting sequences that may join the batch now (cancelled ones are dropped first)."""
+    def admit(self, fits: Callable[[Sequence], bool]) -> Sequence | None:
+        """The head of the queue when it joins now: the batch has room and it `fits` the cache.
+
+        Call `start_prefill` (or `finish`) on it before admitting the next, so it counts as active."""
         with self.lock:
-            out = []
-            while self.waiting and len(self.running) + len(out) < self.max_batch and len(out) < free_slots:
-                out.append(self.waiting.popleft())
-            return out
+            active = len(self.running) + len(self.prefilling)
+            if self.waiting and active < self.max_batch and fits(self.waiting[0]):
+                return self.waiting.popleft()
+            return None
 
     def take_cancelled(self) -> list[Sequence]:
-        """Running or waiting sequences that were cancelled, removed from the queues."""
+        """Sequences that were cancelled, wherever they are, removed from the queues."""
         with self.lock:
-            gone = [s for s in self.running if s.cancelled] + [s for s in self.waiting if s.cancelled]
+            gone = [s for s in (*self.running, *self.prefilling, *self.waiting) if s.cancelled]
             if gone:
                 self.running = [s for s in self.running if not s.cancelled]
+                self.prefilling = [s for s in self.prefilling if not s.cancelled]
                 self.waiting = deque(s for s in self.waiting if not s.cancelled)
             return gone
 
-    def start(self, seq: Sequence) -> None:
+    def start_prefill(self, seq: Sequence) -> None:
+        """An admitted sequence, holding its blocks, waits for its prompt to be prefilled."""
+        with self.lock:
+            self.prefilling.append(seq)
+
+    def start_decode(self, seq: Sequence) -> None:
         """A prefilled sequence joins the decode batch."""
         with self.lock:
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
             self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Forget a sequence that left the engine."""
         with self.lock:
-            if seq in self.running:
-                self.running.remove(seq)
+            for queue in (self.running, self.prefilling):
+                if seq in queue:
+                    queue.remove(seq)
             self.by_id.pop(seq.request.request_id, None)
 
     def wait_for_work(self, timeout: float) -> None:
         """Sleep until something is queued, cancelled, or `timeout` passes."""
         with self.lock:
-            if not self.waiting and not self.running:
+            if not self.waiting and not self.running and not self.prefilling:
                 self.wakeup.wait(timeout)
 
     @property
     def idle(self) -> bool:
         with self.lock:
-            return not self.waiting and not self.running
+            return not self.waiting and not self.running and not self.prefilling

@@ -45,6 +45,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     rope: RopeConfig = field(default_factory=RopeConfig)
     rope_interleave: bool = False
+    sliding_window: int | None = None  # attend to the last this many positions only (GQA families)
     # Mixture of experts.
     n_routed_experts: int = 0
     num_experts_per_tok: int = 0
@@ -73,6 +74,9 @@ class ModelConfig:
         model_type = raw.get("model_type", "")
         if model_type not in SUPPORTED_FAMILIES:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; supported: silu")
         heads = raw["num_attention_heads"]
         kv_heads = raw.get("num_key_value_heads") or heads
         eos = raw.get("eos_token_id")
@@ -116,19 +120,22 @@ class ModelConfig:
             )
         elif model_type == "qwen3_moe":
             values.update(
-                n_routed_experts=raw["num_experts"],
+                n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
                 num_experts_per_tok=raw["num_experts_per_tok"],
                 moe_intermediate_size=raw["moe_intermediate_size"],
                 norm_topk_prob=raw.get("norm_topk_prob", False),
-                decoder_sparse_step=raw.get("decoder_sparse_step", 1),
+                decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
                 mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+                # transformers reads the window only when use_sliding_window is set
+                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None,
             )
         elif model_type == "mixtral":
             values.update(
-                n_routed_experts=raw["num_local_experts"],
+                n_routed_experts=_first(raw, "num_local_experts", "num_experts"),
                 num_experts_per_tok=raw["num_experts_per_tok"],
                 moe_intermediate_size=raw["intermediate_size"],
                 norm_topk_prob=True,
+                sliding_window=raw.get("sliding_window"),
             )
         quant = raw.get("quantization_config") or {}
         if quant.get("quant_method") == "fp8":
@@ -143,6 +150,14 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _first(raw: dict, *keys: str):
+    """The value of the first of `keys` that config.json has (transformers writes either spelling)."""
+    for key in keys:
+        if raw.get(key) is not None:
+            return raw[key]
+    raise KeyError(f"config.json has none of {', '.join(keys)}")
 
 
 def _rope(raw: dict) -> RopeConfig:

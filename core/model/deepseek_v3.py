@@ -9,17 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
-from core.model.layers import (
-    MLP,
-    MoE,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    attention,
-    causal_mask,
-    yarn_mscale,
-)
+from core.model.layers import MLP, MoE, RMSNorm, apply_rope, attention, yarn_mscale
 
 
 class MLAttention(nn.Module):
@@ -57,11 +49,30 @@ class MLAttention(nn.Module):
         q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
         k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, cfg.rope_interleave).squeeze(1)
         latent, k_rot = cache.update(layer, slots, start, (latent, k_rot))
+        if t * (2 * cfg.kv_lora_rank + rope) < cfg.kv_lora_rank * (nope + cfg.v_head_dim):
+            return self.o_proj(self._absorbed(q_nope, q_rot, latent, k_rot, mask))
         kv = self.kv_b_proj(latent).view(b, -1, n, nope + cfg.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, n, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
         return self.o_proj(attention(q, k, v, mask, self.scale))
+
+    def _absorbed(self, q_nope, q_rot, latent, k_rot, mask) -> torch.Tensor:
+        """Attention in the latent space: kv_b_proj folded into the query (keys) and the output (values).
+
+        Few queries over a long cache (decode) then skip up-projecting every cached latent each step;
+        all heads share one latent "kv head". Returns [B, T, heads * v_head_dim].
+        """
+        cfg = self.cfg
+        n, nope, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        w = self.kv_b_proj.weight.view(n, nope + cfg.v_head_dim, r)
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w[:, :nope])
+        q = torch.cat([q_latent, q_rot], dim=-1)
+        k = torch.cat([latent, k_rot], dim=-1).unsqueeze(1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, latent.unsqueeze(1), attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = torch.einsum("bhtr,hvr->bthv", out, w[:, nope:])
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 class DecoderLayer(nn.Module):
@@ -83,47 +94,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Backbone(nn.Module):
-    """Embeddings, decoder layers and the final norm (the checkpoint's `model.` prefix)."""
+class DeepseekV3ForCausalLM(CausalLM):
+    """DeepSeek-V3 on the shared forward pass; rope acts on the qk_rope_head_dim dims only."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class DeepseekV3ForCausalLM(nn.Module):
-    """Token ids in, next-token logits out, reading and writing the KV cache of the given slots."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.qk_rope_head_dim)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
         """Per layer, the per-token shapes the cache stores: the kv latent and the shared rope key."""
         entry = ((self.config.kv_lora_rank,), (self.config.qk_rope_head_dim,))
         return [entry] * self.config.num_hidden_layers
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start: torch.Tensor,
-        cache,
-        slots: torch.Tensor,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """tokens [B, T] at positions start[b]..start[b]+T-1 -> logits [B, T or 1, V] in fp32."""
-        t = tokens.shape[1]
-        positions = start[:, None] + torch.arange(t, device=tokens.device)[None, :]
-        x = self.model.embed_tokens(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
-        mask = causal_mask(start, t, int(start.max()) + t)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, slots, start)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()

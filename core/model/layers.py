@@ -100,23 +100,60 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def causal_mask(start: torch.Tensor, length: int, kv_length: int) -> torch.Tensor:
-    """Bool mask [B, 1, T, L]: query t of row b (at position start[b] + t) sees keys 0..start[b] + t.
+def causal_mask(start: torch.Tensor, length: int, kv_length: int, window: int | None = None) -> torch.Tensor:
+    """Bool mask [B, 1, T, L]: query t of row b (at position start[b] + t) sees keys 0..start[b] + t,
+    and with a sliding `window` only the last `window` of them (as transformers' sliding mask).
 
     Rows of a batch have their own starts, so one decode step serves requests of any lengths;
     cache entries past a row's own length are never seen.
     """
-    q_pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
-    k_pos = torch.arange(kv_length, device=start.device)
-    return (k_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+    q_pos = (start[:, None] + torch.arange(length, device=start.device)[None, :])[:, :, None]
+    k_pos = torch.arange(kv_length, device=start.device)[None, None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask.unsqueeze(1)
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Softmax attention, q [B, H, T, d], k/v [B, H, L, d]: returns [B, T, H * dv]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """Softmax attention, q [B, H, T, d], k/v [B, H or fewer (grouped), L, d]: returns [B, T, H * dv]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention (Mixtral, Qwen3-MoE); the cache holds rotated keys and values per kv head.
+
+    `qk_norm`: Qwen3 RMS-normalises each head of q and k before the rotation.
+    """
+
+    def __init__(self, cfg: ModelConfig, qk_norm: bool = False) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.heads * d, h, bias=cfg.attention_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.scale = d**-0.5
+
+    def forward(self, x, cos, sin, mask, cache, layer, slots, start) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        k, v = cache.update(layer, slots, start, (k.transpose(1, 2), v))
+        return self.o_proj(attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.scale))
 
 
 class MLP(nn.Module):

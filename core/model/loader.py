@@ -151,6 +151,8 @@ def _check_complete(model: nn.Module, params: dict[str, torch.Tensor], filled: s
     """Every parameter must have come from the checkpoint (experts: every expert, both halves)."""
     missing = []
     for name, p in model.named_parameters():
+        if name in filled:  # also experts stored already stacked
+            continue
         if name.endswith("gate_up_proj"):
             need = {f"{name}[{e}]{h}" for e in range(p.shape[0]) for h in (0, 1)}
         elif name.endswith("experts.down_proj"):

@@ -4,6 +4,9 @@ Triton calls `initialize` once per instance (the model turns ready when it retur
 is built there), `execute` with batches of requests (we only parse and submit, and return at once),
 and `finalize`. Responses go out from the engine thread through each request's response sender.
 Bad input is answered with a TritonError response; it never raises out of `execute`.
+
+The engine's queue and KV cache occupancy are Triton custom metrics (`meridian_core_*` gauges on the
+server's metrics port), refreshed by the same thread that watches for cancelled requests.
 """
 
 from __future__ import annotations
@@ -128,6 +131,27 @@ class _Responder:
                 self.sender.send(_response("".join(self.text), self.ids, event, True), flags=FINAL)
 
 
+GAUGES = {
+    "free_blocks": "KV cache blocks held by no request",
+    "total_blocks": "KV cache blocks in the pool",
+    "running": "requests in the decode batch",
+    "prefilling": "requests whose prompt is being prefilled",
+    "waiting": "requests queued for admission",
+}
+
+
+def _engine_gauges(model_name: str) -> tuple[list, dict]:
+    """One Triton gauge per engine statistic, labelled with the model name: (families, gauges).
+    Keep the families: a metric must not outlive its family."""
+    families, gauges = [], {}
+    for name, description in GAUGES.items():
+        family = pb_utils.MetricFamily(name=f"meridian_core_{name}", description=description,
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        families.append(family)
+        gauges[name] = family.Metric(labels={"model": model_name})
+    return families, gauges
+
+
 class TritonPythonModel:
     """Builds the engine once, then hands each request to it."""
 
@@ -141,8 +165,11 @@ class TritonPythonModel:
         checkpoint = params["checkpoint"]
         model = load_model(checkpoint, params.get("dtype", "float32"), device)
         self.tokenizer = Tokenizer(checkpoint)
+        budget = int(params.get("kv_cache_bytes", "0")) or None
         self.engine = Engine(model, self.tokenizer, max_batch=int(params.get("max_batch", "8")),
-                             max_seq_len=int(params.get("max_seq_len", "2048")))
+                             max_seq_len=int(params.get("max_seq_len", "2048")), kv_cache_bytes=budget,
+                             prefill_chunk=int(params.get("prefill_chunk", "256")))
+        self._metric_families, self._gauges = _engine_gauges(args.get("model_name", "core"))
         self._live: dict[str, object] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -179,9 +206,18 @@ class TritonPythonModel:
         if gen is not None:
             self._forget(gen.request_id)
 
+    def _publish_stats(self) -> None:
+        for name, value in self.engine.stats().items():
+            if name in self._gauges:
+                self._gauges[name].set(value)
+
     def _watch_cancellations(self) -> None:
         """Triton marks a request cancelled when its client goes away; stop generating for it."""
         while not self._stop.wait(CANCEL_POLL_S):
+            try:
+                self._publish_stats()
+            except Exception:  # metrics must never stop cancellation
+                log.debug("metrics update failed", exc_info=True)
             with self._lock:
                 live = list(self._live.items())
             for request_id, request in live:

@@ -52,6 +52,8 @@ class CoreModelSpec:
     threads: int = 2
     max_batch: int = 8
     max_seq_len: int = 2048
+    kv_cache_bytes: int = 0  # 0: room for max_batch full-length sequences
+    prefill_chunk: int = 256
     instances: int = 1
 
 
@@ -83,6 +85,8 @@ def config_pbtxt(spec: CoreModelSpec) -> str:
                 ("threads", spec.threads),
                 ("max_batch", spec.max_batch),
                 ("max_seq_len", spec.max_seq_len),
+                ("kv_cache_bytes", spec.kv_cache_bytes),
+                ("prefill_chunk", spec.prefill_chunk),
             )
         ),
         "]",

@@ -14,7 +14,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edge.runtime.sessions import cpu_session
+
 MODEL_FILE = "model.onnx"
+INT8_MODEL_FILE = "model.int8.onnx"  # the same graph with dynamic int8 weights (optional)
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 
@@ -51,6 +54,7 @@ class EmbedResult:
 
     vectors: np.ndarray  # float32 [N, dimension]
     prompt_tokens: int  # tokens fed to the model after truncation, [CLS]/[SEP] included
+    token_counts: tuple[int, ...] = ()  # prompt tokens of each input, when known
 
 
 class EmbeddingModel:
@@ -64,17 +68,18 @@ class EmbeddingModel:
         self._input_names = {i.name for i in session.get_inputs()}
 
     @classmethod
-    def load(cls, model_dir: Path | str, threads: int = 1) -> EmbeddingModel:
+    def load(cls, model_dir: Path | str, threads: int = 1, *, int8: bool = False) -> EmbeddingModel:
         """Load an exported model folder; `threads` bounds ONNX Runtime's intra-op pool."""
         model_dir = Path(model_dir)
-        for name in (MODEL_FILE, TOKENIZER_FILE, META_FILE):
+        weights = INT8_MODEL_FILE if int8 else MODEL_FILE
+        for name in (weights, TOKENIZER_FILE, META_FILE):
             if not (model_dir / name).is_file():
                 raise FileNotFoundError(
                     f"{model_dir / name} is missing: run `python -m edge.export DIR` first"
                 )
         meta = EmbeddingMeta.read(model_dir)
         return cls(
-            _session(model_dir / MODEL_FILE, threads), _tokenizer(model_dir / TOKENIZER_FILE, meta), meta
+            cpu_session(model_dir / weights, threads), _tokenizer(model_dir / TOKENIZER_FILE, meta), meta
         )
 
     @property
@@ -96,7 +101,8 @@ class EmbeddingModel:
         vectors = mean_pool(hidden, mask)
         if self.meta.normalize:
             vectors = l2_normalize(vectors)
-        return EmbedResult(vectors.astype(np.float32, copy=False), int(mask.sum()))
+        counts = tuple(int(n) for n in mask.sum(axis=1))
+        return EmbedResult(vectors.astype(np.float32, copy=False), sum(counts), counts)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -110,16 +116,6 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Scale each row to unit length (zero rows stay zero), as torch's F.normalize does."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.clip(norms, 1e-12, None)
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with small, fixed thread pools: edge boxes share cores with other work."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only: ORT's warnings would break our one-JSON-per-line logs
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:

@@ -21,7 +21,7 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_attention_heads=4,
             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, kv_lora_rank=24, max_position_embeddings=256,
             initializer_range=0.1, routed_scaling_factor=2.5, bos_token_id=None, eos_token_id=None)
-CONFIGS = {
+DEEPSEEK = {
     "qlora-yarn-4groups": dict(BASE, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=32,
                                n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
                                n_shared_experts=1, rope_scaling=YARN),
@@ -33,24 +33,47 @@ CONFIGS = {
                                   n_shared_experts=1, rope_interleave=False, norm_topk_prob=False,
                                   rope_scaling=dict(YARN, factor=8.0, mscale=0.707, mscale_all_dim=0.707)),
 }
+GQA = dict(vocab_size=320, hidden_size=64, intermediate_size=80, num_attention_heads=4, max_position_embeddings=256,
+           initializer_range=0.1, bos_token_id=None, eos_token_id=None)
+QWEN3 = {
+    "qwen3-gqa-headdim": dict(GQA, num_hidden_layers=3, num_key_value_heads=2, head_dim=24, num_experts=8,
+                              num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False),
+    "qwen3-dense-layers-mqa": dict(GQA, num_hidden_layers=4, num_key_value_heads=1, num_experts=6,
+                                   num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
+                                   mlp_only_layers=[0], decoder_sparse_step=2, rope_theta=1e6),
+    "qwen3-sliding-bias": dict(GQA, num_hidden_layers=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                               moe_intermediate_size=24, attention_bias=True, use_sliding_window=True,
+                               sliding_window=8),
+}
+MIXTRAL = {
+    "mixtral-8x2": dict(GQA, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
+    "mixtral-sliding-mqa": dict(GQA, num_hidden_layers=2, num_key_value_heads=1, num_local_experts=6,
+                                num_experts_per_tok=3, sliding_window=8, intermediate_size=32),
+    "mixtral-mha-headdim": dict(GQA, num_hidden_layers=2, num_key_value_heads=4, head_dim=20, num_local_experts=4,
+                                num_experts_per_tok=1, rope_theta=1e4),
+}
+CONFIGS = {**{("deepseek_v3", k): v for k, v in DEEPSEEK.items()}, **{("qwen3_moe", k): v for k, v in QWEN3.items()},
+           **{("mixtral", k): v for k, v in MIXTRAL.items()}}
 
 
-def make_checkpoint(dest: Path, config: dict, seed: int = 0, **save_kwargs) -> Path:
-    """A random transformers deepseek_v3 saved with save_pretrained (routing bias made non-zero)."""
-    cfg = transformers.AutoConfig.for_model("deepseek_v3", **config)
+def make_checkpoint(dest: Path, config: dict, seed: int = 0, family: str = "deepseek_v3", **save_kwargs) -> Path:
+    """A random transformers model saved with save_pretrained (DeepSeek's routing bias made non-zero)."""
+    cfg = transformers.AutoConfig.for_model(family, **config)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in model.model.layers[cfg.first_k_dense_replace :]:
-            layer.mlp.gate.e_score_correction_bias.uniform_(0.0, 0.1)
+    if family == "deepseek_v3":
+        with torch.no_grad():
+            for layer in model.model.layers[cfg.first_k_dense_replace :]:
+                layer.mlp.gate.e_score_correction_bias.uniform_(0.0, 0.1)
     model.save_pretrained(dest, **save_kwargs)
     return dest
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(CONFIGS), ids="/".join)
 def pair(request, tmp_path_factory):
     """(transformers model, our model) on one checkpoint."""
-    path = make_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param])
+    family, name = request.param
+    path = make_checkpoint(tmp_path_factory.mktemp(name), CONFIGS[request.param], family=family)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ref, load_model(path, "float32", "cpu")
 
@@ -105,7 +128,7 @@ def test_greedy_32_tokens_match(pair):
 
 @torch.no_grad()
 def test_sharded_checkpoint_and_bf16(tmp_path):
-    path = make_checkpoint(tmp_path / "sharded", CONFIGS["qlora-yarn-4groups"], max_shard_size="100KB")
+    path = make_checkpoint(tmp_path / "sharded", DEEPSEEK["qlora-yarn-4groups"], max_shard_size="100KB")
     assert (path / "model.safetensors.index.json").is_file()
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = prompt(320)
@@ -136,7 +159,7 @@ def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def test_fp8_block_scaled_checkpoint(tmp_path):
     block = 16  # small blocks so these small matrices span several (real checkpoints use 128)
-    path = make_checkpoint(tmp_path / "fp8", CONFIGS["qlora-yarn-4groups"])
+    path = make_checkpoint(tmp_path / "fp8", DEEPSEEK["qlora-yarn-4groups"])
     weights = load_file(path / "model.safetensors")
     expected = {}
     for name, w in list(weights.items()):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import socket
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -44,9 +47,17 @@ def _ready(url: str) -> bool:
         return False
 
 
+@dataclass
+class Server:
+    grpc: str
+    http: str
+    metrics: str
+    ready_s: float
+
+
 @pytest.fixture(scope="module")
 def server(local_checkpoint, tmp_path_factory):
-    """tritonserver on free ports; yields (grpc url, seconds to ready)."""
+    """tritonserver on free ports."""
     tmp = tmp_path_factory.mktemp("triton")
     repo = write_model_repository(tmp / "repo", [CoreModelSpec(MODEL_NAME, local_checkpoint, threads=2)])
     http, grpc, metrics = free_ports(3)
@@ -63,7 +74,7 @@ def server(local_checkpoint, tmp_path_factory):
             time.sleep(0.2)
         ready_s = time.monotonic() - started
         print(f"tritonserver ready in {ready_s:.1f}s")
-        yield f"127.0.0.1:{grpc}", ready_s
+        yield Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics", ready_s)
     finally:
         proc.terminate()
         try:
@@ -76,7 +87,7 @@ def server(local_checkpoint, tmp_path_factory):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(server):
-    c = grpcclient.InferenceServerClient(server[0])
+    c = grpcclient.InferenceServerClient(server.grpc)
     yield c
     await c.close()
 
@@ -192,4 +203,67 @@ async def test_bad_input_is_a_clear_error_and_server_goes_on(client, bad, messag
 
 
 def test_ready_time(server):
-    assert server[1] < READY_TIMEOUT_S
+    assert server.ready_s < READY_TIMEOUT_S
+
+
+def post(url: str, body: dict) -> tuple[int, str]:
+    """POST JSON; (status, body text), errors included."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_triton_generate_endpoints(server, client):
+    """Triton's own HTTP generate extension: one JSON answer, or server-sent events."""
+    base = f"{server.http}/v2/models/{MODEL_NAME}"
+    body = {"text_input": "Tell me about the sea.", "max_tokens": 12, "temperature": 0.7, "seed": 4, "top_p": 0.9}
+    (grpc,) = await infer(client, inputs(b"Tell me about the sea.", max_tokens=12, temperature=0.7, seed=4, top_p=0.9))
+    status, text = await asyncio.to_thread(post, f"{base}/generate", body)
+    assert status == 200, text
+    whole = json.loads(text)
+    assert (whole["text_output"], whole["token_ids"], whole["finish_reason"]) == (
+        grpc["text"], grpc["token_ids"], grpc["finish_reason"])
+    status, text = await asyncio.to_thread(post, f"{base}/generate_stream", body | {"stream": True, "stop": ["zzz"]})
+    assert status == 200, text
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+    assert len(events) > 2 and events[-1]["finish_reason"] == "length"
+    assert "".join(e["text_output"] for e in events) == grpc["text"]
+    status, text = await asyncio.to_thread(post, f"{base}/generate", {"text_input": "Hi", "max_tokens": 99999})
+    assert status == 400 and "bad input: max_tokens 99999 exceeds the context" in text
+
+
+def gauge(server: Server, name: str) -> int:
+    text = urllib.request.urlopen(server.metrics, timeout=5).read().decode()
+    return int(float(re.search(rf"^meridian_core_{name}{{[^}}]*}} (\S+)$", text, re.M).group(1)))
+
+
+async def test_cancelled_grpc_stream_frees_its_kv_blocks(server, client):
+    """A client that goes away mid-stream: Triton cancels the request, the engine frees its blocks."""
+    total = gauge(server, "total_blocks")
+    assert gauge(server, "free_blocks") == total
+
+    async def requests():
+        yield {"model_name": MODEL_NAME, "inputs": inputs(max_tokens=1500, stream=True, temperature=0.8, seed=1)}
+
+    responses = client.stream_infer(requests())
+    got = 0
+    async for result, error in responses:
+        assert error is None
+        got += 1
+        if got == 3:
+            break
+    deadline = time.monotonic() + 10  # the gauges refresh every 50 ms; 1500 tokens take far longer
+    while gauge(server, "free_blocks") == total:  # the stream holds blocks for 1500 tokens
+        assert time.monotonic() < deadline, "the running stream holds no blocks"
+        await asyncio.sleep(0.02)
+    responses.cancel()
+    deadline = time.monotonic() + 30
+    while gauge(server, "free_blocks") != total:
+        assert time.monotonic() < deadline, "blocks not freed after the stream was cancelled"
+        await asyncio.sleep(0.1)
+    assert gauge(server, "running") == 0
+    (ok,) = await infer(client, inputs(max_tokens=3))
+    assert ok["completion_tokens"] == 3 or ok["finish_reason"] == "stop"

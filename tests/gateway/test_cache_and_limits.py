@@ -164,3 +164,13 @@ async def test_limits_fall_back_to_local_when_redis_is_down(flushed):
         flushed.start()
     assert statuses == [200, 200, 429, 429]
     assert gw.metrics.limiter_fallback.get() == 1
+
+
+async def test_cache_control_no_cache_bypasses(flushed):
+    gw, (edge, core) = await gateway(flushed.port)
+    body = {"model": "llm", "prompt": "fresh", "temperature": 0}
+    await gw.handle(post("/v1/completions", body))
+    fresh = Request("POST", "/v1/completions", {"authorization": "Bearer sk-a", "cache-control": "no-cache"},
+                    msgspec.json.encode(body), "127.0.0.1", "h3")
+    r = await gw.handle(fresh)
+    assert r.headers["x-meridian-cache"] == "bypass" and len(core.calls) == 2

@@ -194,7 +194,7 @@ async def test_chat_stream_resumes_in_the_next_zone(zones):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "t0 t1 t2 t3 t4 t5 "
     resumed = zones[3].calls[0]
-    assert resumed.prefix_token_ids == (0, 1, 2) and resumed.max_tokens == 3
+    assert resumed.prefix_token_ids == (0, 1, 2) and resumed.max_tokens == 6
     assert resumed.messages == [{"role": "user", "content": "hi"}]
     assert chunks[-1]["usage"]["completion_tokens"] == 6
 

@@ -191,3 +191,56 @@ def test_zero_tokens(device):
         config=SMALL,
     )
     assert out.shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tiny_max", [0, 64])
+@pytest.mark.parametrize("fused_max", [0, 4096])
+def test_final_cast_in_down_kernel(dtype, tiny_max, fused_max, device, monkeypatch):
+    """The last down program of each column tile writes the cast output (fused_max large) or a
+    separate cast does (0): every element written (NaN-poisoned output), split-K and several
+    column tiles giving many contributors per tile, and the counters ready for a second call."""
+    monkeypatch.setattr(fm, "TINY_MAX", tiny_max)
+    monkeypatch.setattr(fm, "FUSED_CAST_MAX_TOKENS", fused_max)
+    x, w13, w2 = make_layer(7, 96, 64, 8, dtype, device)
+    w, ids = random_routing(7, 8, 3, device)
+    c = cfg(SPLIT_K=2)
+    for _ in range(2):
+        out = torch.full_like(x, float("nan"))
+        res = fm.fused_moe(x, w13, w2, w, ids, config=c, out=out)
+        assert res.data_ptr() == out.data_ptr()
+        assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 1e-2
+    fresh = fm.fused_moe(x, w13, w2, w, ids, config=c)
+    assert rel_err(fresh.cpu(), out.cpu().float()) < 1e-2
+
+
+def test_final_cast_counts_idle_programs(device):
+    """Most row blocks idle (tokens on 2 of 16 experts): the tile's last program may be an
+    idle one, which must still write the output."""
+    x, w13, w2 = make_layer(5, 64, 32, 16, torch.bfloat16, device)
+    w, ids = random_routing(5, 16, 2, device, experts=[0, 1])
+    out = torch.full_like(x, float("nan"))
+    fm.fused_moe(x, w13, w2, w, ids, config=cfg(BLOCK_N=16), out=out)
+    assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 1e-2
+
+
+def test_fp32_into_given_output(device):
+    x, w13, w2 = make_layer(6, 64, 48, 4, torch.float32, device)
+    w, ids = random_routing(6, 4, 2, device)
+    out = torch.full_like(x, float("nan"))
+    fm.fused_moe(x, w13, w2, w, ids, config=SMALL, out=out)
+    assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < (5e-3 if device == "cuda" else 1e-5)
+
+
+def test_final_cast_under_contention(device, monkeypatch):
+    """Many row blocks and K splits race on each column tile's counter (on the GPU the programs
+    run concurrently): repeated runs must all give the reference."""
+    monkeypatch.setattr(fm, "TINY_MAX", 0)
+    t = 64 if device == "cuda" else 24
+    x, w13, w2 = make_layer(t, 128, 128, 8, torch.bfloat16, device)
+    w, ids = random_routing(t, 8, 4, device)
+    ref = gold(x, w13, w2, w, ids)
+    for _ in range(5 if device == "cuda" else 1):
+        out = torch.full_like(x, float("nan"))
+        fm.fused_moe(x, w13, w2, w, ids, config=cfg(SPLIT_K=4), out=out)
+        assert rel_err(out.cpu(), ref) < 1e-2
