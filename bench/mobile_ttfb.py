@@ -41,13 +41,10 @@ import aioquic  # noqa: E402
 import mobile  # noqa: E402
 from deploy.drills.faults import Fault  # noqa: E402
 from deploy.drills.proxy import FaultState, Forward, start_forwards  # noqa: E402
-from mobile.h1 import H1Transport  # noqa: E402
-from mobile.racing import RacingTransport  # noqa: E402
-from mobile.tls import TlsSettings  # noqa: E402
 
 MODEL = "meridian-moe-mini"
 REQUEST = dict(model=MODEL, prompt="The phone said", max_tokens=16, temperature=0, stream=True)
-MODES = ("https1-new", "https1-new+syn", "h3-new", "h3-0rtt")
+MODES = ("https1-new", "h3-new", "h3-0rtt")
 BEGIN, END = "<!-- mobile_ttfb:begin -->", "<!-- mobile_ttfb:end -->"
 
 
@@ -55,19 +52,6 @@ def free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class SynDelayedH1(H1Transport):
-    """HTTPS/1.1 whose TCP connect first waits one round trip: the SYN/SYN-ACK exchange that a real
-    path delays but the proxy cannot (it accepts on loopback). A model, reported as its own row."""
-
-    def __init__(self, *args, syn_s: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._syn_s = syn_s
-
-    async def _open(self):
-        await asyncio.sleep(self._syn_s)
-        return await super()._open()
 
 
 class LocalStack:
@@ -131,8 +115,6 @@ async def measure(args, https_port: int, h3_port: int, cert: str, api_key: str) 
     url = f"https://127.0.0.1:{tcp}"
     clients = {
         "https1-new": lambda: mobile.Client(url, http3=False, **common),
-        "https1-new+syn": lambda: mobile.Client(url, transport=RacingTransport(None, SynDelayedH1(
-            "127.0.0.1", tcp, tls=TlsSettings(cert), syn_s=args.rtt_ms / 1000)), **common),
         "h3-new": lambda: mobile.Client(url, http1=False, **common),
         "h3-0rtt": lambda: mobile.Client(url, http1=False, ticket_dir=tickets, auto_idempotency_key=True, **common),
     }
@@ -175,8 +157,7 @@ def table(samples: dict[str, list]) -> tuple[str, dict]:
     """The Markdown rows and the figures."""
     base = statistics.median(v for v in samples["https1-new"] if v is not None)
     figures, rows = {}, ["| mode | median ms | p90 ms | median vs HTTPS/1.1 new | ok / runs |", "|---|---:|---:|---:|---:|"]
-    names = {"https1-new": "HTTPS/1.1, new TCP+TLS connection (proxy: SYN not delayed)",
-             "https1-new+syn": "HTTPS/1.1, new connection, SYN round trip modelled (+1 RTT sleep)", "h3-new": "HTTP/3, new QUIC connection",
+    names = {"https1-new": "HTTPS/1.1, new TCP+TLS connection", "h3-new": "HTTP/3, new QUIC connection",
              "h3-0rtt": "HTTP/3, resumed, request as 0-RTT"}
     for mode in MODES:
         ok = [v for v in samples[mode] if v is not None]
@@ -220,7 +201,6 @@ def main() -> int:
     rows, figures = table(samples)
     early = samples["_early"][0]
     cut = 1 - figures["h3-0rtt"][0] / figures["https1-new"][0]
-    cut_syn = 1 - figures["h3-0rtt"][0] / figures["https1-new+syn"][0]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.system()} {platform.release()}"
     section = f"""## Mobile SDK: time to first byte on a lossy 100 ms link
 
@@ -236,14 +216,11 @@ interleaved in shuffled order, {args.rounds} rounds. Link: the fault-injection p
 
 {rows}
 
-Resumed HTTP/3 cuts the median TTFB by **{cut:.0%}** against a new HTTPS/1.1 connection as the proxy
-delivers it, and by **{cut_syn:.0%}** once the TCP handshake's round trip is counted. Why both: the
-TCP proxy accepts on loopback, so a new TCP connection's SYN/SYN-ACK round trip is never delayed and
-HTTPS/1.1 pays 2 round trips (TLS 1.3 + request) where a real 100 ms path costs 3; new HTTP/3 pays 2
-and resumed HTTP/3 1. Through the proxy, the most 0-RTT could cut is therefore 50% minus the CPU cost
-of QUIC in Python at both ends (aioquic client and gateway; TLS over TCP runs in OpenSSL's C), which
-is what the first figure shows. The second row models the missing round trip with a 1-RTT sleep
-before the TCP connect (`SynDelayedH1` in the script). The p90 of the QUIC rows carries the 2% UDP
+Resumed HTTP/3 cuts the median TTFB by **{cut:.0%}** against a new HTTPS/1.1 connection. Round trips
+on this path: HTTPS/1.1 pays 3 (TCP handshake, TLS 1.3, request; the proxy holds a new connection's
+first bytes for one round trip, as the SYN/SYN-ACK exchange would), new HTTP/3 pays 2 and resumed
+HTTP/3 1, so the ideal cut is 67%; the rest is the CPU cost of QUIC in Python at both ends (aioquic
+client and gateway; TLS over TCP runs in OpenSSL's C). The p90 of the QUIC rows carries the 2% UDP
 loss (a lost handshake datagram costs a probe timeout); TCP's loss is not modelled."""
     print(section)
     if args.write_docs:

@@ -122,8 +122,11 @@ class TcpForward:
             _abort(writer)
             self.state.resets.remove(reset)
             return
+        # The kernel completed the client's TCP handshake at once; on the path being modelled it
+        # takes a round trip, so nothing the client sends may arrive before that.
+        handshake_done = asyncio.get_running_loop().time() + 2 * self.state.fault.delay_s(self.state.rng)
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, not_before=handshake_done)),
             asyncio.create_task(self._pipe(up_reader, writer)),
             asyncio.create_task(reset.wait()),
         ]
@@ -140,7 +143,7 @@ class TcpForward:
                 for w in (writer, up_writer):
                     w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, not_before: float = 0.0) -> None:
         # Chunks keep their order; each leaves `delay` after it arrived, so latency does not
         # stack up into a throughput limit.
         queue: asyncio.Queue = asyncio.Queue()
@@ -162,7 +165,8 @@ class TcpForward:
         sender = asyncio.create_task(send())
         try:
             while data := await reader.read(65536):
-                await queue.put((loop.time() + self.state.fault.delay_s(self.state.rng), data))
+                sent = max(loop.time(), not_before)
+                await queue.put((sent + self.state.fault.delay_s(self.state.rng), data))
             await queue.put((0.0, None))
             await sender
         finally:
