@@ -133,6 +133,11 @@ class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: int = 50051
     threads: int = 1
+    # Dynamic batching of embeddings: inputs per model call, and how long the first one waits for company.
+    max_batch: int = 32
+    max_queue_delay_ms: float = 2.0
+    # The edge-local (L1) cache of embeddings by input; 0 turns it off.
+    l1_cache_entries: int = 4096
 
 
 class CoreEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

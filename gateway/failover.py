@@ -257,11 +257,20 @@ async def _close_quietly(stream: AsyncIterator) -> None:
 
 
 def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """The available endpoints; when none is, every endpoint (panic routing).
+
+    Health checks can all fail at once without every zone being down, e.g. when a starved
+    machine answers its probes late. Refusing everything then would turn a blip into an outage;
+    trying the endpoints anyway costs at worst a fast failure each (Envoy's panic threshold).
+    """
     now = time.monotonic()
     usable = [e for e in endpoints if e.available(now)]
-    if not usable:
-        raise GatewayError(Kind.NO_HEALTHY_ZONE, "no healthy zone can serve this request", code="no_healthy_zone")
-    return usable
+    if usable:
+        return usable
+    if not endpoints:
+        raise GatewayError(Kind.NO_HEALTHY_ZONE, "no zone serves this model", code="no_healthy_zone")
+    log.warning("no endpoint passes its health checks: trying them all", extra={"tier": endpoints[0].tier})
+    return list(endpoints)
 
 
 def _exhausted(last: UpstreamFailure | None) -> GatewayError:

@@ -136,3 +136,11 @@ async def test_unavailable_zone_fails_no_request_when_another_is_healthy():
     statuses = [(await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": str(i)}))).status
                 for i in range(20)]
     assert statuses == [200] * 20
+
+
+async def test_panic_routing_when_every_probe_fails_but_zones_answer():
+    gw, ups = await gateway_with()
+    for e in gw.pool.endpoints:
+        e.healthy = False  # a starved machine answered its probes too late
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+    assert r.status == 200
