@@ -67,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument("--stream-rate", type=float, default=1.0, help="streamed completions per second")
     drill.set_defaults(func=cmd_drill)
 
+    core = sub.add_parser("core", help="serve one checkpoint with a Triton server in the foreground (a zone's core)")
+    core.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
+    core.add_argument("--name", help="model name (default: the directory's name)")
+    core.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    core.add_argument("--dtype", default=None, help="float32, bf16 or fp16 (default: bf16 on cuda, float32 on cpu)")
+    core.add_argument("--threads", type=int, default=2)
+    core.add_argument("--host", default="127.0.0.1")
+    core.add_argument("--grpc-port", type=int, default=8001)
+    core.add_argument("--http-port", type=int, default=8000)
+    core.add_argument("--metrics-port", type=int, default=8002)
+    core.add_argument("--workdir", default="var/core", help="where the model repository is written")
+    core.set_defaults(func=cmd_core)
+
     sub.add_parser("proxy", help="run a fault-injection proxy (see `meridian proxy --help`)")
     sub.add_parser("gateway", help="run the gateway process (see `meridian gateway --help`)")
     sub.add_parser("edge", help="run an edge worker process (see `meridian edge --help`)")
@@ -163,6 +176,30 @@ def cmd_drill(args: argparse.Namespace) -> int:
     timing = Timing(args.before, args.during, args.after)
     rates = Rates(args.embed_rate, args.complete_rate, args.stream_rate)
     return drill_main(args.scenarios, args.out, timing, rates, args.topology)
+
+
+def cmd_core(args: argparse.Namespace) -> int:
+    """Write a model repository for one checkpoint and exec tritonserver on it."""
+    from pathlib import Path
+
+    from core.triton.repository import CoreModelSpec, write_model_repository
+    from core.triton.server import TritonServerSpec, tritonserver_command
+
+    checkpoint = Path(args.checkpoint).resolve()
+    if not (checkpoint / "config.json").is_file():
+        print(f"error: {checkpoint} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "float32")
+    work = Path(args.workdir).resolve()
+    spec = CoreModelSpec(name=args.name or checkpoint.name, checkpoint=checkpoint, device=args.device, dtype=dtype,
+                         threads=args.threads)
+    repo = write_model_repository(work / "models", [spec])
+    argv, env = tritonserver_command(TritonServerSpec(
+        repository=repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, backend_dir=work / "backends",
+    ))
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -132,6 +132,8 @@ class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: int = 50051
+    # Where the gateway reaches it when not on the zone's address (a Kubernetes Service name).
+    host: str = ""
     threads: int = 1
     # Dynamic batching of embeddings: inputs per model call, and how long the first one waits for company.
     max_batch: int = 32
@@ -142,6 +144,7 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class CoreEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grpc_port: int = 8001
+    host: str = ""
     http_port: int = 8000
     metrics_port: int = 8002
     device: str = "cpu"

@@ -9,6 +9,8 @@ import signal
 import ssl
 from pathlib import Path
 
+import msgspec
+
 from gateway import logs, tracing
 from gateway.app import Gateway
 from gateway.config import Topology, load_topology
@@ -29,9 +31,9 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
     upstreams: list[Upstream] = []
     for zone in topology.zones:
         if zone.edge is not None:
-            upstreams.append(EdgeUpstream(zone.name, zone.address, zone.edge.port))
+            upstreams.append(EdgeUpstream(zone.name, zone.edge.host or zone.address, zone.edge.port))
         if zone.core is not None:
-            upstreams.append(CoreUpstream(zone.name, zone.address, zone.core.grpc_port, core_models))
+            upstreams.append(CoreUpstream(zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models))
     return upstreams
 
 
@@ -72,9 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topology", required=True, help="topology YAML file")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--access-log", action="store_true", help="one JSON line per request")
+    parser.add_argument("--region", help="this gateway's own region (overrides the topology's)")
     args = parser.parse_args(argv)
     logs.configure(args.log_level, access_log=args.access_log)
     topology = load_topology(args.topology)
+    if args.region:
+        if topology.region(args.region) is None:
+            parser.error(f"--region {args.region} is not a region of {args.topology}")
+        topology = msgspec.structs.replace(topology, gateway=msgspec.structs.replace(topology.gateway, region=args.region))
     tracing.configure(topology.tracing)
     try:
         import uvloop

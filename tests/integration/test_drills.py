@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def drills(tmp_path_factory) -> tuple[int, list[str], Path]:
     out = tmp_path_factory.mktemp("drills")
-    # One stack, three faults on the nearest zone; kill-zone last (nothing to restart after it).
-    result = meridian("drill", "blackhole-zone", "slow-zone", "kill-zone", "--out", str(out),
+    # One stack, four faults; kill-zone last (nothing to restart after it).
+    result = meridian("drill", "blackhole-zone", "slow-zone", "kill-redis", "kill-zone", "--out", str(out),
                       "--before", "3", "--during", "4", "--after", "3", timeout=900)
     sys.stdout.write(result.stdout[-4000:])
     return result.returncode, result.stdout.strip().splitlines(), out
@@ -29,7 +29,7 @@ def test_drills_pass_and_print_the_report_path_last(drills):
     assert Path(lines[-1]) == out / "summary.json"
 
 
-@pytest.mark.parametrize("scenario", ["blackhole-zone", "slow-zone", "kill-zone"])
+@pytest.mark.parametrize("scenario", ["blackhole-zone", "slow-zone", "kill-redis", "kill-zone"])
 def test_each_report(drills, scenario):
     _, _, out = drills
     report = json.loads((out / f"{scenario}.json").read_text())

@@ -1,0 +1,60 @@
+"""The Kubernetes manifests build with kustomize, pass strict schema validation, and say what our
+processes understand (the topology parses; container arguments are flags our CLI accepts)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import parse_topology
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_strict_schema_validation(manifests, tmp_path):
+    validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    if validate is None:
+        pytest.skip("kubernetes-validate is not installed")
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all(manifests))
+    result = subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_topology_configmap_parses(manifests):
+    cm = next(m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("meridian-topology"))
+    topo = parse_topology(yaml.safe_load(cm["data"]["topology.yaml"]))
+    services = {m["metadata"]["name"] for m in manifests if m["kind"] == "Service"}
+    for zone in topo.zones:
+        assert zone.edge.host in services and zone.core.host in services
+    assert topo.redis.host in services
+
+
+def test_container_arguments_are_valid_cli(manifests, monkeypatch):
+    from deploy import cli
+    from edge.server import parse_args as edge_args
+
+    for m in manifests:
+        if m["kind"] != "Deployment":
+            continue
+        args = m["spec"]["template"]["spec"]["containers"][0]["args"]
+        if args[0] == "edge":
+            config = edge_args(args[1:])
+            assert config.port == 50051
+        elif args[0] == "core":
+            parsed = cli._parser().parse_args(args)
+            assert parsed.device == "cuda"
+        elif args[0] == "gateway":
+            assert args[args.index("--region") + 1] in {"eu-west", "eu-central"}
