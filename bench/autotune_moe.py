@@ -5,7 +5,9 @@ as JSON (kernels/configs/E<e>_H<h>_I<i>_bf16_<GPU>.json), read by
     python bench/autotune_moe.py [--shapes v2lite,v3,mixtral] [--tokens 1,4,...] [--out DIR]
 
 For each token count and each candidate BLOCK_M (shared by both GEMMs and the alignment), the
-gate/up and the down kernels are timed apart over their own candidates; the fastest sum wins.
+gate/up and the down kernels are timed apart over their own candidates; the fastest sum wins,
+once the whole layer with it matches a torch computation. `--precompile N` compiles every
+candidate first in N processes; `--fp8` tunes the w8a8 path (files named ..._fp8_w8a8_...).
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_kernels import ROUTINGS, SHAPES, TOKENS, fm, make_layer, make_routing, time_fn
+from moe_kernels import (
+    ROUTINGS,
+    SHAPES,
+    TOKENS,
+    fm,
+    grouped_mm_moe,
+    make_layer,
+    make_routing,
+    precompile,
+    reference,
+    time_fn,
+)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): small row blocks stream weights (memory-bound),
 # large ones feed the tensor cores.
@@ -38,12 +51,27 @@ SMALL_DN = [
     (64, 128, 4, 4, 2),
     (32, 256, 4, 4, 2),
 ]
-LARGE_GU = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 8, 4)]
+# Arithmetic-bound sizes: 64- and 128-row tiles, gate+up 2 x 64..256 columns, deeper pipelines.
+# Shared memory per stage is BM*BK*2 + 2*BN*BK*2 bytes (gate/up), BM*BK*2 + BN*BK*2 (down), of
+# 227 KB; candidates over it (or over the registers) fail to launch and are skipped.
+LARGE_GU = [
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (64, 64, 4, 4),
+    (64, 128, 4, 3),
+    (128, 128, 8, 2),
+    (256, 64, 8, 3),
+    (64, 64, 8, 5),
+    (128, 64, 4, 4),
+]
 LARGE_DN = [
     (128, 64, 8, 3, 1),
     (256, 64, 8, 3, 1),
     (128, 64, 4, 4, 1),
     (128, 128, 8, 3, 1),
+    (256, 64, 8, 4, 1),
+    (256, 128, 8, 2, 1),
+    (128, 64, 8, 4, 1),
     (64, 64, 4, 4, 1),
 ]
 
@@ -74,25 +102,45 @@ def kernel_cfg(c, bm, down=False) -> dict:
     return d
 
 
-def tune_point(x, w13, w2, routings, e, k, bm):
-    """Best (time us, gate_up cfg, down cfg) for one BLOCK_M, each kernel timed on its own."""
+def _with_bk128(cs: list[dict]) -> list[dict]:
+    """Candidates with BLOCK_K = 128 (the fp8 scale group), duplicates dropped."""
+    return list({json.dumps(dict(c, BLOCK_K=128), sort_keys=True): dict(c, BLOCK_K=128) for c in cs}.values())
+
+
+def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
+    """(gate_up, down) configurations to try at this BLOCK_M (fp8: BLOCK_K is 128 regardless)."""
+    small = bm <= 32
+    gu = [kernel_cfg(c, bm) for c in (SMALL_GU if small else LARGE_GU)]
+    dn = [kernel_cfg(c, bm, down=True) for c in (SMALL_DN if small else LARGE_DN)]
+    if fp8:  # one BLOCK_K: drop the duplicates the fixed 128 makes
+        gu, dn = _with_bk128(gu), _with_bk128(dn)
+    return gu, dn
+
+
+def tune_point(x, w13, w2, routings, e, k, bm, scales):
+    """Best (time us, gate_up cfg, down cfg) for one BLOCK_M, each kernel timed on its own.
+    The down kernel is timed as the layer runs it: with the fused final cast where it applies."""
     plans = [fm.plan(ids, e, bm) for _, ids in routings]
     t, h_dim, inter = x.shape[0], x.shape[1], w2.shape[2]
-    outs = [torch.empty(t, h_dim, dtype=torch.float32, device="cuda") for _ in plans]
+    work = [fm.workspace(t, h_dim, "cuda") for _ in plans]
+    outs = [buf[: t * h_dim].view(t, h_dim) for buf, _ in work]
+    fused = t <= fm.FUSED_CAST_MAX_TOKENS
+    finals = [torch.empty_like(x) if fused else None for _ in plans]
     hs = [torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device="cuda") for pl in plans]
+    s13, s2 = scales.get("w13_scale"), scales.get("w2_scale")
     t_align = (
         0.0
         if plans[0].sorted_ids is None
         else time_fn(lambda: [fm.plan(ids, e, bm) for _, ids in routings], budget_ms=30)
     )
-    small = bm <= 32
+    gu_cands, dn_cands = candidates(bm, bool(scales))
     best_gu = best_dn = (float("inf"), None)
-    for c in SMALL_GU if small else LARGE_GU:
-        cfg = kernel_cfg(c, bm)
+    for cfg in gu_cands:
         try:
             us = time_fn(
                 lambda cfg=cfg: [
-                    fm.gate_up(x, w13, h, o, pl, k, cfg, bm) for pl, h, o in zip(plans, hs, outs)
+                    fm.gate_up(x, w13, h, buf, pl, k, cfg, bm, s13)
+                    for pl, h, (buf, _) in zip(plans, hs, work)
                 ],
                 budget_ms=40,
             )
@@ -100,13 +148,12 @@ def tune_point(x, w13, w2, routings, e, k, bm):
             print(f"  skip gate_up {cfg}: {type(exc).__name__}", file=sys.stderr)
             continue
         best_gu = min(best_gu, (us, cfg), key=lambda p: p[0])
-    for c in SMALL_DN if small else LARGE_DN:
-        cfg = kernel_cfg(c, bm, down=True)
+    for cfg in dn_cands:
         try:
             us = time_fn(
                 lambda cfg=cfg: [
-                    fm.down(h, w2, o, pl, w, k, cfg, bm)
-                    for pl, h, o, (w, _) in zip(plans, hs, outs, routings)
+                    fm.down(h, w2, o, pl, w, k, cfg, bm, s2, final=f, counters=cnt if fused else None)
+                    for pl, h, o, f, (_, cnt), (w, _) in zip(plans, hs, outs, finals, work, routings)
                 ],
                 budget_ms=40,
             )
@@ -117,10 +164,24 @@ def tune_point(x, w13, w2, routings, e, k, bm):
     total = (t_align + best_gu[0] + best_dn[0]) / ROUTINGS
     print(
         f"  BM={bm}: align {t_align / ROUTINGS:.1f} gate_up {best_gu[0] / ROUTINGS:.1f} "
-        f"down {best_dn[0] / ROUTINGS:.1f} us",
+        f"down {best_dn[0] / ROUTINGS:.1f} us {best_gu[1]} {best_dn[1]}",
         flush=True,
     )
     return total, best_gu[1], best_dn[1]
+
+
+def layer_error(x, w13, w2, routing, config, scales) -> float:
+    """Relative error of the whole layer with `config` against a torch computation."""
+    w, ids = routing
+    out = fm.fused_moe(x, w13, w2, w, ids, config=config, **scales).float()
+    if scales:
+        ref = reference.fused_moe_fp8(x, w13, w2, w, ids, scales["w13_scale"], scales["w2_scale"]).float()
+    else:
+        try:
+            ref = grouped_mm_moe(x, w13, w2, w, ids).float()
+        except Exception:  # noqa: BLE001 -- no torch._grouped_mm here: the per-expert loop
+            ref = reference.fused_moe(x, w13, w2, w, ids).float()
+    return ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else float("inf")
 
 
 def main():
@@ -128,30 +189,58 @@ def main():
     p.add_argument("--shapes", default="v2lite,v3,mixtral")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--out", default=str(fm.CONFIG_DIR))
+    p.add_argument("--fp8", action="store_true", help="tune the fp8 w8a8 path instead of bf16")
+    p.add_argument("--precompile", type=int, default=0, help="compile all candidates first in N processes")
     args = p.parse_args()
     device = torch.cuda.get_device_name()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.shapes.split(","):
+    shapes = args.shapes.split(",")
+    tokens = [int(s) for s in args.tokens.split(",")]
+    tasks = []
+    for name in shapes:
+        e, h, i, k = SHAPES[name]
+        for t in tokens:
+            for bm in block_m_candidates(t, k, e):
+                gu, dn = candidates(bm, args.fp8)
+                base = {"shape": name, "tokens": t, "bm": bm, "fp8": args.fp8}
+                tasks += [dict(base, kind="gate_up", cfg=c) for c in gu]
+                tasks += [dict(base, kind="down", cfg=c) for c in dn]
+    precompile(tasks, args.precompile)
+    tag = "fp8_w8a8" if args.fp8 else "bf16"
+    for name in shapes:
         e, h, i, k = SHAPES[name]
         w13, w2 = make_layer(e, h, i)
-        path = out_dir / fm.config_file_name(e, h, i, "bf16", device)
+        scales = {}
+        if args.fp8:
+            w13, s13 = reference.quant_fp8_blocks(w13)
+            w2, s2 = reference.quant_fp8_blocks(w2)
+            scales = {"w13_scale": s13, "w2_scale": s2}
+        path = out_dir / fm.config_file_name(e, h, i, tag, device)
         table = json.loads(path.read_text()) if path.exists() else {}
-        for t in [int(s) for s in args.tokens.split(",")]:
+        for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
             routings = [make_routing(t, e, k, seed) for seed in range(ROUTINGS)]
-            best = None
+            results = []
             for bm in block_m_candidates(t, k, e):
                 try:
-                    res = tune_point(x, w13, w2, routings, e, k, bm)
+                    us, gu, dn = tune_point(x, w13, w2, routings, e, k, bm, scales)
                 except Exception as exc:  # noqa: BLE001
                     print(f"{name} T={t} BM={bm}: {exc!r}", file=sys.stderr)
                     continue
-                if res[1] and res[2] and (best is None or res[0] < best[0]):
-                    best = (res[0], bm, res[1], res[2])
-            if best:
-                table[str(t)] = {"BLOCK_M": best[1], "gate_up": best[2], "down": best[3]}
-                print(f"{name} T={t}: {best[0]:.1f} us {table[str(t)]}", flush=True)
+                if gu and dn:
+                    results.append((us, {"BLOCK_M": bm, "gate_up": gu, "down": dn}))
+            # fastest first; a choice whose layer output disagrees with torch is never written
+            chosen = None
+            for us, config in sorted(results, key=lambda r: r[0]):
+                err = layer_error(x, w13, w2, routings[0], config, scales)
+                if err < (3e-2 if args.fp8 else 1e-2):
+                    chosen = (us, config)
+                    break
+                print(f"{name} T={t}: rejected {config}: error {err:.3g}", file=sys.stderr)
+            if chosen:
+                table[str(t)] = chosen[1]
+                print(f"{name} T={t}: {chosen[0]:.1f} us {chosen[1]}", flush=True)
                 path.write_text(
                     json.dumps(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), indent=1) + "\n"
                 )

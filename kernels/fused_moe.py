@@ -1,6 +1,7 @@
 """Fused MoE experts in Triton: align and sort the routed (token, slot) pairs by expert, a grouped
 GEMM for the gate and up projections with SwiGLU fused in, and a grouped GEMM for the down
-projection that applies the top-k weight and sums into the output (fp32 atomics). bf16/fp16/fp32,
+projection that applies the top-k weight and sums into an fp32 buffer (atomics); at few tokens its
+last program per column tile also writes the output in x's dtype (no cast launch). bf16/fp16/fp32,
 and DeepSeek-V3's w8a8 fp8 with 128x128 weight block scales (activations quantized per token per
 128 columns inside the GEMMs). Reference: `kernels.reference.fused_moe` / `fused_moe_fp8`.
 
@@ -30,8 +31,10 @@ FP8_BLOCK = 128
 ALIGN_CHUNK = 1024
 TINY_MAX = 64  # up to this many slots, each GEMM program aligns its own rows (no align launch)
 # Up to this many tokens the down kernel's last program per column tile writes the cast output
-# (no cast launch); above it, one program's pass over a column of all tokens would be a long tail.
-FUSED_CAST_MAX_TOKENS = 1024
+# (no cast launch). Above it that one program's serial pass over the tile's column of all tokens
+# is a tail longer than the launch it saves (H100, 2026-11-23: +6..10 us at 256 tokens on two of
+# three shapes, +30..50 us at 1024; -0.5..4 us at 1..64 tokens).
+FUSED_CAST_MAX_TOKENS = 64
 CAST_TILE = 8192  # elements per step of that pass
 
 
@@ -358,9 +361,32 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if expert >= 0:
         _down_tile(
-            h_ptr, w_ptr, ws_ptr, out_ptr, topk_w_ptr, expert, slot, pid_m, offs_n, TK, TOP_K, H, I,
-            k_per_split, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FP8, UPCAST,
+            h_ptr,
+            w_ptr,
+            ws_ptr,
+            out_ptr,
+            topk_w_ptr,
+            expert,
+            slot,
+            pid_m,
+            offs_n,
+            TK,
+            TOP_K,
+            H,
+            I,
+            k_per_split,
+            stride_hm,
+            stride_we,
+            stride_wn,
+            stride_se,
+            stride_sn,
+            stride_om,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            FP8,
+            UPCAST,
         )
     if FUSED_CAST:
         # Split-K semaphore pattern: the barrier orders every thread's atomics before the
@@ -376,7 +402,9 @@ def _down_kernel(
                 r64 = rows[:, None].to(tl.int64)
                 # .cg: from L2, where the atomics landed, never a stale L1 line
                 v = tl.load(out_ptr + r64 * stride_om + offs_n[None, :], mask=m, cache_modifier=".cg")
-                tl.store(final_ptr + r64 * stride_fm + offs_n[None, :], v.to(final_ptr.dtype.element_ty), mask=m)
+                tl.store(
+                    final_ptr + r64 * stride_fm + offs_n[None, :], v.to(final_ptr.dtype.element_ty), mask=m
+                )
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")  # ready for the next call
 
 
@@ -699,8 +727,19 @@ def fused_moe(
     final = None
     if fused:
         final = out if out is not None else torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    down(h, w2, acc, pl, topk_weights, top_k, cfg["down"], bm, w2_scale.contiguous() if fp8 else None,
-         final=final, counters=counters if fused else None)
+    down(
+        h,
+        w2,
+        acc,
+        pl,
+        topk_weights,
+        top_k,
+        cfg["down"],
+        bm,
+        w2_scale.contiguous() if fp8 else None,
+        final=final,
+        counters=counters if fused else None,
+    )
     if fused:
         return final
     if x.dtype == torch.float32:
