@@ -215,13 +215,17 @@ class Engine:
         start = torch.tensor([seq.fed for seq, _ in rows], dtype=torch.long, device=dev)
         slots = torch.tensor([seq.slot for seq, _ in rows], dtype=torch.long, device=dev)
         lengths = torch.tensor([take for _, take in rows], dtype=torch.long, device=dev)
-        logits = self.model(tokens.to(dev), start, self.cache, slots, last_only=True, lengths=lengths)
-        logits = logits[:, -1].float().cpu()
-        for (seq, take), row in zip(rows, logits):
+        logits = self.model(tokens.to(dev), start, self.cache, slots, last_only=True, lengths=lengths)[:, -1]
+        done = []
+        for seq, take in rows:
             seq.fed += take
-            if seq.fed == len(seq.feed):
+            done.append(seq.fed == len(seq.feed))
+        finished = [seq for (seq, _), d in zip(rows, done) if d]
+        if finished:
+            picks = self._pick(logits[torch.tensor(done, device=dev)], finished)
+            for seq, token in zip(finished, picks):
                 self.scheduler.start_decode(seq)
-                self._accept(seq, sample(row, seq.sampling, len(seq.completion)))
+                self._accept(seq, token)
 
     def _decode(self, batch: list[Sequence]) -> None:
         """One token for every running sequence."""
@@ -229,9 +233,20 @@ class Engine:
         tokens = torch.tensor([[s.completion[-1]] for s in batch], dtype=torch.long, device=dev)
         start = torch.tensor([s.length - 1 for s in batch], dtype=torch.long, device=dev)
         slots = torch.tensor([s.slot for s in batch], dtype=torch.long, device=dev)
-        logits = self.model(tokens, start, self.cache, slots)[:, -1].float().cpu()
-        for seq, row in zip(batch, logits):
-            self._accept(seq, sample(row, seq.sampling, len(seq.completion)))
+        logits = self.model(tokens, start, self.cache, slots)[:, -1]
+        for seq, token in zip(batch, self._pick(logits, batch)):
+            self._accept(seq, token)
+
+    def _pick(self, logits: torch.Tensor, batch: list[Sequence]) -> list[int]:
+        """Next token per row of logits [B, V]: greedy rows by one argmax on the device, so only the
+        rows that sample travel to the host (a GPU's full logits would cost more than the step)."""
+        picks = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(batch) if not seq.sampling.greedy]
+        if sampled:
+            rows = logits[torch.tensor(sampled, device=logits.device)].float().cpu()
+            for i, row in zip(sampled, rows):
+                picks[i] = sample(row, batch[i].sampling, len(batch[i].completion))
+        return picks
 
     def _eos(self, r: GenerationRequest) -> frozenset[int]:
         return frozenset() if r.ignore_eos else self.tokenizer.eos_token_ids

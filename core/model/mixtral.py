@@ -1,0 +1,44 @@
+"""Mixtral: grouped-query attention (sliding window when configured) and a sparse MoE block in
+every layer, softmax top-k routing renormalised over the chosen experts, no shared experts.
+
+Parameter names equal the checkpoint's (`block_sparse_moe`, experts' w1/w3 stacked as gate/up, w2 as
+down), so loading is a plain mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.model.causal_lm import CausalLM
+from core.model.config import ModelConfig
+from core.model.layers import GQAttention, MoE, RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then the pre-norm sparse MoE block."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.self_attn = GQAttention(cfg)
+        self.block_sparse_moe = MoE(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, slots, start) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index, slots, start)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+
+class MixtralForCausalLM(CausalLM):
+    """Mixtral on the shared forward pass."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.head_dim)
+        self.sliding_window = cfg.sliding_window
+
+    def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer: rotated keys and values, [kv heads, head dim] per token."""
+        kv = (self.config.num_key_value_heads, self.config.head_dim)
+        return [(kv, kv)] * self.config.num_hidden_layers

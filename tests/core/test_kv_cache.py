@@ -1,0 +1,65 @@
+"""The paged KV cache: budget, block accounting, and the same model outputs as the dense slot cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.engine.kv_cache import PagedKVCache, SlotKVCache, bytes_per_token
+from core.model.loader import load_model
+
+LAYOUT = [((8,), (4,))] * 3
+
+
+def test_budget_sets_the_pool_size():
+    per_token = bytes_per_token(LAYOUT, torch.float32)
+    assert per_token == 3 * (8 + 4) * 4
+    cache = PagedKVCache.from_budget(LAYOUT, budget_bytes=per_token * 16 * 10, block_size=16, max_slots=4,
+                                     max_len=256, dtype=torch.float32)
+    assert cache.num_blocks == 9  # one of the ten goes to the scratch block
+    held = sum(t.numel() * t.element_size() for entry in cache.pools for t in entry)
+    assert held <= per_token * 16 * 10
+
+
+def test_blocks_are_taken_and_given_back():
+    cache = PagedKVCache(LAYOUT, num_blocks=6, block_size=4, max_slots=3, max_len=64, dtype=torch.float32)
+    assert cache.can_allocate(24) and not cache.can_allocate(25)
+    a = cache.allocate(10)  # 3 blocks
+    assert cache.free_blocks == 3 and not cache.can_allocate(13)
+    b = cache.allocate(12)
+    assert cache.free_blocks == 0 and not cache.can_allocate(1)
+    with pytest.raises(RuntimeError, match="full"):
+        cache.allocate(1)
+    cache.release(a)
+    assert cache.free_blocks == 3 and cache.can_allocate(12)
+    cache.release(b)
+    assert cache.free_blocks == 6 and cache.free_slots == 3
+
+
+def test_padding_writes_never_reach_other_rows():
+    cache = PagedKVCache([((2,),)], num_blocks=4, block_size=2, max_slots=2, max_len=16, dtype=torch.float32)
+    a, b = cache.allocate(4), cache.allocate(4)
+    new = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)  # 8 positions: 4 past each row's blocks
+    (out,) = cache.update(0, torch.tensor([a, b]), torch.tensor([0, 0]), (new,))
+    assert torch.equal(out[:, :4], new[:, :4])
+
+
+@torch.no_grad()
+def test_paged_equals_slot_cache(local_checkpoint):
+    model = load_model(local_checkpoint)
+    layout = model.cache_layout()
+    paged = PagedKVCache(layout, num_blocks=40, block_size=16, max_slots=3, max_len=300, dtype=torch.float32)
+    dense = SlotKVCache(layout, 3, 300, torch.float32)
+    paged.allocate(50)  # a neighbour, so block ids and slots differ from the dense cache's
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ps = torch.tensor([paged.allocate(120), paged.allocate(120)])
+    ds = torch.tensor([dense.allocate(), dense.allocate()])
+    start = torch.zeros(2, dtype=torch.long)
+    got, want = model(ids, start, paged, ps), model(ids, start, dense, ds)
+    assert torch.equal(got, want)
+    tokens = got[:, -1:].argmax(-1)
+    for step in range(8):  # rows at different lengths: the second row restarts from position 10
+        start = torch.tensor([40 + step, 10 + step])
+        got, want = model(tokens, start, paged, ps), model(tokens, start, dense, ds)
+        assert torch.equal(got, want)
+        tokens = got[:, -1:].argmax(-1)
