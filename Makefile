@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 export MERIDIAN_CACHE ?= $(HOME)/.cache/meridian
 STAMP := $(VENV)/.installed
 
-.PHONY: venv models up down test test-unit clean help proto
+.PHONY: venv models up down test test-unit clean help proto edge-image
 
 help:
 	@echo "make up      run the whole stack locally (Redis, two zones of edge + Triton core, gateway)"
 	@echo "make test    install everything, build the models, run the tests"
 	@echo "make models  build model artefacts into $(MERIDIAN_CACHE) (cached)"
 	@echo "make down    stop a stack started with 'meridian up --detach'"
+	@echo "make edge-image  build the edge-node container with podman"
 
 venv: $(STAMP)
 
@@ -42,6 +43,10 @@ test-unit: $(STAMP)
 
 clean:
 	rm -rf var/ .pytest_cache
+
+# The edge-node container, built with podman (installed when missing; no registry needed).
+edge-image: $(STAMP)
+	deploy/docker/build_edge_image.sh
 
 # Regenerate the gateway <-> edge stubs after editing edge/api/edge.proto (the output is committed).
 proto: $(STAMP)

@@ -26,6 +26,9 @@ class EdgeConfig:
     max_prompt_chars: int = 32_768  # characters in one Generate prompt
     max_input_chars: int = 32_768  # characters in one input (the model reads 256 tokens anyway)
     drain_timeout_s: float = 15.0  # how long SIGTERM waits for in-flight requests
+    # After SIGTERM the worker reports NOT_SERVING but keeps answering for this long, so that health
+    # checkers (the gateway probes every 0.5 s) move traffic away before any request is refused.
+    drain_grace_s: float = 1.5
     log_level: str = "warning"
     port_file: Path | None = None  # written with the bound port once SERVING, for launchers using port 0
 
@@ -45,6 +48,8 @@ class EdgeConfig:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if self.l1_cache_entries < 0:
             raise ValueError(f"l1_cache_entries must be >= 0, got {self.l1_cache_entries}")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.log_level not in LOG_LEVELS:

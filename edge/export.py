@@ -63,6 +63,9 @@ QUALITY_TEXTS = (
     VERIFY_TEXTS[4],
 )
 MIN_INT8_COSINE = 0.99
+# The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
+# scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
+INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/")
 
 
 class ExportError(RuntimeError):
@@ -111,14 +114,14 @@ def _build(src: Path, out: Path, fp: str) -> None:
         with _step("verify against pytorch"):
             _verify(model, out)
         with _step("quantize int8 and measure"):
-            quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE)
+            kept = quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, keep_fp32=INT8_KEEP_FP32)
             cosine = embedding_cosine(out, QUALITY_TEXTS)
             _progress(f"  int8 vs fp32: min cosine {cosine:.5f} over {len(QUALITY_TEXTS)} sentences")
             if cosine < MIN_INT8_COSINE:
                 raise ExportError(f"int8 embeddings drift too far from fp32: min cosine {cosine:.5f}")
             # Written last: the int8 file counts as part of the build only once it is measured.
             meta["files"] = [TOKENIZER_FILE, INT8_MODEL_FILE]
-            meta["int8"] = {"method": INT8_METHOD, "min_cosine_to_fp32": round(cosine, 6),
+            meta["int8"] = {"method": INT8_METHOD, "fp32_matmuls": len(kept), "min_cosine_to_fp32": round(cosine, 6),
                             "sentences": len(QUALITY_TEXTS), "gate": MIN_INT8_COSINE}
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

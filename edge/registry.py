@@ -7,19 +7,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edge.runtime.embedding import META_FILE, EmbeddingModel
+from edge.runtime.generation import SmallLM
+
+ServedModel = EmbeddingModel | SmallLM
+LOADERS = {"embedding": EmbeddingModel.load, "generation": SmallLM.load}
 
 
-def load_models(models: Mapping[str, Path], threads: int) -> dict[str, EmbeddingModel]:
+def load_models(models: Mapping[str, Path], threads: int, *, int8: bool = False) -> dict[str, ServedModel]:
     """Load every configured model; fails loudly (at startup) on a missing or unknown export."""
-    loaded: dict[str, EmbeddingModel] = {}
+    loaded: dict[str, ServedModel] = {}
     for name, model_dir in models.items():
         task = _task(Path(model_dir))
-        if task != "embedding":
-            # The small LM (task "generation") arrives with its own runtime in a later change.
+        if task not in LOADERS:
             raise ValueError(
-                f"model {name!r} at {model_dir}: task {task!r} is not supported by this worker yet"
+                f"model {name!r} at {model_dir}: task {task!r} is not supported; supported: {', '.join(LOADERS)}"
             )
-        loaded[name] = EmbeddingModel.load(model_dir, threads=threads)
+        loaded[name] = LOADERS[task](model_dir, threads, int8=int8)
     return loaded
 
 

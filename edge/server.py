@@ -1,30 +1,37 @@
 """The edge worker process: gRPC (grpclib) with the Edge service and grpc.health.v1 beside it.
 
-`python -m edge.server --port 50051 --model all-minilm-l6-v2=~/.cache/meridian/edge/all-minilm-l6-v2`
+`python -m edge.server --port 50051 --model all-minilm-l6-v2=~/.cache/meridian/edge/all-minilm-l6-v2 \
+    --model edge-small=~/.cache/meridian/edge/edge-small --max-batch 32 --max-queue-delay-ms 2`
 Health reports NOT_SERVING while models load, SERVING once they are loaded, and NOT_SERVING again
-on SIGTERM/SIGINT, when the worker finishes the requests it has, then exits 0.
+on SIGTERM/SIGINT: the worker keeps answering for a short grace period (so health checkers move
+traffic away first), then refuses new requests, finishes the ones it has, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import functools
 import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from edge.batcher import BatchPolicy
 from edge.config import LOG_LEVELS, EdgeConfig
+from edge.embedder import Embedder
+from edge.l1cache import L1Cache
 from edge.logs import configure_logging, get_logger
 from edge.registry import load_models
 from edge.service import EdgeService
-from edge.validation import EmbedLimits
+from edge.topology import zone_edge
+from edge.validation import EmbedLimits, GenerateLimits
 
 
 class EdgeServer:
@@ -34,7 +41,12 @@ class EdgeServer:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="edge-infer")
         limits = EmbedLimits(config.max_batch_inputs, config.max_input_chars)
-        self.service = EdgeService(config.zone, limits, self.executor)
+        policy = BatchPolicy(config.max_batch, config.max_queue_delay_ms / 1000, concurrency=config.workers)
+        self.embedder = Embedder(self.executor, policy, L1Cache(config.l1_cache_entries))
+        self.service = EdgeService(
+            config.zone, limits, self.executor, embedder=self.embedder,
+            generate_limits=GenerateLimits(max_prompt_chars=config.max_prompt_chars),
+        )
         self.health = Health({self.service: [self.service.health]})
         self._server: Server | None = None
         self._socket: socket.socket | None = None
@@ -55,7 +67,8 @@ class EdgeServer:
         loop = asyncio.get_running_loop()
         try:
             models = await loop.run_in_executor(
-                self.executor, load_models, self.config.models, self.config.threads
+                self.executor,
+                functools.partial(load_models, self.config.models, self.config.threads, int8=self.config.int8),
             )
         except BaseException:
             await self._close()
@@ -71,12 +84,19 @@ class EdgeServer:
                     "port": self.port,
                     "zone": self.config.zone,
                     "models": sorted(models),
+                    "int8": self.config.int8,
+                    "max_batch": self.config.max_batch,
                 }
             },
         )
 
     async def stop(self) -> None:
-        """Drain: report NOT_SERVING, let in-flight requests finish (bounded), then close."""
+        """Drain: report NOT_SERVING, keep answering for the grace period, refuse new requests, let
+        in-flight ones finish (bounded), then close."""
+        self.service.begin_drain(refuse_new=False)
+        # Requests the gateway sent before its probe saw NOT_SERVING are still served, not refused:
+        # a refusal would cost a retry and count against this zone in outlier detection.
+        await asyncio.sleep(self.config.drain_grace_s)
         self.service.begin_drain()
         drained = await self.service.wait_idle(self.config.drain_timeout_s)
         if not drained:
@@ -92,6 +112,7 @@ class EdgeServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.embedder.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -114,66 +135,96 @@ async def serve(config: EdgeConfig, stop: asyncio.Event | None = None) -> None:
                 loop.remove_signal_handler(signum)
 
 
-def parse_args(argv: list[str] | None = None) -> EdgeConfig:
-    """Build an EdgeConfig from command-line flags (exits with a usage message on bad flags)."""
-    defaults = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(EdgeConfig)})
-    parser = argparse.ArgumentParser(prog="python -m edge.server", description="Meridian edge worker (gRPC).")
-    parser.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
-    parser.add_argument("--port", type=int, default=defaults.port, help="port to bind; 0 picks a free one")
-    parser.add_argument("--zone", default=defaults.zone, help="zone name, for logs and error messages")
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        required=True,
-        help="serve the exported model in DIR as NAME (repeatable)",
+# Environment variables the CLI reads (the container sets them); flags win over them.
+ENVIRONMENT = {
+    "MERIDIAN_TOPOLOGY": "topology",
+    "MERIDIAN_ZONE": "zone",
+    "MERIDIAN_CACHE": "cache_dir",
+    "MERIDIAN_EDGE_HOST": "host",
+    "MERIDIAN_EDGE_INT8": "int8",
+    "MERIDIAN_LOG_LEVEL": "log_level",
+}
+
+
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> EdgeConfig:
+    """Build an EdgeConfig: defaults, then the zone's topology entry, then the environment, then flags."""
+    parser = _parser()
+    given = vars(parser.parse_args(argv))  # only flags actually given (defaults are suppressed)
+    env = {ours: value for name, ours in ENVIRONMENT.items() if (value := (environ or {}).get(name))}
+    settings: dict[str, object] = {}
+    topology = given.pop("topology", None) or env.pop("topology", None)
+    cache_dir = Path(given.pop("cache_dir", None) or env.pop("cache_dir", None) or "~/.cache/meridian").expanduser()
+    if "int8" in env:
+        env["int8"] = env["int8"].lower() in ("1", "true", "yes")
+    settings.update(env)
+    if topology:
+        zone = given.get("zone") or env.get("zone")
+        if not zone:
+            parser.error("--topology needs --zone (or MERIDIAN_ZONE) to know which zone's edge to run")
+        try:
+            entry = zone_edge(Path(topology), str(zone), cache_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"topology {topology}: {exc}")
+        settings.update(entry.settings, models=entry.models)
+        settings.setdefault("host", entry.host)
+    settings.update({k: v for k, v in given.items() if k != "model"})
+    if "model" in given:
+        settings["models"] = _models(parser, given["model"])
+    if not settings.get("models"):
+        parser.error("no models: give --model NAME=DIR, or --topology with --zone")
+    try:
+        return EdgeConfig(**settings)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The worker's flags; every default is suppressed so that unset flags leave lower layers alone."""
+    defaults = EdgeConfig.__dataclass_fields__
+    parser = argparse.ArgumentParser(
+        prog="meridian edge", description="Meridian edge worker (gRPC).", argument_default=argparse.SUPPRESS
     )
-    parser.add_argument(
-        "--threads", type=int, default=defaults.threads, help="ONNX Runtime threads per model"
-    )
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="requests run at once")
-    parser.add_argument("--max-batch-inputs", type=int, default=defaults.max_batch_inputs)
-    parser.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars)
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=defaults.drain_timeout_s,
-        help="seconds SIGTERM waits for in-flight requests",
-    )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level)
-    parser.add_argument("--port-file", type=Path, help="write the bound port here once SERVING")
-    args = parser.parse_args(argv)
-    models = {}
-    for spec in args.model:
+    add = parser.add_argument
+    add("--topology", help="topology YAML: serve the edge of --zone as it describes (env MERIDIAN_TOPOLOGY)")
+    add("--cache-dir", help="model cache that topology paths are relative to (env MERIDIAN_CACHE)")
+    add("--host", help=f"address to bind (default {defaults['host'].default}, or the zone's address)")
+    add("--port", type=int, help="port to bind; 0 picks a free one")
+    add("--zone", help="zone name (env MERIDIAN_ZONE)")
+    add("--model", action="append", metavar="NAME=DIR", help="serve the exported model in DIR as NAME (repeatable)")
+    add("--threads", type=int, help="ONNX Runtime threads per model")
+    add("--workers", type=int, help="inference threads: batches or generation steps run at once")
+    add("--max-batch-inputs", type=int, help="inputs in one Embed request")
+    add("--max-input-chars", type=int, help="characters in one Embed input")
+    add("--max-prompt-chars", type=int, help="characters in one Generate prompt")
+    add("--max-batch", type=int, help="dynamic batching: most inputs in one model call (1: one request at a time)")
+    add("--max-queue-delay-ms", type=float, help="dynamic batching: how long a request may wait for company")
+    add("--l1-cache-entries", type=int, help="embeddings kept in the edge-local cache (0: off)")
+    add("--int8", action="store_true", help="serve the models' int8 weights (env MERIDIAN_EDGE_INT8=1)")
+    add("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds SIGTERM waits for in-flight requests")
+    add("--drain-grace", type=float, dest="drain_grace_s",
+        help="seconds after SIGTERM that NOT_SERVING is reported while requests are still answered")
+    add("--log-level", choices=LOG_LEVELS)
+    add("--port-file", type=Path, help="write the bound port here once SERVING")
+    return parser
+
+
+def _models(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
+    """NAME=DIR flags as a mapping, refusing malformed or repeated names."""
+    models: dict[str, Path] = {}
+    for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
             parser.error(f"--model expects NAME=DIR, got {spec!r}")
         if name in models:
             parser.error(f"--model {name} given twice")
         models[name] = Path(directory).expanduser()
-    try:
-        return EdgeConfig(
-            host=args.host,
-            port=args.port,
-            zone=args.zone,
-            models=models,
-            threads=args.threads,
-            workers=args.workers,
-            max_batch_inputs=args.max_batch_inputs,
-            max_input_chars=args.max_input_chars,
-            drain_timeout_s=args.drain_timeout,
-            log_level=args.log_level,
-            port_file=args.port_file,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    return models
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: run the worker; 0 after a clean drain, 1 if it could not start."""
-    config = parse_args(argv)
+    config = parse_args(argv, os.environ)
     log = configure_logging(config.log_level)
     try:
         asyncio.run(serve(config))

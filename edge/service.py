@@ -16,10 +16,14 @@ from grpclib.health.check import ServiceStatus
 
 from edge.api import edge_pb2
 from edge.api.edge_grpc import EdgeBase
+from edge.batcher import BatchPolicy
+from edge.embedder import Embedder
 from edge.errors import EdgeError, ErrorKind
+from edge.l1cache import L1Cache
 from edge.logs import elapsed_ms, get_logger
-from edge.runtime.embedding import EmbeddingModel
-from edge.validation import EmbedLimits, check_embed_inputs, pick_model
+from edge.registry import ServedModel
+from edge.runtime.generation import SmallLM
+from edge.validation import EmbedLimits, GenerateLimits, check_embed_inputs, check_generate, pick_model
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -34,13 +38,23 @@ GRPC_STATUS = {
 
 
 class EdgeService(EdgeBase):
-    """Serves Embed from loaded models; Generate waits for the small LM (a later change)."""
+    """Serves Embed (cached, dynamically batched) and Generate (streamed) from loaded models."""
 
-    def __init__(self, zone: str, limits: EmbedLimits, executor: Executor) -> None:
+    def __init__(
+        self,
+        zone: str,
+        limits: EmbedLimits,
+        executor: Executor,
+        *,
+        embedder: Embedder | None = None,
+        generate_limits: GenerateLimits | None = None,
+    ) -> None:
         self.zone = zone
         self.limits = limits
+        self.generate_limits = generate_limits or GenerateLimits()
         self.executor = executor
-        self.models: dict[str, EmbeddingModel] = {}
+        self.embedder = embedder or Embedder(executor, BatchPolicy(), L1Cache(0))
+        self.models: dict[str, ServedModel] = {}
         # What grpc.health.v1 reports for this service (and overall): NOT_SERVING until models load.
         self.health = ServiceStatus()
         self.health.set(False)
@@ -50,16 +64,17 @@ class EdgeService(EdgeBase):
         self._idle.set()
         self._log = get_logger()
 
-    def ready(self, models: dict[str, EmbeddingModel]) -> None:
+    def ready(self, models: dict[str, ServedModel]) -> None:
         """Start answering with `models`, and report SERVING."""
         self.models = models
         self.accepting = True
         self.health.set(True)
 
-    def begin_drain(self) -> None:
-        """Report NOT_SERVING and refuse new requests; running ones carry on."""
-        self.accepting = False
+    def begin_drain(self, *, refuse_new: bool = True) -> None:
+        """Report NOT_SERVING; refuse new requests too unless `refuse_new` is False. Running ones carry on."""
         self.health.set(False)
+        if refuse_new:
+            self.accepting = False
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running; False if `timeout` seconds passed first."""
@@ -71,23 +86,54 @@ class EdgeService(EdgeBase):
 
     async def Embed(self, stream: Stream[edge_pb2.EmbedRequest, edge_pb2.EmbedResponse]) -> None:
         """Embed a batch of inputs, answering vectors in input order."""
-        started = time.perf_counter()
         fields: dict[str, object] = {"rpc": "Embed", "zone": self.zone, "traceparent": _traceparent(stream)}
+        with self._rpc(fields):
+            request = await _receive(stream)
+            fields.update(model=request.model, inputs=len(request.inputs))
+            model = pick_model(request.model, self.models)
+            if isinstance(model, SmallLM):
+                raise EdgeError(ErrorKind.BAD_INPUT, f"model {request.model!r} generates text; call Generate")
+            texts = check_embed_inputs(request.inputs, self.limits)
+            # Inference runs on the inference threads (through the batcher), never on the loop, so
+            # health checks and other connections stay responsive.
+            result = await self.embedder.embed(request.model, model, texts)
+            response = edge_pb2.EmbedResponse(model=request.model, prompt_tokens=result.prompt_tokens)
+            response.embeddings.extend(edge_pb2.Embedding(values=row) for row in result.vectors.tolist())
+            # Still tracked while sending: a drain must not close the connection under this answer.
+            await stream.send_message(response)
+            fields.update(prompt_tokens=result.prompt_tokens)
+
+    async def Generate(self, stream: Stream[edge_pb2.GenerateRequest, edge_pb2.GenerateChunk]) -> None:
+        """Stream a completion from the small LM, one chunk per piece of text that is safe to send."""
+        fields: dict[str, object] = {"rpc": "Generate", "zone": self.zone, "traceparent": _traceparent(stream)}
+        with self._rpc(fields):
+            request = await _receive(stream)
+            fields.update(model=request.model, prefix=len(request.prefix_token_ids))
+            model = pick_model(request.model, self.models)
+            if not isinstance(model, SmallLM):
+                raise EdgeError(ErrorKind.BAD_INPUT, f"model {request.model!r} embeds text; call Embed")
+            params = check_generate(request, self.generate_limits)
+            loop = asyncio.get_running_loop()
+            try:
+                # Tokenizing a long prompt takes a while too: off the loop like every model step.
+                chunks = await loop.run_in_executor(self.executor, model.stream, request.prompt, params)
+            except ValueError as exc:  # the runtime's own checks (context length, token ids)
+                raise EdgeError(ErrorKind.BAD_INPUT, str(exc)) from None
+            while (chunk := await loop.run_in_executor(self.executor, next, chunks, None)) is not None:
+                await stream.send_message(edge_pb2.GenerateChunk(
+                    text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason or "",
+                    prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                ))
+                fields.update(completion_tokens=chunk.completion_tokens, finish_reason=chunk.finish_reason)
+
+    @contextlib.contextmanager
+    def _rpc(self, fields: dict[str, object]) -> Iterator[None]:
+        """Track one call as in flight, map its errors to gRPC status, and log it at debug."""
+        started = time.perf_counter()
         try:
             with self._track():
-                request = await _receive(stream)
-                fields.update(model=request.model, inputs=len(request.inputs))
-                model = pick_model(request.model, self.models)
-                texts = check_embed_inputs(request.inputs, self.limits)
-                loop = asyncio.get_running_loop()
-                # Inference holds a core for milliseconds to seconds: keep it off the loop so health
-                # checks and other connections stay responsive.
-                result = await loop.run_in_executor(self.executor, model.embed, texts)
-                response = edge_pb2.EmbedResponse(model=request.model, prompt_tokens=result.prompt_tokens)
-                response.embeddings.extend(edge_pb2.Embedding(values=row) for row in result.vectors.tolist())
-                # Still tracked while sending: a drain must not close the connection under this answer.
-                await stream.send_message(response)
-            fields.update(status="OK", prompt_tokens=result.prompt_tokens)
+                yield
+            fields["status"] = "OK"
         except EdgeError as exc:
             fields.update(status=GRPC_STATUS[exc.kind].name, error=exc.message)
             raise GRPCError(GRPC_STATUS[exc.kind], exc.message) from None
@@ -96,21 +142,11 @@ class EdgeService(EdgeBase):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug or a broken model: answer INTERNAL, keep serving
             fields.update(status="INTERNAL", error=repr(exc))
-            self._log.exception("embed failed", extra={"fields": fields})
-            raise GRPCError(Status.INTERNAL, f"embedding failed: {type(exc).__name__}") from None
+            self._log.exception("request failed", extra={"fields": fields})
+            raise GRPCError(Status.INTERNAL, f"{fields['rpc']} failed: {type(exc).__name__}") from None
         finally:
             fields["ms"] = elapsed_ms(started)
             self._log.debug("request", extra={"fields": fields})
-
-    async def Generate(self, stream: Stream[edge_pb2.GenerateRequest, edge_pb2.GenerateChunk]) -> None:
-        """Not served yet: the edge's small LM is not deployed in this version."""
-        self._log.debug(
-            "request", extra={"fields": {"rpc": "Generate", "zone": self.zone, "status": "UNIMPLEMENTED"}}
-        )
-        raise GRPCError(
-            Status.UNIMPLEMENTED,
-            "Generate is not available on this edge worker yet (embeddings only); send generation to the core",
-        )
 
     @contextlib.contextmanager
     def _track(self) -> Iterator[None]:
@@ -130,7 +166,7 @@ class EdgeService(EdgeBase):
                 self._idle.set()
 
 
-async def _receive(stream: Stream[edge_pb2.EmbedRequest, edge_pb2.EmbedResponse]) -> edge_pb2.EmbedRequest:
+async def _receive(stream: Stream) -> edge_pb2.EmbedRequest | edge_pb2.GenerateRequest:
     """The request message; undecodable bytes (e.g. invalid UTF-8 in a string) are bad input."""
     try:
         request = await stream.recv_message()

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from edge.errors import EdgeError, ErrorKind
+from edge.runtime.generation import DEFAULT_MAX_TOKENS, GenerateParams
 
 M = TypeVar("M")
+
+
+class GenerateRequestLike(Protocol):
+    """The fields of a GenerateRequest that the checks read (the protobuf message satisfies it)."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: Sequence[str]
+    prefix_token_ids: Sequence[int]
+
+    def HasField(self, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -17,6 +32,15 @@ class EmbedLimits:
 
     max_batch_inputs: int
     max_input_chars: int
+
+
+@dataclass(frozen=True)
+class GenerateLimits:
+    """How much one Generate request may ask for."""
+
+    max_prompt_chars: int = 32_768
+    max_stop_strings: int = 8
+    max_stop_chars: int = 256
 
 
 def pick_model(name: str, models: Mapping[str, M]) -> M:
@@ -47,3 +71,31 @@ def check_embed_inputs(inputs: Sequence[object], limits: EmbedLimits) -> list[st
                 f"inputs[{index}] has {len(text)} characters, the limit is {limits.max_input_chars}",
             )
     return list(inputs)  # type: ignore[arg-type]  # every item was checked to be a str above
+
+
+def check_generate(request: GenerateRequestLike, limits: GenerateLimits) -> GenerateParams:
+    """Sampling settings of a GenerateRequest, if they are within `limits` and make sense."""
+    prompt = request.prompt
+    if len(prompt) > limits.max_prompt_chars:
+        raise EdgeError(
+            ErrorKind.BAD_INPUT, f"prompt has {len(prompt)} characters, the limit is {limits.max_prompt_chars}"
+        )
+    stop = tuple(request.stop)
+    if len(stop) > limits.max_stop_strings:
+        raise EdgeError(ErrorKind.BAD_INPUT, f"{len(stop)} stop strings, the limit is {limits.max_stop_strings}")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise EdgeError(ErrorKind.BAD_INPUT, f"a stop string is longer than {limits.max_stop_chars} characters")
+    temperature, top_p = float(request.temperature), float(request.top_p)
+    if not temperature >= 0:  # also refuses NaN
+        raise EdgeError(ErrorKind.BAD_INPUT, f"temperature must be >= 0, got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise EdgeError(ErrorKind.BAD_INPUT, f"top_p must be in (0, 1], got {top_p}")
+    return GenerateParams(
+        # proto3 cannot tell 0 from unset: 0 means "not given", as in OpenAI's API.
+        max_tokens=int(request.max_tokens) or DEFAULT_MAX_TOKENS,
+        temperature=temperature,
+        top_p=top_p or 1.0,
+        seed=int(request.seed) if request.HasField("seed") else None,
+        stop=stop,
+        prefix_token_ids=tuple(int(t) for t in request.prefix_token_ids),
+    )

@@ -40,6 +40,7 @@ def _config(model_dir: Path, **overrides: object) -> EdgeConfig:
         "max_batch_inputs": 8,
         "max_input_chars": 2000,
         "drain_timeout_s": 5.0,
+        "drain_grace_s": 0.0,
     }
     settings.update(overrides)
     return EdgeConfig(**settings)  # type: ignore[arg-type]
@@ -135,11 +136,18 @@ async def test_invalid_utf8_is_invalid_argument(channel: Channel) -> None:
     assert "UTF-8" in (caught.value.message or "")
 
 
-async def test_generate_is_unimplemented_with_a_reason(channel: Channel) -> None:
+async def test_generate_names_the_served_models_when_asked_for_another(channel: Channel) -> None:
     with pytest.raises(GRPCError) as caught:
         await EdgeStub(channel).Generate(edge_pb2.GenerateRequest(model="small-lm", prompt="hi"), timeout=10)
-    assert caught.value.status == Status.UNIMPLEMENTED
-    assert "not available" in (caught.value.message or "")
+    assert caught.value.status == Status.NOT_FOUND
+    assert MODEL in (caught.value.message or "")
+
+
+async def test_generate_on_an_embedding_model_is_invalid_argument(channel: Channel) -> None:
+    with pytest.raises(GRPCError) as caught:
+        await EdgeStub(channel).Generate(edge_pb2.GenerateRequest(model=MODEL, prompt="hi"), timeout=10)
+    assert caught.value.status == Status.INVALID_ARGUMENT
+    assert "call Embed" in (caught.value.message or "")
 
 
 async def test_still_serving_after_bad_requests(channel: Channel) -> None:
@@ -182,7 +190,7 @@ class _SlowModel:
         time.sleep(self.seconds)
         vectors = np.zeros((len(texts), 384), np.float32)
         vectors[:, 0] = 1.0
-        return EmbedResult(vectors, len(texts))
+        return EmbedResult(vectors, len(texts), (1,) * len(texts))
 
 
 async def test_drain_finishes_in_flight_requests_and_refuses_new_ones(embedding_model_dir: Path) -> None:
@@ -206,6 +214,21 @@ async def test_drain_finishes_in_flight_requests_and_refuses_new_ones(embedding_
         await asyncio.wait_for(stopping, 10)
 
 
+async def test_during_the_grace_period_new_requests_are_still_answered(embedding_model_dir: Path) -> None:
+    worker = EdgeServer(_config(embedding_model_dir, drain_grace_s=0.5))
+    await worker.start()
+    async with Channel("127.0.0.1", worker.port) as chan:
+        stopping = asyncio.create_task(worker.stop())
+        await asyncio.sleep(0.05)
+        assert await _status(chan) == HealthCheckResponse.NOT_SERVING
+        reply = await EdgeStub(chan).Embed(edge_pb2.EmbedRequest(model=MODEL, inputs=["late but welcome"]), timeout=10)
+        assert len(reply.embeddings) == 1
+        await asyncio.sleep(0.6)
+        refused = await _embed_error(chan, edge_pb2.EmbedRequest(model=MODEL, inputs=["too late"]))
+        assert refused.status == Status.UNAVAILABLE
+        await asyncio.wait_for(stopping, 10)
+
+
 async def test_port_zero_binds_a_free_port(server: EdgeServer) -> None:
     assert server.port > 0
 
@@ -214,7 +237,8 @@ async def test_port_zero_binds_a_free_port(server: EdgeServer) -> None:
 async def test_cli_serves_then_exits_zero_on_sigterm(embedding_model_dir: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "port"
     argv = ["-m", "edge.server", "--host", "127.0.0.1", "--port", "0", "--zone", "cli-zone"]
-    argv += ["--model", f"{MODEL}={embedding_model_dir}", "--threads", "1", "--port-file", str(port_file)]
+    argv += ["--model", f"{MODEL}={embedding_model_dir}", "--threads", "1", "--port-file", str(port_file),
+             "--drain-grace", "0.2"]
     process = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )

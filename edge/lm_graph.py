@@ -1,0 +1,98 @@
+"""The decoder step the small-LM export traces: a Hugging Face dense decoder with its KV cache as tensors.
+
+Written out explicitly (embed, per layer: norm, q/k/v, rotary, cache concat, grouped attention with a
+causal mask built from positions, MLP; final norm, last-position logits) over the checkpoint's own
+modules, so the traced ONNX graph has no Python-side branches on shapes and every axis stays dynamic.
+transformers' own forward builds its masks and caches with Python logic that tracing would freeze.
+Families: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms); the export checks the result
+against transformers' generate, token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedCheckpoint(ValueError):
+    """The checkpoint is not a dense decoder of a family this export knows."""
+
+
+class DecoderStep(nn.Module):
+    """(input_ids, position_ids, past k/v per layer) -> (last logits, present k/v per layer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        check_supported(model.config)
+        self.model = model.model
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.model.layers)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(hidden, position_ids)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        presents: list[torch.Tensor] = []
+        mask = None
+        for i, layer in enumerate(self.model.layers):
+            past_k, past_v = past[2 * i], past[2 * i + 1]
+            if mask is None:
+                mask = causal_bias(position_ids, past_k.shape[2], hidden.dtype)
+            attn_out, k, v = _attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_k, past_v, mask)
+            presents += [k, v]
+            hidden = hidden + attn_out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.model.norm(hidden[:, -1:, :])  # only the last position is ever sampled from
+        logits = self.lm_head(hidden)[:, 0, :].float()
+        return (logits, *presents)
+
+
+def check_supported(config) -> None:
+    """Refuse checkpoints whose forward differs from what DecoderStep computes."""
+    family = getattr(config, "model_type", "")
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UnsupportedCheckpoint(f"{family}: sliding-window layers are not supported ({sorted(set(layer_types))})")
+    if getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0):
+        raise UnsupportedCheckpoint(f"{family}: mixture-of-experts checkpoints belong to the core, not the edge")
+
+
+def causal_bias(position_ids: torch.Tensor, past_len: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [batch, 1, seq, past+seq]: query at position p sees keys at positions <= p."""
+    seq = position_ids.shape[1]
+    keys = torch.arange(past_len + seq, device=position_ids.device)  # cache slot j holds position j
+    allowed = keys[None, None, :] <= position_ids[:, :, None]
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def _attention(attn, x, cos, sin, past_k, past_v, mask):
+    """Grouped-query attention of one layer over the cache plus the new positions."""
+    batch, seq, _ = x.shape
+    head_dim = attn.head_dim
+    q = attn.q_proj(x).view(batch, seq, -1, head_dim)
+    k = attn.k_proj(x).view(batch, seq, -1, head_dim)
+    v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # qwen3 normalises each head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k = torch.cat([past_k, k], dim=2)
+    v = torch.cat([past_v, v], dim=2)
+    groups = int(attn.num_key_value_groups)  # a constant of the checkpoint, not a traced shape
+    k_all = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v_all = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v_all).transpose(1, 2).reshape(batch, seq, -1)
+    return attn.o_proj(out), k, v
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last axis (the rotary convention of these families)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

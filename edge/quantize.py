@@ -1,0 +1,70 @@
+"""Optional int8 weights for the edge models, and the measures that keep their quality in check.
+
+ONNX Runtime's dynamic quantization stores MatMul weights as int8 (per output channel) and
+quantizes activations on the fly, so no calibration data is needed. Quality is measured against the
+fp32 graph on fixed inputs: embedding cosine for the encoder, top-1 agreement for the LM.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+INT8_METHOD = "onnxruntime.quantization.quantize_dynamic(QInt8 weights, per channel, MatMul with constant B)"
+
+
+def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> list[str]:
+    """Write `src`'s graph to `dst` with dynamic int8 MatMul weights; names the MatMuls left in fp32.
+
+    `keep_fp32` holds regular expressions for node names to leave alone (layers whose activations have
+    outliers that per-tensor activation scales cannot follow).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    excluded = [n.name for n in graph.node if n.op_type == "MatMul" and any(re.search(k, n.name) for k in keep_fp32)]
+    # The quantizer logs every node it skips at warning level; the build's own progress is enough.
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        # MatMul with a constant B only: attention's activation x activation products stay fp32, and
+        # Gather (embedding tables) in int8 costs accuracy for no speed on CPU.
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return excluded
+
+
+def embedding_cosine(model_dir: Path, texts: Sequence[str]) -> float:
+    """The lowest cosine between int8 and fp32 embeddings of `texts`."""
+    from edge.runtime.embedding import EmbeddingModel
+
+    fp32 = EmbeddingModel.load(model_dir, threads=1).embed(list(texts)).vectors
+    int8 = EmbeddingModel.load(model_dir, threads=1, int8=True).embed(list(texts)).vectors
+    cosine = (fp32 * int8).sum(axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    return float(cosine.min())
+
+
+def lm_top1_agreement(model_dir: Path, prompts: Sequence[str], steps: int) -> float:
+    """How often int8 picks fp32's top token, along fp32's greedy path of `steps` tokens per prompt."""
+    from edge.runtime.generation import SmallLM
+
+    fp32 = SmallLM.load(model_dir, threads=1)
+    int8 = SmallLM.load(model_dir, threads=1, int8=True)
+    agree = total = 0
+    for prompt in prompts:
+        # Teacher forcing: both read fp32's tokens, so one early disagreement does not derail the rest.
+        path = fp32.greedy_ids(prompt, steps)
+        ids = fp32.encode(prompt)
+        ref = fp32.next_logits_along(ids, path)
+        got = int8.next_logits_along(ids, path)
+        agree += int((ref.argmax(axis=1) == got.argmax(axis=1)).sum())
+        total += len(path)
+    return agree / max(1, total)
