@@ -18,6 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before triton
+# is first imported, and any test folder may import it first (through `kernels`).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 from deploy.settings import DEFAULT_TOPOLOGY
 
 
@@ -113,6 +121,7 @@ def stack(tmp_path_factory) -> Stack:
     up = meridian("up", "--detach", "--topology", str(path), "--var-dir", str(var), env=env)
     if up.returncode != 0:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (var / "logs").glob("*.log"))
+        meridian("down", "--var-dir", str(var), env=env, timeout=120)
         pytest.fail(f"meridian up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
     g = topo["gateway"]
     yield Stack(f"http://127.0.0.1:{g['http1']['port']}", "127.0.0.1", g["http3"]["port"], API_KEY, var, topo,

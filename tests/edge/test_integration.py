@@ -129,7 +129,9 @@ async def _async(value: bool) -> bool:
     return value
 
 
-@pytest.fixture(scope="module")
+# Session scope: the replacements keep serving for the test folders that run after this one, and
+# stop just before the shared stack does.
+@pytest.fixture(scope="session")
 def replacements(stack):
     spares = Replacements(stack)
     yield spares

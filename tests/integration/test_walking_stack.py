@@ -147,7 +147,7 @@ def test_http1_same_answers_with_alt_svc(stack):
 
     status, headers, body = http(stack, "GET", "/v1/models")
     assert status == 200
-    assert {m["id"] for m in json.loads(body)["data"]} == {EMBED_MODEL, CORE_MODEL}
+    assert {m["id"] for m in json.loads(body)["data"]} >= {EMBED_MODEL, CORE_MODEL}
 
 
 @pytest.mark.parametrize("body,status", [
@@ -180,7 +180,7 @@ def test_openai_package_unchanged(stack):
     chat = client.chat.completions.create(model=CORE_MODEL, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, temperature=0)
     assert chat.choices[0].message.role == "assistant"
-    assert [m.id for m in client.models.list()] == [EMBED_MODEL, CORE_MODEL]
+    assert {m.id for m in client.models.list()} >= {EMBED_MODEL, CORE_MODEL}
 
 
 async def test_core_refusal_is_400_and_core_keeps_serving(stack):
