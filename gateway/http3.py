@@ -63,6 +63,14 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._pending: dict[int, _Pending] = {}
         self._tasks: dict[int, asyncio.Task] = {}
 
+    def datagram_received(self, data: bytes, addr) -> None:
+        # Flush at the end of the loop iteration, not per datagram: the ACK for a request then
+        # leaves in the same packet as answers produced meanwhile, and a burst of datagrams costs
+        # one pass of packet building instead of one per datagram.
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        self._process_events()
+        self._transmit_soon()
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
             self._http = H3Connection(self._quic)
