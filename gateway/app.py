@@ -311,7 +311,8 @@ class Gateway:
                     await got.release()
                 await self.limiter.debit(principal.tenant, recording.total_tokens)
 
-        return await _answer(body.stream, fmt, meta, include_usage, chunks(), stream.first_zone, model.tier, cache_state)
+        return await _answer(body.stream, fmt, meta, include_usage, chunks(), stream.first_zone, model.tier, cache_state,
+                             resumed=lambda: stream.resumed)
 
 
 class _Recording:
@@ -351,11 +352,12 @@ async def _replay(answer: CachedAnswer) -> AsyncIterator[GenerateChunk]:
         )
 
 
-async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: str, tier: str, cache: str) -> Response:
+async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: str, tier: str, cache: str,
+                  resumed=lambda: 0) -> Response:
     """A streamed answer as SSE, or the whole answer gathered from the chunks."""
     headers = {"x-meridian-zone": zone, "x-meridian-tier": tier, "x-meridian-cache": cache}
     if stream:
-        return Response.event_stream(_sse(chunks, fmt, meta, include_usage), headers)
+        return Response.event_stream(_sse(chunks, fmt, meta, include_usage, resumed), headers)
     text: list[str] = []
     usage = openai_format.Usage()
     finish = "stop"
@@ -370,7 +372,8 @@ async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: st
 
 
 async def _sse(
-    chunks: AsyncIterator[GenerateChunk], fmt: openai_format.Format, meta: openai_format.Meta, include_usage: bool
+    chunks: AsyncIterator[GenerateChunk], fmt: openai_format.Format, meta: openai_format.Meta, include_usage: bool,
+    resumed=lambda: 0,
 ) -> AsyncIterator[bytes]:
     usage = openai_format.Usage()
     try:
@@ -381,6 +384,9 @@ async def _sse(
             yield _event(fmt.stream_delta(meta, chunk.text, chunk.finish_reason))
         if include_usage:
             yield _event(fmt.stream_usage(meta, usage))
+        if n := resumed():
+            # An SSE comment (clients skip it): the stream moved zones n times on its way.
+            yield b": meridian-resumed %d\n\n" % n
         yield b"data: [DONE]\n\n"
     except GatewayError as err:
         # Headers are gone already: the error travels as an SSE event, as OpenAI's API does.

@@ -31,6 +31,7 @@ class Sample:
     text: str = ""
     body: dict = field(default_factory=dict)
     streaming: bool = False  # a stream that has received text and not finished yet
+    resumed: int = 0  # zones the gateway moved this stream through (its SSE comment says)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ async def stream_text(session: aiohttp.ClientSession, base_url: str, sample: Sam
         done = False
         async for raw in r.content:
             line = raw.decode().strip()
+            if line.startswith(": meridian-resumed "):
+                sample.resumed = int(line.rsplit(" ", 1)[1])
+                continue
             if not line.startswith("data: "):
                 continue
             data = line[len("data: "):]

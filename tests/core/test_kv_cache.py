@@ -63,3 +63,22 @@ def test_paged_equals_slot_cache(local_checkpoint):
         got, want = model(tokens, start, paged, ps), model(tokens, start, dense, ds)
         assert torch.equal(got, want)
         tokens = got[:, -1:].argmax(-1)
+
+
+def test_a_slot_handed_on_gets_its_own_blocks():
+    """The rows worked out for one forward are not reused once the slot's blocks have changed."""
+    cache = PagedKVCache([((2,),)], num_blocks=4, block_size=2, max_slots=2, max_len=8, dtype=torch.float32)
+    a, b = cache.allocate(2), cache.allocate(2)  # blocks 1 and 2
+    first = torch.ones(1, 2, 2)
+    cache.update(0, torch.tensor([b]), torch.tensor([0]), (first,))
+    cache.release(b)
+    cache.release(a)
+    c = cache.allocate(4)  # takes blocks 1 and 2
+    d = cache.allocate(2)  # block 3, in b's slot
+    assert d == b and cache.table[d, 0] == 3
+    second = torch.full((1, 2, 2), 2.0)
+    (out,) = cache.update(0, torch.tensor([d]), torch.tensor([0]), (second,))  # same slots, start, length
+    assert torch.equal(out, second)
+    assert torch.equal(cache.pools[0][0][3], second[0])  # d's own block
+    assert torch.equal(cache.pools[0][0][2], first[0])  # c's block untouched
+    assert cache.table[c].tolist()[:2] == [1, 2]

@@ -6,18 +6,28 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import cpu, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_cpu_takes_the_references():
+def test_cpu_takes_the_cpu_paths_or_the_references():
+    x = torch.randn(3, 32)
+    w13, w2 = torch.randn(4, 48, 32), torch.randn(4, 32, 24)
+    logits = torch.randn(3, 4)
+    wts, ids = kernels.route(logits, 2)
+    assert all(torch.equal(a, b) for a, b in zip((wts, ids), reference.route(logits, 2)))
+    assert torch.equal(kernels.fused_moe(x, w13, w2, wts, ids), cpu.fused_moe(x, w13, w2, wts, ids))
+    w = torch.rand(32)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+
+
+def test_references_can_be_forced_on_cpu(monkeypatch):
+    monkeypatch.setenv("MERIDIAN_KERNELS", "reference")
     x = torch.randn(3, 32)
     w13, w2 = torch.randn(4, 48, 32), torch.randn(4, 32, 24)
     wts, ids = kernels.route(torch.randn(3, 4), 2)
     assert torch.equal(kernels.fused_moe(x, w13, w2, wts, ids), reference.fused_moe(x, w13, w2, wts, ids))
-    w = torch.rand(32)
-    assert torch.equal(kernels.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
 
 
 @cuda
