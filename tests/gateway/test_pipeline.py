@@ -188,7 +188,8 @@ async def test_chat_stream_resumes_in_the_next_zone(zones):
     r = await gw.handle(req("POST", "/v1/chat/completions", body))
     assert r.status == 200 and r.headers["content-type"] == "text/event-stream"
     events = [e async for e in r.stream]
-    payloads = [e.decode().removeprefix("data: ").strip() for e in events]
+    assert b": meridian-resumed 1\n\n" in events  # the SSE comment that says the stream moved
+    payloads = [e.decode().removeprefix("data: ").strip() for e in events if e.startswith(b"data: ")]
     assert payloads[-1] == "[DONE]"
     chunks = [msgspec.json.decode(p) for p in payloads[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
