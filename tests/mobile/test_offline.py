@@ -97,3 +97,17 @@ async def test_edge_adapter_reports_a_missing_runtime_clearly(tmp_path, monkeypa
 def test_chat_prompt_refuses_bad_messages():
     with pytest.raises(mobile.ConfigError):
         chat_prompt([{"role": "user"}])
+
+
+async def test_offline_answer_comes_from_the_real_edge_small_lm(cache_dir):
+    """The SDK's offline path runs the edge's own ONNX loop over the edge-small model `make models` built."""
+    model_dir = cache_dir / "edge" / "edge-small"
+    if not (model_dir / "meta.json").is_file():
+        pytest.skip("edge-small is not built (make models)")
+    from edge.runtime.generation import load
+
+    expected = "".join(load(model_dir).generate("Once upon a time", max_tokens=12, temperature=0.0, seed=None, stop=[]))
+    async with _client(mobile.EdgeLocalModel(model_dir)) as c:
+        answer = await c.completions.create(model="edge-small", prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert answer.meta.local and answer.meta.protocol == "local"
+    assert answer.text == expected and answer.text
