@@ -1,6 +1,7 @@
 """Picks the implementation of each op for the tensors it is given: the Triton kernels for CUDA
-tensors, the PyTorch references (`kernels.reference`) elsewhere. MERIDIAN_KERNELS=reference
-forces the references everywhere (debugging, bisecting a numerical difference)."""
+tensors; on the CPU, the CPU paths (`kernels.cpu`) where there is one, else the PyTorch references
+(`kernels.reference`). MERIDIAN_KERNELS=reference forces the references everywhere (debugging,
+bisecting a numerical difference)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ import sys
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
+
+
+def references_forced() -> bool:
+    """MERIDIAN_KERNELS=reference: every op takes its PyTorch reference."""
+    return os.environ.get("MERIDIAN_KERNELS", "").lower() == "reference"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True where the Triton kernels run: every tensor on CUDA and references not forced."""
-    if os.environ.get("MERIDIAN_KERNELS", "").lower() == "reference":
-        return False
-    return "kernels.fused_moe" in sys.modules and all(t.is_cuda for t in tensors)
+    # The device test first: it is what answers on CPU, and it costs less than the environment lookup.
+    return "kernels.fused_moe" in sys.modules and all(t.is_cuda for t in tensors) and not references_forced()
+
+
+def use_cpu(*tensors: torch.Tensor) -> bool:
+    """True where the CPU paths run: every tensor on the CPU and references not forced."""
+    return all(t.device.type == "cpu" for t in tensors) and not references_forced()
 
 
 def _kernel(name: str):
@@ -29,6 +39,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """Fused (residual add +) RMSNorm; see `reference.rms_norm`."""
     if use_triton(x, weight) and (residual is None or residual.dtype == x.dtype):
         return _kernel("rmsnorm").rms_norm(x, weight, eps, residual)
+    if use_cpu(x, weight):
+        return cpu.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
 
@@ -51,4 +63,6 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scale=No
         )
     if w13_scale is not None:
         return reference.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if use_cpu(x, w13, w2, topk_ids):
+        return cpu.fused_moe(x, w13, w2, topk_weights, topk_ids)
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids)

@@ -11,7 +11,7 @@ from torch import nn
 
 from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
-from core.model.layers import MLP, MoE, RMSNorm, apply_rope, attention, yarn_mscale
+from core.model.layers import MLP, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale
 
 
 class MLAttention(nn.Module):
@@ -46,33 +46,46 @@ class MLAttention(nn.Module):
         q_nope, q_rot = q.split([nope, rope], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
-        k_rot = apply_rope(k_rot.unsqueeze(1), cos, sin, cfg.rope_interleave).squeeze(1)
-        latent, k_rot = cache.update(layer, slots, start, (latent, k_rot))
+        # The rope key rotates as one more head of the query: one rotation for both.
+        rotated = apply_rope(torch.cat([q_rot, k_rot.unsqueeze(1)], dim=1), cos, sin, cfg.rope_interleave)
+        q_rot, k_rot = rotated[:, :n], rotated[:, n]
+        # One cache entry [latent | rope key]: one write and one read per layer, and the absorbed
+        # path's key is the cached row as it is.
+        (cached,) = cache.update(layer, slots, start, (torch.cat([latent, k_rot], dim=-1),))
         if t * (2 * cfg.kv_lora_rank + rope) < cfg.kv_lora_rank * (nope + cfg.v_head_dim):
-            return self.o_proj(self._absorbed(q_nope, q_rot, latent, k_rot, mask))
+            return self.o_proj(self._absorbed(q_nope, q_rot, cached, mask))
+        latent, k_rot = cached.split([cfg.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(latent).view(b, -1, n, nope + cfg.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, n, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
         return self.o_proj(attention(q, k, v, mask, self.scale))
 
-    def _absorbed(self, q_nope, q_rot, latent, k_rot, mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rot, cached, mask) -> torch.Tensor:
         """Attention in the latent space: kv_b_proj folded into the query (keys) and the output (values).
 
         Few queries over a long cache (decode) then skip up-projecting every cached latent each step;
-        all heads share one latent "kv head". Returns [B, T, heads * v_head_dim].
+        all heads share one latent "kv head": the cached [latent | rope key] rows are the keys, their
+        latent part the values. Returns [B, T, heads * v_head_dim].
         """
         cfg = self.cfg
         n, nope, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        b, t = q_nope.shape[0], q_nope.shape[2]
         w = self.kv_b_proj.weight.view(n, nope + cfg.v_head_dim, r)
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w[:, :nope])
-        q = torch.cat([q_latent, q_rot], dim=-1)
-        k = torch.cat([latent, k_rot], dim=-1).unsqueeze(1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, latent.unsqueeze(1), attn_mask=mask, scale=self.scale, enable_gqa=True)
-        out = torch.einsum("bhtr,hvr->bthv", out, w[:, nope:])
-        return out.reshape(out.shape[0], out.shape[1], -1)
+        q_latent = per_head(q_nope, w[:, :nope])  # [B, heads, T, r]
+        k = cached.unsqueeze(1)
+        out = grouped_attention(torch.cat([q_latent, q_rot], dim=-1), k, k[..., :r], mask, self.scale)
+        out = per_head(out, w[:, nope:].transpose(1, 2))  # [B, heads, T, v_head_dim]
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, d] times each head's own matrix w [H, d, e] -> [B, H, T, e].
+
+    One bmm with the heads as its batch: a broadcast matmul would copy the weights for every row."""
+    b, h, t, d = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(h, b * t, d), w)
+    return out.view(h, b, t, -1).transpose(0, 1)
 
 
 class DecoderLayer(nn.Module):
@@ -101,6 +114,6 @@ class DeepseekV3ForCausalLM(CausalLM):
         super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.qk_rope_head_dim)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
-        """Per layer, the per-token shapes the cache stores: the kv latent and the shared rope key."""
-        entry = ((self.config.kv_lora_rank,), (self.config.qk_rope_head_dim,))
+        """Per layer, the per-token shape the cache stores: the kv latent and the shared rope key, side by side."""
+        entry = ((self.config.kv_lora_rank + self.config.qk_rope_head_dim,),)
         return [entry] * self.config.num_hidden_layers

@@ -115,12 +115,37 @@ def causal_mask(start: torch.Tensor, length: int, kv_length: int, window: int | 
     return mask.unsqueeze(1)
 
 
+# Up to this many queries per row (decode), attention runs as matmuls (`grouped_attention`): on CPU,
+# SDPA with a mask and grouped heads took 3.7 ms where the matmuls take 0.25 ms (64 decode rows over
+# MLA's one latent head, torch 2.13). Longer queries (prefill) keep SDPA's fused kernels.
+FEW_QUERIES = 4
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Softmax attention, q [B, H, T, d], k/v [B, H or fewer (grouped), L, d]: returns [B, T, H * dv]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if q.shape[2] <= FEW_QUERIES:
+        out = grouped_attention(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention as matmuls, q [B, H, T, d], k/v [B, kv heads, L, d] -> [B, H, T, dv].
+
+    The query heads of a kv head become extra query rows of it, so k and v are read as they are,
+    never expanded. Softmax in fp32, as transformers' eager path."""
+    b, h, t, d = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = h // kv_heads
+    scores = torch.matmul(q.reshape(b, kv_heads, group * t, d), k.transpose(-1, -2))
+    scores = torch.where(mask.unsqueeze(2), scores.view(b, kv_heads, group, t, kv_len) * scale, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs.view(b, kv_heads, group * t, kv_len), v).view(b, h, t, -1)
 
 
 class GQAttention(nn.Module):
