@@ -78,13 +78,18 @@ def baselines(samples: list[Sample], fault_at: float) -> dict[str, float]:
     return out
 
 
-def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, float]) -> float:
+def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, float],
+                     fault_end: float | None = None) -> float:
     """Time from the fault to the end of the last window whose p99 is over 2x baseline (or that failed).
 
     Latencies are taken relative to each kind's baseline p99, so embeddings and streams count alike.
+    Only requests that started while the fault held count: the fault's end (a zone coming back) is
+    an event of its own, measured by the zone-returns drill.
     """
     # Requests in flight when the fault hit count from the fault's moment.
-    after = [(max(s.started, fault_at), s) for s in samples if s.started + s.latency >= fault_at]
+    until = fault_end if fault_end is not None else float("inf")
+    after = [(max(s.started, fault_at), s) for s in samples
+             if s.started + s.latency >= fault_at and s.started < until]
     if not after:
         return 0.0
     end = max(t for t, _ in after)

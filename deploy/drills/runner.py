@@ -136,7 +136,7 @@ def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: fl
         fault_end=round(fault_end, 3),
         client_failures=len(failures),
         requests=len(samples),
-        recovery_seconds=round(rpt.recovery_seconds(samples, fault_at, base), 3),
+        recovery_seconds=round(rpt.recovery_seconds(samples, fault_at, base, fault_end), 3),
         p50_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 50),
         p99_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 99),
         p50_ms_during=rpt.percentile(rpt.phase(samples, fault_at, fault_end), 50),
