@@ -108,7 +108,7 @@ class LoadGenerator:
                 sample.body = {"model": self.core_model, "prompt": f"Drill {self._nonce} story {i}:", "max_tokens": 24,
                                "temperature": 0.8, "seed": i, "stream": True}
                 await stream_text(session, self.base_url, sample)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as exc:
             sample.ok, sample.error = False, f"{type(exc).__name__}: {exc}"
         sample.latency = time.monotonic() - started
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +76,13 @@ async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rat
         for name in names:
             scenario = SCENARIOS[name]
             ctx = Context(stack, topology.zones[0].name)
-            report = await run_one(ctx, scenario, timing, rates, core_model, settings.api_key, out_dir)
+            try:
+                report = await run_one(ctx, scenario, timing, rates, core_model, settings.api_key, out_dir)
+            except Exception:
+                # The drill's own machinery broke (not the stack under test): say so, loudly.
+                traceback.print_exc()
+                print(f"drill {name}: ERROR in the drill itself (traceback above)", flush=True)
+                raise
             print(report.to_text(), flush=True)
             reports.append(report)
             await scenario.restore(ctx)
@@ -207,7 +215,12 @@ async def check_streams(base_url: str, api_key: str, samples: list[Sample]) -> t
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
         for s in streams:
             ref = Sample("stream", 0.0, body=s.body)
-            await stream_text(session, base_url, ref)
+            for _ in range(3):  # the reference run is ours, not the drill's: a transport hiccup is retried
+                try:
+                    await stream_text(session, base_url, ref)
+                    break
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    print(f"reference stream failed, retrying: {exc}", file=sys.stderr, flush=True)
             if not ref.ok or ref.text != s.text:
                 return False, len(streams)
     return True, len(streams)
@@ -215,9 +228,16 @@ async def check_streams(base_url: str, api_key: str, samples: list[Sample]) -> t
 
 async def scrape(base_url: str) -> dict[str, float]:
     """Sum of each counter family of the gateway's /metrics."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base_url + "/metrics") as r:
-            text = await r.text()
+    for attempt in range(3):
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.get(base_url + "/metrics") as r:
+                    text = await r.text()
+            break
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.5)
     totals: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
