@@ -4,9 +4,9 @@ overhead. Same math as `kernels.reference`; tests/kernels/test_cpu.py holds them
 
 `fused_moe`: the reference finds each expert's tokens with a boolean scan and a host sync and
 scatters each expert's output with its own index_add, about ten ops per expert. Here the routed rows
-are sorted by expert once, so each expert's GEMMs run over a contiguous slice (one grouped GEMM per
-projection when most experts are hit); SwiGLU, the un-sort and the weighted top-k sum each run once
-over all rows. Only fp32 rounding (the order of the top-k sum) differs from the reference.
+are sorted by expert once, so each expert's GEMMs run over a contiguous slice; SwiGLU, the un-sort
+and the weighted top-k sum each run once over all rows. (F.grouped_mm would save launches at large
+batches, but rounds differently from mm, so a token's bits would depend on the batch.) Only fp32 rounding (the order of the top-k sum) differs from the reference.
 
 `rms_norm`: torch's own RMSNorm, one op where the reference spells out seven.
 """
@@ -38,31 +38,25 @@ def fused_moe(
     return out.to(x.dtype)
 
 
+# CPU BLAS rounds a row differently with the row count of the call (GEMV and small-M paths below
+# 4 rows; another split of the work across threads for odd counts). Padding every expert's slice to
+# a multiple of 4 keeps a token's result independent of how many other tokens picked the same
+# expert (batch invariance: a stream's tokens must not depend on its neighbours in the batch).
+GEMM_ROW_MULTIPLE = 4
+
+
 def _grouped_linear(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows [S, K] sorted by expert, counts[e] of them for expert e; weight [E, N, K] -> [S, N]."""
-    # F.grouped_mm visits every expert, hit or not: worth it once the rows could hit most of them.
-    if rows.shape[0] >= weight.shape[0] and _grouped_mm_fits(rows, weight):
-        return F.grouped_mm(rows, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     sizes = counts.tolist()  # the one host sync
     # Whole-tensor splits: a few ops per call rather than a few per expert.
     for n, x, w, y in zip(sizes, rows.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes)):
-        if n:
+        extra = -n % GEMM_ROW_MULTIPLE
+        if n and not extra:
             torch.mm(x, w, out=y)
+        elif n:
+            y.copy_(torch.mm(torch.cat([x, x.new_zeros(extra, x.shape[1])]), w)[:n])
     return out
-
-
-def _grouped_mm_fits(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether F.grouped_mm takes these operands: it exists, and every base address and row stride is
-    a multiple of 16 bytes (older CPU kernels refuse others; a memory-mapped checkpoint may have them)."""
-    size = rows.element_size()
-    return (
-        hasattr(F, "grouped_mm")
-        and rows.dtype == weight.dtype
-        and all(s * size % 16 == 0 for s in (rows.stride(0), weight.stride(0), weight.stride(1)))
-        and rows.data_ptr() % 16 == 0
-        and weight.data_ptr() % 16 == 0
-    )
 
 
 def rms_norm(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.model.config import ModelConfig
-from core.model.layers import RMSNorm, RotaryEmbedding, causal_mask
+from core.model.layers import Linear, RMSNorm, RotaryEmbedding, causal_mask
 
 
 class Backbone(nn.Module):
@@ -32,7 +32,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, layers)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, rope_dim)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
-from core.model.layers import MLP, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale
+from core.model.layers import GEMM_ROW_MULTIPLE, Linear, MLP, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale
 
 
 class MLAttention(nn.Module):
@@ -23,15 +23,15 @@ class MLAttention(nn.Module):
         h, n = cfg.hidden_size, cfg.num_attention_heads
         self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, n * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(h, n * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, n * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(n * cfg.v_head_dim, h, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(n * cfg.v_head_dim, h, bias=cfg.attention_bias)
         self.scale = self.qk_head_dim**-0.5
         if cfg.rope.type != "default" and cfg.rope.mscale_all_dim:
             # YaRN sharpens the softmax too, by mscale squared (q and k each carry one factor).
@@ -84,8 +84,12 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     One bmm with the heads as its batch: a broadcast matmul would copy the weights for every row."""
     b, h, t, d = x.shape
-    out = torch.bmm(x.transpose(0, 1).reshape(h, b * t, d), w)
-    return out.view(h, b, t, -1).transpose(0, 1)
+    rows = x.transpose(0, 1).reshape(h, b * t, d)
+    extra = 0 if x.is_cuda else -(b * t) % GEMM_ROW_MULTIPLE  # batch invariance, as layers.Linear
+    if extra:
+        rows = torch.cat([rows, rows.new_zeros(h, extra, d)], dim=1)
+    out = torch.bmm(rows, w)[:, : b * t]
+    return out.reshape(h, b, t, -1).transpose(0, 1)
 
 
 class DecoderLayer(nn.Module):

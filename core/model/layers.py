@@ -13,6 +13,36 @@ import kernels
 from core.model.config import ModelConfig, RopeConfig
 
 
+
+# CPU BLAS rounds a row differently with the row count of the call: below 4 rows it takes GEMV or
+# small-M paths, and with several threads an odd count splits the work differently. Row counts
+# that are multiples of 4 all agree (checked in tests/core/test_batch_invariance.py), so calls are
+# padded to one.
+GEMM_ROW_MULTIPLE = 4
+
+
+def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE) -> torch.Tensor:
+    """`x` [n, k] with zero rows appended up to a multiple of `multiple`."""
+    extra = -x.shape[0] % multiple
+    return torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) if extra else x
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose rows come out the same whatever else is in the batch, on CPU too.
+
+    Continuous batching puts a sequence's rows beside different neighbours at every step; a
+    sampled token must not depend on them (a resumed or concurrent stream must equal a solo run of
+    the same seeded request), and a near-tied expert choice would turn a last-bit difference into
+    another token. On CPU, row counts are padded to a multiple of GEMM_ROW_MULTIPLE.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if x.is_cuda or rows % GEMM_ROW_MULTIPLE == 0:
+            return super().forward(x)
+        flat = pad_rows(x.reshape(rows, x.shape[-1]))
+        return super().forward(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (fp32 inside), through the kernel dispatcher."""
 
@@ -158,10 +188,10 @@ class GQAttention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = nn.Linear(h, self.heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.heads * d, h, bias=cfg.attention_bias)
+        self.q_proj = Linear(h, self.heads * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.heads * d, h, bias=cfg.attention_bias)
         if qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -186,9 +216,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

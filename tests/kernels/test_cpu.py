@@ -29,22 +29,30 @@ def test_fused_moe_matches_reference(tokens, dtype):
     torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_fused_moe_idle_experts_and_ragged_shapes(grouped, monkeypatch):
-    """Experts no token picks, one expert taking most rows, and widths F.grouped_mm refuses."""
-    e, h, i, k, t = 8, 24, 10, 2, 12  # 10 * 4 bytes: not a multiple of 16, so the loop serves
+def test_fused_moe_idle_experts_and_ragged_shapes():
+    """Experts no token picks, one expert taking most rows, and odd widths."""
+    e, h, i, k, t = 8, 24, 10, 2, 12
     x = torch.randn(t, h)
     w13, w2 = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
     ids = torch.tensor([[0, 5]] * (t - 2) + [[5, 7], [7, 0]], dtype=torch.int32)
     wts = torch.rand(t, k)
-    if grouped:  # even widths, so the grouped GEMM takes them
-        i = 16
-        w13, w2 = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
-        assert cpu._grouped_mm_fits(x, w13) or not hasattr(torch.nn.functional, "grouped_mm")
-    else:
-        assert not cpu._grouped_mm_fits(x, w2)
     torch.testing.assert_close(cpu.fused_moe(x, w13, w2, wts, ids), reference.fused_moe(x, w13, w2, wts, ids),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_fused_moe_is_batch_invariant():
+    """A token's output is the same bits whatever other tokens share the call (and its experts)."""
+    torch.manual_seed(3)
+    e, h, i, k, t = 16, 64, 32, 4, 40
+    x = torch.randn(t, h)
+    w13, w2 = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
+    wts, ids = torch.rand(t, k), torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32)
+    together = cpu.fused_moe(x, w13, w2, wts, ids)
+    for row in (0, 7, 39):
+        alone = cpu.fused_moe(x[row:row + 1], w13, w2, wts[row:row + 1], ids[row:row + 1])
+        assert torch.equal(alone[0], together[row])
+    pair = cpu.fused_moe(x[5:7], w13, w2, wts[5:7], ids[5:7])
+    assert torch.equal(pair, together[5:7])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
