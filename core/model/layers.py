@@ -168,7 +168,9 @@ def grouped_attention(
     """Softmax attention as matmuls, q [B, H, T, d], k/v [B, kv heads, L, d] -> [B, H, T, dv].
 
     The query heads of a kv head become extra query rows of it, so k and v are read as they are,
-    never expanded. Softmax in fp32, as transformers' eager path."""
+    never expanded. Softmax in fp32, as transformers' eager path. (Not batch-invariant: the softmax
+    and probs @ v reduce over the batch's padded key length; cutting each row to its own length
+    fixes that but cost a third of the CPU throughput at 16 rows, so it waits for a better way.)"""
     b, h, t, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = h // kv_heads
@@ -244,7 +246,8 @@ class Router(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        flat = x.float() if x.is_cuda else pad_rows(x.float())  # batch invariance, as Linear
+        logits = F.linear(flat, self.weight.float())[: x.shape[0]]
         return kernels.route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.options)
 
 
