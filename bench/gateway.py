@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def start_stack(var: Path) -> tuple[LocalStack, dict]:
     """Redis, one edge-only zone and the gateway, on private ports."""
     raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
     raw["gateway"]["http1"]["port"] = free_port()
-    raw["gateway"]["http3"]["port"] = free_port()
+    raw["gateway"]["http3"]["port"] = free_port(socket.SOCK_DGRAM)
     raw["gateway"]["https"] = {"host": "127.0.0.1", "port": 0}
     raw["redis"]["port"] = free_port()
     zone = raw["zones"][0]

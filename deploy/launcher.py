@@ -232,9 +232,9 @@ def proxy_address(address: str) -> str:
     return f"{head}.{int(last) + 1}"
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port (TCP, or UDP with SOCK_DGRAM) nothing listens on right now."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -153,7 +153,7 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         if response.stream is None:
             self._send_whole(stream_id, response)
             return
-        self._send_headers(stream_id, response, end=False)
+        self._send_headers(stream_id, response)
         try:
             async for chunk in response.stream:
                 self._http.send_data(stream_id, chunk, end_stream=False)
@@ -164,16 +164,16 @@ class H3GatewayProtocol(QuicConnectionProtocol):
             await response.stream.aclose()
 
     def _send_whole(self, stream_id: int, response: Response) -> None:
-        self._send_headers(stream_id, response, end=False)
+        self._send_headers(stream_id, response)
         self._http.send_data(stream_id, response.body, end_stream=True)
         self._transmit_soon()
 
-    def _send_headers(self, stream_id: int, response: Response, *, end: bool) -> None:
+    def _send_headers(self, stream_id: int, response: Response) -> None:
         headers = [(b":status", str(response.status).encode())]
         headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
         if response.stream is None:
             headers.append((b"content-length", str(len(response.body)).encode()))
-        self._http.send_headers(stream_id, headers, end_stream=end)
+        self._http.send_headers(stream_id, headers, end_stream=False)
 
     def _cancel(self, stream_id: int) -> None:
         self._pending.pop(stream_id, None)

@@ -32,7 +32,13 @@ class Router:
     def __init__(self, topology: Topology, pool: UpstreamPool, rng: random.Random | None = None) -> None:
         self._topology = topology
         self._pool = pool
-        self._zone_region = {z.name: topology.region(z.region) for z in topology.zones}
+        # Distances are fixed by the topology: worked out once, not per request.
+        km_per_ms = pool.config.km_per_ms
+        self._distance_ms = {
+            (region.name, zone.name): distance_km(region, topology.region(zone.region)) / km_per_ms
+            for region in topology.regions
+            for zone in topology.zones
+        }
         self._rng = rng or random.Random()
 
     def client_region(self, request: Request) -> Region | None:
@@ -49,12 +55,10 @@ class Router:
 
     def rank(self, tier: Tier, region: Region | None) -> list[Endpoint]:
         """Every endpoint of `tier`, best first."""
-        km_per_ms = self._pool.config.km_per_ms
+        origin = region.name if region else ""
 
         def key(endpoint: Endpoint) -> tuple[bool, bool, float]:
-            zone_region = self._zone_region.get(endpoint.zone)
-            dist_ms = distance_km(region, zone_region) / km_per_ms if region and zone_region else 0.0
-            cost = dist_ms + endpoint.rtt.value * 1000.0
+            cost = self._distance_ms.get((origin, endpoint.zone), 0.0) + endpoint.rtt.value * 1000.0
             return (not endpoint.available(), endpoint.saturated(), cost)
 
         return sorted(self._pool.for_tier(tier), key=key)

@@ -39,10 +39,21 @@ def fused_moe(
 
 
 # CPU BLAS rounds a row differently with the row count of the call (GEMV and small-M paths below
-# 4 rows; another split of the work across threads for odd counts). Padding every expert's slice to
-# a multiple of 4 keeps a token's result independent of how many other tokens picked the same
-# expert (batch invariance: a stream's tokens must not depend on its neighbours in the batch).
+# 4 rows; another split of the work across threads for odd counts). Row counts that are multiples
+# of 4 all agree, so products are padded to one: a token's result then does not depend on how many
+# other rows share the call (batch invariance: a stream's tokens must not depend on its neighbours
+# in the batch). The model's linear layers use the same padding (core.model.layers.Linear).
 GEMM_ROW_MULTIPLE = 4
+
+
+def pad_rows(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`x` with zero rows appended along `dim` up to a multiple of GEMM_ROW_MULTIPLE."""
+    extra = -x.shape[dim] % GEMM_ROW_MULTIPLE
+    if not extra:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def _grouped_linear(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -51,11 +62,10 @@ def _grouped_linear(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tens
     sizes = counts.tolist()  # the one host sync
     # Whole-tensor splits: a few ops per call rather than a few per expert.
     for n, x, w, y in zip(sizes, rows.split(sizes), weight.transpose(1, 2).unbind(0), out.split(sizes)):
-        extra = -n % GEMM_ROW_MULTIPLE
-        if n and not extra:
+        if n % GEMM_ROW_MULTIPLE == 0:
             torch.mm(x, w, out=y)
-        elif n:
-            y.copy_(torch.mm(torch.cat([x, x.new_zeros(extra, x.shape[1])]), w)[:n])
+        else:
+            y.copy_(torch.mm(pad_rows(x), w)[:n])
     return out
 
 

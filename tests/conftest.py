@@ -26,6 +26,7 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+from deploy.launcher import free_port
 from deploy.settings import DEFAULT_TOPOLOGY
 
 
@@ -88,13 +89,6 @@ class Stack:
     topology: dict
     https_port: int = 0
     cert: Path | None = None
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def meridian(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

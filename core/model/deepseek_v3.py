@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.cpu import pad_rows
 from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
-from core.model.layers import GEMM_ROW_MULTIPLE, Linear, MLP, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale
+from core.model.layers import Linear, MLP, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale
 
 
 class MLAttention(nn.Module):
@@ -85,9 +86,8 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     One bmm with the heads as its batch: a broadcast matmul would copy the weights for every row."""
     b, h, t, d = x.shape
     rows = x.transpose(0, 1).reshape(h, b * t, d)
-    extra = 0 if x.is_cuda else -(b * t) % GEMM_ROW_MULTIPLE  # batch invariance, as layers.Linear
-    if extra:
-        rows = torch.cat([rows, rows.new_zeros(h, extra, d)], dim=1)
+    if not x.is_cuda:
+        rows = pad_rows(rows, dim=1)  # batch invariance, as layers.Linear
     out = torch.bmm(rows, w)[:, : b * t]
     return out.reshape(h, b, t, -1).transpose(0, 1)
 

@@ -10,21 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.cpu import GEMM_ROW_MULTIPLE, pad_rows
 from core.model.config import ModelConfig, RopeConfig
 
 
 
-# CPU BLAS rounds a row differently with the row count of the call: below 4 rows it takes GEMV or
-# small-M paths, and with several threads an odd count splits the work differently. Row counts
-# that are multiples of 4 all agree (checked in tests/core/test_batch_invariance.py), so calls are
-# padded to one.
-GEMM_ROW_MULTIPLE = 4
-
-
-def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE) -> torch.Tensor:
-    """`x` [n, k] with zero rows appended up to a multiple of `multiple`."""
-    extra = -x.shape[0] % multiple
-    return torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) if extra else x
 
 
 class Linear(nn.Linear):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import sys
 import time
 import traceback
@@ -41,7 +42,7 @@ def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
 
     raw = yaml.safe_load((topology_path or DEFAULT_TOPOLOGY).read_text())
     raw["gateway"]["http1"]["port"] = free_port()
-    raw["gateway"]["http3"]["port"] = _free_udp_port()
+    raw["gateway"]["http3"]["port"] = free_port(socket.SOCK_DGRAM)
     raw["gateway"]["https"] = {"host": "127.0.0.1", "port": 0}
     raw["redis"]["port"] = free_port()
     for i, zone in enumerate(raw["zones"]):
@@ -51,14 +52,6 @@ def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
     path.write_text(yaml.safe_dump(raw))
     parse_topology(raw)  # fail early on a bad file
     return Settings.resolve(topology=str(path), var_dir=str(var_dir))
-
-
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rates,
