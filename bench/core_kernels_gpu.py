@@ -5,13 +5,12 @@
 On a random bf16 DeepSeek-V2-Lite-shaped checkpoint: (1) greedy tokens of the kernel path against
 the reference path, with the first divergence (if any) explained by the logit gap at that step;
 (2) decode tokens/s of the engine at several concurrencies, kernels on and off, side by side.
-The kernels are switched by MERIDIAN_KERNELS=reference, which the dispatcher reads per call.
+The kernels are switched off and on with kernels.dispatch.force_references.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from core_generate import build_v2_lite, prompts, run_engine  # noqa: E402
 from core.engine import Engine  # noqa: E402
 from core.engine.kv_cache import SlotKVCache  # noqa: E402
 from core.model.loader import load_model  # noqa: E402
+from kernels import dispatch  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -35,10 +35,7 @@ def log(msg: str) -> None:
 
 
 def set_kernels(on: bool) -> None:
-    if on:
-        os.environ.pop("MERIDIAN_KERNELS", None)
-    else:
-        os.environ["MERIDIAN_KERNELS"] = "reference"
+    dispatch.force_references(not on)
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu, reference
+from kernels import cpu, dispatch, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -22,12 +22,16 @@ def test_cpu_takes_the_cpu_paths_or_the_references():
     assert torch.equal(kernels.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
 
 
-def test_references_can_be_forced_on_cpu(monkeypatch):
-    monkeypatch.setenv("MERIDIAN_KERNELS", "reference")
+def test_references_can_be_forced_on_cpu():
     x = torch.randn(3, 32)
     w13, w2 = torch.randn(4, 48, 32), torch.randn(4, 32, 24)
     wts, ids = kernels.route(torch.randn(3, 4), 2)
-    assert torch.equal(kernels.fused_moe(x, w13, w2, wts, ids), reference.fused_moe(x, w13, w2, wts, ids))
+    dispatch.force_references()
+    try:
+        assert torch.equal(kernels.fused_moe(x, w13, w2, wts, ids), reference.fused_moe(x, w13, w2, wts, ids))
+    finally:
+        dispatch.force_references(False)
+    assert torch.equal(kernels.fused_moe(x, w13, w2, wts, ids), cpu.fused_moe(x, w13, w2, wts, ids))
 
 
 @cuda
