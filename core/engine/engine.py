@@ -24,6 +24,7 @@ from core.engine.request import GenerationEvent, GenerationRequest
 from core.engine.sampler import SamplingParams, sample
 from core.engine.scheduler import EventHandler, Scheduler, Sequence
 from core.engine.text import TextStream
+from core.model.batch import KV_ALIGN
 from core.tokenizer import Tokenizer
 
 log = logging.getLogger("meridian.core.engine")
@@ -63,7 +64,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
-        layout, table_len = model.cache_layout(), self.max_seq_len + prefill_chunk  # room for chunk padding
+        # A table row has room for a prefill chunk's padding and the read's alignment past the longest sequence.
+        layout, table_len = model.cache_layout(), self.max_seq_len + prefill_chunk + KV_ALIGN
         if kv_cache_bytes is None:
             blocks = max_batch * -(-self.max_seq_len // block_size)
             self.cache = PagedKVCache(layout, blocks, block_size, max_batch, table_len, weight.dtype, self.device)
@@ -182,28 +184,44 @@ class Engine:
                     self._end(seq, "error", "", error=f"{name} failed: {exc}")
 
     def _join(self, seq: Sequence) -> None:
-        """An admitted request replays any resumed prefix, takes its cache blocks and awaits prefill."""
+        """An admitted request takes its cache blocks and awaits the prefill of its prompt.
+
+        A resumed request's prefix is then replayed through decode steps, token by token as the
+        first run computed it, so its cache, and every token after it, are what that run had (a
+        prefill of the prefix would round differently)."""
         r = seq.request
-        for token in r.prefix_token_ids:  # replay, so held-back text and stops are as in the first run
-            seq.text.push(token)
-            seq.completion.append(token)
-        if seq.text.stopped or (seq.completion and seq.completion[-1] in self._eos(r)):
-            self._end(seq, "stop", "")
-            return
-        if len(seq.completion) >= r.max_tokens:
-            self._end(seq, "length", seq.text.finish())
-            return
+        if r.prefix_token_ids:
+            ended = self._prefix_ends(r)
+            if ended is not None:
+                seq.completion.extend(r.prefix_token_ids)  # they count, as in the first run
+                self._end(seq, *ended)
+                return
+            seq.replay.extend(r.prefix_token_ids)
         seq.slot = self.cache.allocate(seq.max_length)
-        seq.feed = r.prompt_ids + r.prefix_token_ids
         self.scheduler.start_prefill(seq)
 
+    def _prefix_ends(self, r: GenerationRequest) -> tuple[str, str] | None:
+        """(finish reason, last text) when a resumed prefix already ends its request, else None."""
+        probe = TextStream(self.tokenizer, tuple(r.stop))
+        for token in r.prefix_token_ids:
+            probe.push(token)
+        if probe.stopped or r.prefix_token_ids[-1] in self._eos(r):
+            return "stop", ""
+        if len(r.prefix_token_ids) >= r.max_tokens:
+            return "length", probe.finish()
+        return None
+
     def _prefill(self, joining: list[Sequence]) -> None:
-        """Up to `prefill_chunk` prompt tokens, over the joining sequences in order, in one forward;
-        a sequence whose prompt is complete samples its first token and joins the decode batch."""
+        """The next chunk of each joining prompt, in order while they fit in `prefill_chunk` tokens,
+        in one forward; a sequence whose prompt is complete samples its first token and joins the
+        decode batch.
+
+        A prompt's chunks start at multiples of `prefill_chunk` whatever else is prefilling, and each
+        row attends at its own length, so a prompt's cache does not depend on its neighbours."""
         rows, budget = [], self.prefill_chunk
         for seq in joining:
-            take = min(len(seq.feed) - seq.fed, budget)
-            if take <= 0:
+            take = min(seq.prompt_tokens - seq.fed, self.prefill_chunk)
+            if take > budget:
                 break
             rows.append((seq, take))
             budget -= take
@@ -211,7 +229,7 @@ class Engine:
         dev = self.device
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         for i, (seq, take) in enumerate(rows):
-            tokens[i, :take] = torch.tensor(seq.feed[seq.fed : seq.fed + take])
+            tokens[i, :take] = torch.tensor(seq.request.prompt_ids[seq.fed : seq.fed + take])
         start = torch.tensor([seq.fed for seq, _ in rows], dtype=torch.long, device=dev)
         slots = torch.tensor([seq.slot for seq, _ in rows], dtype=torch.long, device=dev)
         lengths = torch.tensor([take for _, take in rows], dtype=torch.long, device=dev)
@@ -219,7 +237,7 @@ class Engine:
         done = []
         for seq, take in rows:
             seq.fed += take
-            done.append(seq.fed == len(seq.feed))
+            done.append(seq.fed == seq.prompt_tokens)
         finished = [seq for (seq, _), d in zip(rows, done) if d]
         if finished:
             picks = self._pick(logits[torch.tensor(done, device=dev)], finished)
@@ -241,7 +259,7 @@ class Engine:
         """Next token per row of logits [B, V]: greedy rows by one argmax on the device, so only the
         rows that sample travel to the host (a GPU's full logits would cost more than the step)."""
         picks = logits.argmax(-1).tolist()
-        sampled = [i for i, seq in enumerate(batch) if not seq.sampling.greedy]
+        sampled = [i for i, seq in enumerate(batch) if not seq.sampling.greedy and not seq.replay]
         if sampled:
             rows = logits[torch.tensor(sampled, device=logits.device)].float().cpu()
             for i, row in zip(sampled, rows):
@@ -252,8 +270,14 @@ class Engine:
         return frozenset() if r.ignore_eos else self.tokenizer.eos_token_ids
 
     def _accept(self, seq: Sequence, token: int) -> None:
-        """Record a sampled token, send its text, and end the sequence when it is done."""
+        """Record a sampled token, send its text, and end the sequence when it is done. While a
+        resumed prefix replays, its next token stands in for the pick, and its text was sent already."""
         r = seq.request
+        if seq.replay:
+            token = seq.replay.popleft()
+            seq.completion.append(token)
+            seq.text.push(token)
+            return
         seq.completion.append(token)
         seq.unsent.append(token)
         if token in self._eos(r):

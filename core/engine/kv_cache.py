@@ -1,4 +1,5 @@
-"""The KV cache behind the small interface the models use: `update(layer, slots, start, new)`.
+"""The KV cache behind the small interface the models use: `plan` where a forward's tokens go, once
+per forward, then `update(layer, plan, new)` in each layer.
 
 Each request owns a slot between joining and leaving the batch, so continuous batching only hands
 the model a different list of slots each step. `PagedKVCache` is what the engine runs: a fixed pool
@@ -9,7 +10,8 @@ reference it is tested against.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -19,12 +21,30 @@ Layout = list[tuple[tuple[int, ...], ...]]
 class KVCache(Protocol):
     """What a model needs from a cache."""
 
-    def update(
-        self, layer: int, slots: torch.Tensor, start: torch.Tensor, new: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        """Store `new` ([B, T, ...] each) at positions start[b].. of slots[b]; return [B, L, ...] views of
-        every entry up to L = max(start + T) (rows past their own length hold stale data: mask them)."""
+    def plan(self, slots: torch.Tensor, start: torch.Tensor, length: int, kv_len: int) -> Any:
+        """Where a forward's `length` new tokens per row go (positions start[b].. of slots[b]) and
+        which kv_len >= max(start + length) positions each row reads back; the same for every layer."""
         ...
+
+    def update(self, layer: int, plan: Any, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Store `new` ([B, T, ...] each) as planned; return [B, kv_len, ...] views of every entry
+        (rows past their own length hold stale data: mask them)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    slots: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B, T] where the new tokens go
+    kv_len: int
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    write: torch.Tensor  # [B * T] pool rows of the new tokens
+    read: torch.Tensor  # [B * kv_len] pool rows read back
+    rows: int
+    kv_len: int
 
 
 class SlotKVCache:
@@ -60,19 +80,18 @@ class SlotKVCache:
         """How many sequences can still join."""
         return len(self._free)
 
-    def update(
-        self, layer: int, slots: torch.Tensor, start: torch.Tensor, new: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        """See KVCache.update."""
-        length = new[0].shape[1]
-        pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
-        kv_len = int((start + length).max())
+    def plan(self, slots: torch.Tensor, start: torch.Tensor, length: int, kv_len: int) -> SlotPlan:
+        """See KVCache.plan."""
         if kv_len > self.max_len:
-            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+            raise ValueError(f"a read of {kv_len} tokens exceeds the cache length {self.max_len}")
+        return SlotPlan(slots, start[:, None] + torch.arange(length, device=start.device)[None, :], kv_len)
+
+    def update(self, layer: int, plan: SlotPlan, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """See KVCache.update."""
         out = []
         for buf, x in zip(self.buffers[layer], new):
-            buf[slots[:, None], pos] = x.to(buf.dtype)
-            out.append(buf[slots, :kv_len])
+            buf[plan.slots[:, None], plan.positions] = x.to(buf.dtype)
+            out.append(buf[plan.slots, : plan.kv_len])
         return tuple(out)
 
 
@@ -113,10 +132,6 @@ class PagedKVCache:
         self._free_blocks = list(range(num_blocks, 0, -1))
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._owned: dict[int, list[int]] = {}
-        self._table_version = 0  # bumped whenever a row of the table changes
-        self._plan_key: tuple = ()
-        self._plan: tuple[torch.Tensor, torch.Tensor, int] = ()
-        self._plan_inputs = torch.empty(0)
 
     @classmethod
     def from_budget(
@@ -146,14 +161,12 @@ class PagedKVCache:
         self._owned[slot] = blocks
         self.table[slot].zero_()
         self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        self._table_version += 1
         return slot
 
     def release(self, slot: int) -> None:
         """Give back a slot and its blocks; their stale contents are masked out for the next owner."""
         self._free_blocks.extend(reversed(self._owned.pop(slot)))
         self.table[slot].zero_()
-        self._table_version += 1
         self._free_slots.append(slot)
 
     @property
@@ -166,38 +179,22 @@ class PagedKVCache:
         """Blocks held by no sequence."""
         return len(self._free_blocks)
 
-    def update(
-        self, layer: int, slots: torch.Tensor, start: torch.Tensor, new: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        """See KVCache.update."""
-        write, read, kv_len = self._rows(slots, start, new[0].shape[1])
-        out = []
-        for pool, x in zip(self.pools[layer], new):
-            rows = pool.view(-1, *pool.shape[2:])  # one row per cached token
-            rows.index_copy_(0, write, x.reshape(-1, *x.shape[2:]).to(pool.dtype))
-            out.append(rows.index_select(0, read).view(len(slots), kv_len, *pool.shape[2:]))
-        return tuple(out)
-
-    def _rows(self, slots: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Pool rows to write the new tokens to and to read the [B, kv_len] view from.
-
-        Every layer of a forward passes the same `slots` and `start`, so the rows are worked out once
-        per forward and reused while slots, start, length and the table are unchanged. Compared by
-        value, not identity (a caller may reuse its tensors): one compare, one host sync on a GPU,
-        where working the rows out needs one too.
-        """
-        key = (length, self._table_version)
-        inputs = torch.cat([slots, start])
-        if key == self._plan_key and torch.equal(inputs, self._plan_inputs):
-            return self._plan
+    def plan(self, slots: torch.Tensor, start: torch.Tensor, length: int, kv_len: int) -> PagedPlan:
+        """See KVCache.plan: the pool rows of the new tokens and of the [B, kv_len] read."""
+        if kv_len > self.table.shape[1] * self.block_size:
+            raise ValueError(f"a read of {kv_len} tokens exceeds the cache length {self.max_len}")
         pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
-        kv_len = int((start + length).max())
-        if kv_len > self.max_len:
-            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
         table = self.table[slots]
         write = table.gather(1, pos // self.block_size) * self.block_size + pos % self.block_size
         seen = torch.arange(kv_len, device=start.device)
         read = table[:, seen // self.block_size] * self.block_size + seen % self.block_size
-        self._plan_key, self._plan = key, (write.flatten(), read.flatten(), kv_len)
-        self._plan_inputs = inputs
-        return self._plan
+        return PagedPlan(write.flatten(), read.flatten(), len(slots), kv_len)
+
+    def update(self, layer: int, plan: PagedPlan, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """See KVCache.update."""
+        out = []
+        for pool, x in zip(self.pools[layer], new):
+            rows = pool.view(-1, *pool.shape[2:])  # one row per cached token
+            rows.index_copy_(0, plan.write, x.reshape(-1, *x.shape[2:]).to(pool.dtype, copy=False))
+            out.append(rows.index_select(0, plan.read).view(plan.rows, plan.kv_len, *pool.shape[2:]))
+        return tuple(out)

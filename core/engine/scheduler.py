@@ -33,8 +33,8 @@ class Sequence:
     completion: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # tokens whose text has not gone out yet
     cancelled: bool = False
-    feed: list[int] = field(default_factory=list)  # prompt (and resumed prefix) to prefill
-    fed: int = 0  # how much of `feed` is in the cache
+    fed: int = 0  # how much of the prompt is in the cache
+    replay: deque[int] = field(default_factory=deque)  # a resumed prefix still to go through decode steps
 
     @property
     def prompt_tokens(self) -> int:

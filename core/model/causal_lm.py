@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.cpu import GEMM_ROW_MULTIPLE
+from core.model.batch import Batch, kv_length
 from core.model.config import ModelConfig
 from core.model.layers import Linear, RMSNorm, RotaryEmbedding, causal_mask
 
@@ -28,12 +30,12 @@ class CausalLM(nn.Module):
 
     sliding_window: int | None = None
 
-    def __init__(self, cfg: ModelConfig, layers: list[nn.Module], rope_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module], rope_dim: int, rope_interleave: bool = False) -> None:
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, layers)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.rope, rope_dim)
+        self.rotary = RotaryEmbedding(cfg.rope, rope_dim, rope_interleave)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
         """Per layer, the per-token shapes of the tensors the layer keeps in the cache."""
@@ -50,19 +52,27 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, T] at positions start[b]..start[b]+T-1 -> logits [B, T or 1, V] in fp32.
 
-        `lengths`: rows padded on the right hold lengths[b] real tokens; with `last_only` the logits
-        are those of each row's last real token.
+        `lengths`: rows padded on the right hold lengths[b] real tokens (a prefill: each row is then
+        attended at its own length); with `last_only` the logits are those of each row's last real token.
         """
-        t = tokens.shape[1]
+        rows, t = tokens.shape
+        if t == 1 and lengths is None and not tokens.is_cuda and rows % GEMM_ROW_MULTIPLE:
+            # A CPU decode step pads its rows once, here, rather than in every product (see
+            # kernels.cpu.GEMM_ROW_MULTIPLE), with copies of its last row: a copy computes the same
+            # bits as its original, so it writes the same cache entry and picks the same experts.
+            repeat = torch.arange(rows + (-rows % GEMM_ROW_MULTIPLE)).clamp_(max=rows - 1)
+            tokens, start, slots = tokens[repeat], start[repeat], slots[repeat]
         positions = start[:, None] + torch.arange(t, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = causal_mask(start, t, int(start.max()) + t, self.sliding_window)
+        mask = causal_mask(start, t, kv_length(int(start.max()) + t), self.sliding_window)
+        spans = None if lengths is None else list(zip(start.tolist(), lengths.tolist()))
+        batch = Batch(cache, slots, start, cos, sin, mask, spans)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, slots, start)
+            x = layer(x, batch)
         if last_only:
             if lengths is None:
                 x = x[:, -1:]
             else:
                 x = x[torch.arange(x.shape[0], device=x.device), lengths - 1].unsqueeze(1)
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.model.norm(x))[:rows].float()

@@ -1,5 +1,14 @@
 """Layers every family shares: RMSNorm, rotary embeddings (default and YaRN), SwiGLU MLP, the MoE
-block on the kernel dispatcher, grouped-query attention and the causal mask over a KV cache."""
+block on the kernel dispatcher, grouped-query attention and the causal mask over a KV cache.
+
+Batch invariance: on CPU a row's result never depends on the other rows of its batch, so a seeded
+stream gives the same tokens alone or among others, and a stream resumed in another zone continues
+exactly. Three things would otherwise leak across rows: BLAS takes other paths for other row
+counts (`Linear` pads them), torch's vector loops round the scalar tail of a tensor another way
+(the router pads its rows; `MLP` runs its activation on strided halves, which torch loops over row
+by row), and reductions over the keys change with the batch's padded length (`attention`: keys
+read in aligned lengths, probs @ v in fixed chunks, prefill rows one by one).
+tests/core/test_batch_invariance.py holds each of these to it."""
 
 from __future__ import annotations
 
@@ -10,11 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.cpu import GEMM_ROW_MULTIPLE, pad_rows
+from kernels.cpu import GEMM_ROW_MULTIPLE, elementwise_row_multiple, pad_rows
+from core.model.batch import Batch
 from core.model.config import ModelConfig, RopeConfig
-
-
-
 
 
 class Linear(nn.Linear):
@@ -23,15 +30,32 @@ class Linear(nn.Linear):
     Continuous batching puts a sequence's rows beside different neighbours at every step; a
     sampled token must not depend on them (a resumed or concurrent stream must equal a solo run of
     the same seeded request), and a near-tied expert choice would turn a last-bit difference into
-    another token. On CPU, row counts are padded to a multiple of GEMM_ROW_MULTIPLE.
+    another token. On CPU, row counts are padded to a multiple of GEMM_ROW_MULTIPLE (decode steps
+    arrive padded already, see CausalLM.forward).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if x.is_cuda or rows % GEMM_ROW_MULTIPLE == 0:
-            return super().forward(x)
+            return F.linear(x, self.weight, self.bias)
         flat = pad_rows(x.reshape(rows, x.shape[-1]))
-        return super().forward(flat)[:rows].reshape(*x.shape[:-1], self.out_features)
+        return F.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
+class MergedLinear(Linear):
+    """Linear layers that read the same input, run as one product: one GEMM instead of several.
+
+    `parts` maps each layer's checkpoint name, beside this module's (e.g. "gate_proj", "up_proj"),
+    to its output rows; the loader stacks their tensors by rows into this weight (and bias)."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parts' outputs of one product, as views."""
+        return self(x).split(list(self.parts.values()), dim=-1)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (fp32 inside), through the kernel dispatcher."""
@@ -81,11 +105,12 @@ def rope_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions, laid out as cat(freqs, freqs) like transformers."""
+    """cos/sin tables for given positions, laid out as cat(freqs, freqs) like transformers, shaped
+    for `apply_rope`: [B, 1, T, dim], or [B, 1, T, dim / 2] for DeepSeek's interleaved pairs."""
 
-    def __init__(self, rope: RopeConfig, dim: int) -> None:
+    def __init__(self, rope: RopeConfig, dim: int, interleave: bool = False) -> None:
         super().__init__()
-        self.rope, self.dim = rope, dim
+        self.rope, self.dim, self.interleave = rope, dim, interleave
         inv_freq, self.attention_factor = rope_frequencies(rope, dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -94,8 +119,8 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_frequencies(self.rope, self.dim)[0].to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = positions[:, None, :, None].float() * self.inv_freq.to(positions.device)
+        emb = freqs if self.interleave else torch.cat((freqs, freqs), dim=-1)  # halves match for pairs
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
 
@@ -106,16 +131,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
-    """Rotate x [B, heads, T, d] by cos/sin [B, T, d].
+    """Rotate x [B, heads, T, d] by the tables of RotaryEmbedding (built with the same `interleave`).
 
     `interleave`: DeepSeek pairs dims (0,1), (2,3)...; the result comes out de-interleaved (evens then
     odds), as transformers does it. Queries and keys get the same layout, so their dot products hold.
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if not interleave:
         return x * cos + rotate_half(x) * sin
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -140,16 +162,33 @@ def causal_mask(start: torch.Tensor, length: int, kv_length: int, window: int | 
 # MLA's one latent head, torch 2.13). Longer queries (prefill) keep SDPA's fused kernels.
 FEW_QUERIES = 4
 
+# probs @ v reduces over the keys in chunks of this many, summed in order. CPU BLAS re-blocks a
+# longer reduction by its length, so a row's sum would depend on the padded length of its batch;
+# within a chunk the padding only appends exact zeros.
+PV_CHUNK = 128
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax attention, q [B, H, T, d], k/v [B, H or fewer (grouped), L, d]: returns [B, T, H * dv]."""
-    if q.shape[2] <= FEW_QUERIES:
-        out = grouped_attention(q, k, v, mask, scale)
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
+    """Softmax attention, q [B, H, T, d], k/v [B, H or fewer (grouped), L, d]: returns [B, T, H * dv].
+
+    Prefill rows on CPU each run alone at their own length, so a prompt's result never depends on
+    what it was batched with (it also skips the padding's work)."""
+    b, _, t, _ = q.shape
+    if batch.prefill and not q.is_cuda:
+        out = q.new_zeros(b, q.shape[1], t, v.shape[-1])
+        for row, (start, n) in enumerate(batch.spans):
+            keys = start + n
+            out[row, :, :n] = _attend(q[row : row + 1, :, :n], k[row : row + 1, :, :keys],
+                                      v[row : row + 1, :, :keys], batch.mask[row : row + 1, :, :n, :keys], scale)[0]
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        out = _attend(q, k, v, batch.mask, scale)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.shape[2] <= FEW_QUERIES:
+        return grouped_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def grouped_attention(
@@ -158,16 +197,28 @@ def grouped_attention(
     """Softmax attention as matmuls, q [B, H, T, d], k/v [B, kv heads, L, d] -> [B, H, T, dv].
 
     The query heads of a kv head become extra query rows of it, so k and v are read as they are,
-    never expanded. Softmax in fp32, as transformers' eager path. (Not batch-invariant: the softmax
-    and probs @ v reduce over the batch's padded key length; cutting each row to its own length
-    fixes that but cost a third of the CPU throughput at 16 rows, so it waits for a better way.)"""
+    never expanded. Softmax in fp32, as transformers' eager path. With L a multiple of
+    `core.model.batch.KV_ALIGN`, a row's result is the same whatever padded length its batch has."""
     b, h, t, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = h // kv_heads
     scores = torch.matmul(q.reshape(b, kv_heads, group * t, d), k.transpose(-1, -2))
     scores = torch.where(mask.unsqueeze(2), scores.view(b, kv_heads, group, t, kv_len) * scale, float("-inf"))
-    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs.view(b, kv_heads, group * t, kv_len), v).view(b, h, t, -1)
+    probs = scores.softmax(-1, dtype=torch.float32)
+    probs = probs if probs.dtype == v.dtype else probs.to(v.dtype)
+    return weighted_values(probs.view(b, kv_heads, group * t, kv_len), v).view(b, h, t, -1)
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs [..., M, L] @ v [..., L, dv], reduced over L in chunks of PV_CHUNK (see there)."""
+    length = probs.shape[-1]
+    if length <= PV_CHUNK or probs.is_cuda:
+        return torch.matmul(probs, v)
+    chunks = -(-length // PV_CHUNK)
+    pad = chunks * PV_CHUNK - length
+    probs = F.pad(probs, (0, pad)).unflatten(-1, (chunks, PV_CHUNK)).movedim(-2, -3)  # [..., n, M, C]
+    v = F.pad(v, (0, 0, 0, pad)).unflatten(-2, (chunks, PV_CHUNK))  # [..., n, C, dv]
+    return torch.matmul(probs, v).sum(-3)
 
 
 class GQAttention(nn.Module):
@@ -190,30 +241,34 @@ class GQAttention(nn.Module):
         self.qk_norm = qk_norm
         self.scale = d**-0.5
 
-    def forward(self, x, cos, sin, mask, cache, layer, slots, start) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        k, v = cache.update(layer, slots, start, (k.transpose(1, 2), v))
-        return self.o_proj(attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.scale))
+        q = apply_rope(q.transpose(1, 2), batch.cos, batch.sin)
+        k = apply_rope(k.transpose(1, 2), batch.cos, batch.sin)
+        k, v = batch.update_cache(layer, (k.transpose(1, 2), v))
+        return self.o_proj(attention(q, k.transpose(1, 2), v.transpose(1, 2), batch, self.scale))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one product.
+
+    On CPU the activation then runs over a strided half of each row, which torch loops over row by
+    row: every row rounds alike whatever the row count (a contiguous [rows, inter] tensor would
+    put a row-count-dependent tail through the scalar exp)."""
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
+        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter})
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -227,6 +282,7 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.top_k = cfg.num_experts_per_tok
+        self.row_multiple = elementwise_row_multiple(cfg.n_routed_experts)
         self.options = dict(
             scoring=cfg.scoring,
             n_group=cfg.n_group,
@@ -236,9 +292,13 @@ class Router(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.float() if x.is_cuda else pad_rows(x.float())  # batch invariance, as Linear
-        logits = F.linear(flat, self.weight.float())[: x.shape[0]]
-        return kernels.route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.options)
+        # Batch invariance, as Linear: on CPU the scoring runs over padded rows too, so that no real
+        # row's scores fall in the scalar tail of torch's vector loops (which rounds exp another way).
+        flat = x if x.dtype == torch.float32 else x.float()
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(flat if x.is_cuda else pad_rows(flat, self.row_multiple), weight)
+        weights, ids = kernels.route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.options)
+        return (weights, ids) if len(ids) == len(x) else (weights[: len(x)], ids[: len(x)])
 
 
 class Experts(nn.Module):

@@ -2,7 +2,8 @@
 
 Handles single-file and sharded (`model.safetensors.index.json`) checkpoints, bf16/fp16/fp32 weights
 and block-scaled fp8 ones (`weight_scale_inv`, dequantised at load). Routed experts stored one
-tensor per expert (as Hugging Face checkpoints do) are stacked into the gathered layout.
+tensor per expert (as Hugging Face checkpoints do) are stacked into the gathered layout, and layers
+we run as one product (`MergedLinear`: gate and up, MLA's two down-projections) stacked by rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from core.model.config import ModelConfig
-from core.model.layers import RotaryEmbedding
+from core.model.layers import MergedLinear, RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -106,6 +107,7 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str | t
         if isinstance(module, RotaryEmbedding):
             module.reset_tables()
     params = dict(model.named_parameters()) | dict(model.named_buffers())
+    merged = merged_parts(model)
     filled: set[str] = set()
     files = weight_files(path)
     handles: dict = {}
@@ -126,6 +128,9 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str | t
                 rows = dest.shape[0] // 2
                 dest = dest[half * rows : (half + 1) * rows]
             key = f"{key}[{expert.group('expert')}]{'' if half is None else half}"
+        elif name in merged:
+            target, begin, rows = merged[name]
+            dest, key = params[target][begin : begin + rows], name
         elif name in params:
             dest, key = params[name], name
         elif name.endswith("rotary_emb.inv_freq"):
@@ -142,13 +147,31 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str | t
         with torch.no_grad():
             params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
         filled.add("lm_head.weight")
-    _check_complete(model, params, filled)
+    _check_complete(model, merged, filled)
     _cast(model, dtype)
     return model.eval().requires_grad_(False)
 
 
-def _check_complete(model: nn.Module, params: dict[str, torch.Tensor], filled: set[str]) -> None:
-    """Every parameter must have come from the checkpoint (experts: every expert, both halves)."""
+def merged_parts(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint tensor -> (our merged parameter, first row, rows) for every MergedLinear part."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MergedLinear):
+            parent = name.rpartition(".")[0]
+            begin = 0
+            for part, rows in module.parts.items():
+                for kind in ("weight", "bias") if module.bias is not None else ("weight",):
+                    out[f"{parent}.{part}.{kind}" if parent else f"{part}.{kind}"] = (f"{name}.{kind}", begin, rows)
+                begin += rows
+    return out
+
+
+def _check_complete(model: nn.Module, merged: dict[str, tuple[str, int, int]], filled: set[str]) -> None:
+    """Every parameter must have come from the checkpoint (experts: every expert, both halves;
+    merged layers: every part)."""
+    parts: dict[str, set[str]] = {}
+    for source, (target, _, _) in merged.items():
+        parts.setdefault(target, set()).add(source)
     missing = []
     for name, p in model.named_parameters():
         if name in filled:  # also experts stored already stacked
@@ -158,7 +181,7 @@ def _check_complete(model: nn.Module, params: dict[str, torch.Tensor], filled: s
         elif name.endswith("experts.down_proj"):
             need = {f"{name}[{e}]" for e in range(p.shape[0])}
         else:
-            need = {name}
+            need = parts.get(name, {name})
         if not need <= filled:
             missing.append(name)
     if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.model.batch import Batch
 from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
 from core.model.layers import MLP, GQAttention, MoE, RMSNorm
@@ -35,8 +36,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, slots, start) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index, slots, start)
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, self.index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -36,11 +36,16 @@ def test_blocks_are_taken_and_given_back():
     assert cache.free_blocks == 6 and cache.free_slots == 3
 
 
+def write(cache, slots: list[int], start: list[int], new: torch.Tensor, kv_len: int):
+    """One layer's update, as a forward makes it."""
+    return cache.update(0, cache.plan(torch.tensor(slots), torch.tensor(start), new.shape[1], kv_len), (new,))
+
+
 def test_padding_writes_never_reach_other_rows():
     cache = PagedKVCache([((2,),)], num_blocks=4, block_size=2, max_slots=2, max_len=16, dtype=torch.float32)
     a, b = cache.allocate(4), cache.allocate(4)
     new = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)  # 8 positions: 4 past each row's blocks
-    (out,) = cache.update(0, torch.tensor([a, b]), torch.tensor([0, 0]), (new,))
+    (out,) = write(cache, [a, b], [0, 0], new, kv_len=8)
     assert torch.equal(out[:, :4], new[:, :4])
 
 
@@ -66,18 +71,18 @@ def test_paged_equals_slot_cache(local_checkpoint):
 
 
 def test_a_slot_handed_on_gets_its_own_blocks():
-    """The rows worked out for one forward are not reused once the slot's blocks have changed."""
+    """A slot released and taken again writes to its new owner's blocks, never its old ones."""
     cache = PagedKVCache([((2,),)], num_blocks=4, block_size=2, max_slots=2, max_len=8, dtype=torch.float32)
     a, b = cache.allocate(2), cache.allocate(2)  # blocks 1 and 2
     first = torch.ones(1, 2, 2)
-    cache.update(0, torch.tensor([b]), torch.tensor([0]), (first,))
+    write(cache, [b], [0], first, kv_len=2)
     cache.release(b)
     cache.release(a)
     c = cache.allocate(4)  # takes blocks 1 and 2
     d = cache.allocate(2)  # block 3, in b's slot
     assert d == b and cache.table[d, 0] == 3
     second = torch.full((1, 2, 2), 2.0)
-    (out,) = cache.update(0, torch.tensor([d]), torch.tensor([0]), (second,))  # same slots, start, length
+    (out,) = write(cache, [d], [0], second, kv_len=2)  # same slots, start, length
     assert torch.equal(out, second)
     assert torch.equal(cache.pools[0][0][3], second[0])  # d's own block
     assert torch.equal(cache.pools[0][0][2], first[0])  # c's block untouched

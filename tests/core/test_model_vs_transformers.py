@@ -169,8 +169,13 @@ def test_fp8_block_scaled_checkpoint(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     model = load_model(path)
     attn = model.model.layers[0].self_attn
-    assert torch.equal(attn.q_a_proj.weight, expected["model.layers.0.self_attn.q_a_proj.weight"])
+    q_a, kv_a = attn.qkv_a_proj.weight.split(list(attn.qkv_a_proj.parts.values()))  # one product, stacked
+    assert torch.equal(q_a, expected["model.layers.0.self_attn.q_a_proj.weight"])
+    assert torch.equal(kv_a, expected["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])
     assert torch.equal(attn.kv_b_proj.weight, expected["model.layers.0.self_attn.kv_b_proj.weight"])
+    gate, up = model.model.layers[0].mlp.gate_up_proj.weight.chunk(2)
+    assert torch.equal(gate, expected["model.layers.0.mlp.gate_proj.weight"])
+    assert torch.equal(up, expected["model.layers.0.mlp.up_proj.weight"])
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj[3]
     inter = gate_up.shape[0] // 2
     assert torch.equal(gate_up[:inter], expected["model.layers.1.mlp.experts.3.gate_proj.weight"])

@@ -66,3 +66,39 @@ def test_rms_norm_equals_reference(dtype, with_residual):
         assert torch.equal(got[1], want[1])
         got, want = got[0], want[0]
     assert torch.equal(got, want)
+
+
+ROUTES = [  # (experts, top_k, options, with a correction bias)
+    (8, 2, dict(scoring="softmax"), False),
+    (64, 6, dict(scoring="softmax", norm_topk_prob=False), False),
+    (64, 8, dict(scoring="sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5), True),
+    (16, 1, dict(scoring="sigmoid", n_group=4, topk_group=2), True),
+    (12, 3, dict(scoring="softmax", routed_scaling_factor=1.5), False),
+]
+
+
+@pytest.mark.parametrize("experts,top_k,options,bias", ROUTES)
+@pytest.mark.parametrize("tokens", [1, 21])
+def test_route_equals_reference(experts, top_k, options, bias, tokens):
+    """The same experts in the same order, and the same weights bit for bit."""
+    g = torch.Generator().manual_seed(experts + tokens)
+    logits = torch.randn(tokens, experts, generator=g)
+    if bias:  # negative biases: a dropped group must lose even to negative scores
+        options = options | {"correction_bias": torch.randn(experts, generator=g) * 0.5 - 1.0}
+    got, want = cpu.route(logits, top_k, **options), reference.route(logits, top_k, **options)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int32
+
+
+@pytest.mark.parametrize("rows", [5, 300])  # the expert layout worked out on the host, and with tensor ops
+def test_fused_moe_both_layouts_are_batch_invariant(rows):
+    torch.manual_seed(4)
+    e, h, i, k = 16, 64, 32, 4
+    x = torch.randn(rows, h)
+    w13, w2 = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
+    wts, ids = torch.rand(rows, k), torch.stack([torch.randperm(e)[:k] for _ in range(rows)]).to(torch.int32)
+    together = cpu.fused_moe(x, w13, w2, wts, ids)
+    torch.testing.assert_close(together, reference.fused_moe(x, w13, w2, wts, ids), rtol=1e-5, atol=1e-4)
+    for row in (0, rows // 2, rows - 1):
+        assert torch.equal(cpu.fused_moe(x[row : row + 1], w13, w2, wts[row : row + 1], ids[row : row + 1])[0],
+                           together[row])
