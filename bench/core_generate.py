@@ -9,8 +9,8 @@ At concurrency c, c requests of `--prompt-tokens` random token ids each ask for 
 continuously; transformers gets them as one batch to `generate` (static batching, its best case).
 Throughput = c * max_tokens / wall time; TTFT = time from submission to a request's first token
 (the engine: its first streamed event; transformers: the first step of the batch, via a streamer).
-The table goes to stdout, to `--out` when given, and (unless --no-docs) is appended to
-docs/BENCHMARKS.md with the command, machine and date.
+The table goes to stdout, to `--out` when given, and (unless --no-docs) into its section of
+docs/BENCHMARKS.md (one for CPU, one for GPU, replaced each run) with the command, machine and date.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from record import record  # noqa: E402  (bench/ is the script's own folder)
 
 from core.engine import Engine, GenerationRequest  # noqa: E402
 from core.model.loader import load_model, resolve_dtype  # noqa: E402
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per point; the best is kept")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
-    p.add_argument("--no-docs", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    p.add_argument("--no-docs", action="store_true", help="do not record the table in docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(header + "\n" + table)
     if not args.no_docs:
-        with open(ROOT / "docs" / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### Core generation, {args.device} ({datetime.date.today().isoformat()})\n\n{header}\n{table}")
+        title = "GPU" if args.device.startswith("cuda") else "CPU"
+        record(f"core_generate:{args.device.split(':')[0]}", f"### Core generation, {title}\n\n{header}\n{table}")
     return 0
 
 

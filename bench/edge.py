@@ -16,7 +16,6 @@ import asyncio
 import datetime
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import record  # noqa: E402  (bench/ is the script's own folder)
+
 from grpclib.client import Channel
 
 from edge.api import edge_pb2
@@ -35,7 +36,6 @@ from edge.runtime.embedding import EmbeddingModel
 from edge.runtime.generation import GenerateParams, KVCache, SmallLM
 
 EMBED, LM = "all-minilm-l6-v2", "edge-small"
-BEGIN, END = "<!-- edge:begin -->", "<!-- edge:end -->"
 WORDS = ("edge", "request", "vector", "zone", "latency", "cache", "model", "batch", "user", "cloud",
          "answer", "token", "stream", "gateway", "worker", "drain")
 
@@ -180,17 +180,6 @@ def markdown(levels: list[int], r: dict[str, dict[int, float]], lm: list, args: 
     return "\n".join(lines)
 
 
-def write_docs(section: str, path: Path) -> None:
-    """Put our section into docs/BENCHMARKS.md: replace it if there, else append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per figure")
@@ -201,7 +190,7 @@ def main() -> int:
     section = run(args)
     print(section)
     if args.write_docs:
-        write_docs(section, args.docs)
+        record("edge", section, args.docs)
     return 0
 
 

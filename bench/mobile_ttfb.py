@@ -24,7 +24,6 @@ import datetime
 import os
 import platform
 import random
-import re
 import socket
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import record  # noqa: E402  (bench/ is the script's own folder)
+
 import aioquic  # noqa: E402
 
 import mobile  # noqa: E402
@@ -45,7 +46,6 @@ from deploy.drills.proxy import FaultState, Forward, start_forwards  # noqa: E40
 MODEL = "meridian-moe-mini"
 REQUEST = dict(model=MODEL, prompt="The phone said", max_tokens=16, temperature=0, stream=True)
 MODES = ("https1-new", "h3-new", "h3-0rtt")
-BEGIN, END = "<!-- mobile_ttfb:begin -->", "<!-- mobile_ttfb:end -->"
 
 
 def free_port(kind: int) -> int:
@@ -168,18 +168,6 @@ def table(samples: dict[str, list]) -> tuple[str, dict]:
     return "\n".join(rows), figures
 
 
-def write_docs(section: str, path: Path) -> None:
-    """Put our section into docs/BENCHMARKS.md: replace it if there, else append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=40)
@@ -224,7 +212,7 @@ client and gateway; TLS over TCP runs in OpenSSL's C). The p90 of the QUIC rows 
 loss (a lost handshake datagram costs a probe timeout); TCP's loss is not modelled."""
     print(section)
     if args.write_docs:
-        write_docs(section, args.docs)
+        record("mobile_ttfb", section, args.docs)
     return 0
 
 
