@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.engine.cuda_graphs import DecodeGraphs
 from core.engine.kv_cache import PagedKVCache
 from core.engine.request import GenerationEvent, GenerationRequest
 from core.engine.sampler import SamplingParams, sample
@@ -55,9 +56,11 @@ class Engine:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         prefill_chunk: int = 256,
+        cuda_graphs: bool = True,
     ) -> None:
         """`kv_cache_bytes`: the KV cache's memory budget (default: room for max_batch full-length
-        sequences); requests wait in the queue until their blocks fit in it."""
+        sequences); requests wait in the queue until their blocks fit in it. `cuda_graphs`: on a
+        GPU, replay decode steps from captured graphs (core.engine.cuda_graphs)."""
         self.model, self.tokenizer = model, tokenizer
         weight = next(model.parameters())
         self.device = weight.device
@@ -72,6 +75,7 @@ class Engine:
         else:
             self.cache = PagedKVCache.from_budget(layout, kv_cache_bytes, block_size, max_batch, table_len,
                                                   weight.dtype, self.device)
+        self.graphs = DecodeGraphs(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" else None
         self.scheduler = Scheduler(max_batch)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meridian-engine", daemon=True)
@@ -247,11 +251,13 @@ class Engine:
 
     def _decode(self, batch: list[Sequence]) -> None:
         """One token for every running sequence."""
-        dev = self.device
-        tokens = torch.tensor([[s.completion[-1]] for s in batch], dtype=torch.long, device=dev)
-        start = torch.tensor([s.length - 1 for s in batch], dtype=torch.long, device=dev)
-        slots = torch.tensor([s.slot for s in batch], dtype=torch.long, device=dev)
-        logits = self.model(tokens, start, self.cache, slots)[:, -1]
+        tokens, positions, slots = [s.completion[-1] for s in batch], [s.length - 1 for s in batch], [s.slot for s in batch]
+        if self.graphs is not None:
+            logits = self.graphs(tokens, positions, slots)
+        else:
+            dev = self.device
+            logits = self.model(torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev),
+                                self.cache, torch.tensor(slots, device=dev))[:, -1]
         for seq, token in zip(batch, self._pick(logits, batch)):
             self._accept(seq, token)
 

@@ -128,7 +128,8 @@ class PagedKVCache:
             tuple(torch.zeros(num_blocks + 1, block_size, *shape, dtype=dtype, device=device) for shape in entry)
             for entry in layout
         ]
-        self.table = torch.zeros(max_slots, math.ceil(max_len / block_size), dtype=torch.long, device=device)
+        # One table row more than there are slots: `scratch_slot`, never handed out, all block 0.
+        self.table = torch.zeros(max_slots + 1, math.ceil(max_len / block_size), dtype=torch.long, device=device)
         self._free_blocks = list(range(num_blocks, 0, -1))
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._owned: dict[int, list[int]] = {}
@@ -170,6 +171,16 @@ class PagedKVCache:
         self._free_slots.append(slot)
 
     @property
+    def scratch_slot(self) -> int:
+        """A slot no sequence owns: rows that only pad a batch's shape write and read block 0 through it."""
+        return self.max_slots
+
+    @property
+    def capacity(self) -> int:
+        """The longest read a table row allows, in tokens."""
+        return self.table.shape[1] * self.block_size
+
+    @property
     def free_slots(self) -> int:
         """How many sequences can still join (memory permitting)."""
         return len(self._free_slots)
@@ -181,7 +192,7 @@ class PagedKVCache:
 
     def plan(self, slots: torch.Tensor, start: torch.Tensor, length: int, kv_len: int) -> PagedPlan:
         """See KVCache.plan: the pool rows of the new tokens and of the [B, kv_len] read."""
-        if kv_len > self.table.shape[1] * self.block_size:
+        if kv_len > self.capacity:
             raise ValueError(f"a read of {kv_len} tokens exceeds the cache length {self.max_len}")
         pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
         table = self.table[slots]

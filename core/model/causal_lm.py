@@ -49,11 +49,14 @@ class CausalLM(nn.Module):
         slots: torch.Tensor,
         last_only: bool = False,
         lengths: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] at positions start[b]..start[b]+T-1 -> logits [B, T or 1, V] in fp32.
 
         `lengths`: rows padded on the right hold lengths[b] real tokens (a prefill: each row is then
         attended at its own length); with `last_only` the logits are those of each row's last real token.
+        `kv_len`: how many cached positions the rows read (a multiple of batch.KV_ALIGN, at least
+        max(start) + T); by default worked out from `start`, which costs a GPU a host sync.
         """
         rows, t = tokens.shape
         if t == 1 and lengths is None and not tokens.is_cuda and rows % GEMM_ROW_MULTIPLE:
@@ -65,7 +68,9 @@ class CausalLM(nn.Module):
         positions = start[:, None] + torch.arange(t, device=tokens.device)[None, :]
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = causal_mask(start, t, kv_length(int(start.max()) + t), self.sliding_window)
+        if kv_len is None:
+            kv_len = kv_length(int(start.max()) + t)
+        mask = causal_mask(start, t, kv_len, self.sliding_window)
         spans = None if lengths is None else list(zip(start.tolist(), lengths.tolist()))
         batch = Batch(cache, slots, start, cos, sin, mask, spans)
         for layer in self.model.layers:
