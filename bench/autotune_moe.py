@@ -184,6 +184,15 @@ def layer_error(x, w13, w2, routing, config, scales) -> float:
     return ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else float("inf")
 
 
+def record_device(out_dir: Path, device: str) -> None:
+    """Note this GPU's compute capability beside its files: GPUs of the same architecture fall
+    back to them (kernels.fused_moe.get_config)."""
+    path = out_dir / fm.DEVICES_FILE
+    known = json.loads(path.read_text()) if path.exists() else {}
+    known[device] = list(torch.cuda.get_device_capability())
+    path.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="v2lite,v3,mixtral")
@@ -207,6 +216,7 @@ def main():
                 tasks += [dict(base, kind="gate_up", cfg=c) for c in gu]
                 tasks += [dict(base, kind="down", cfg=c) for c in dn]
     precompile(tasks, args.precompile)
+    record_device(out_dir, device)
     tag = "fp8_w8a8" if args.fp8 else "bf16"
     for name in shapes:
         e, h, i, k = SHAPES[name]

@@ -517,15 +517,31 @@ def dtype_tag(x: torch.Tensor, fp8: bool) -> str:
     return "fp8_w8a8" if fp8 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "fp32")
 
 
+DEVICES_FILE = "devices.json"  # tuned GPU name -> [major, minor] compute capability
+
+
+@functools.cache
+def _devices_like(device: str, capability: tuple[int, int]) -> list[str]:
+    """`device` first, then the other tuned GPUs of the same compute capability: an H200 runs
+    the H100's tiles (the same SMs; only the memory differs) until it has tuned files of its own."""
+    path = Path(os.environ.get("MERIDIAN_MOE_CONFIG_DIR", CONFIG_DIR)) / DEVICES_FILE
+    known = json.loads(path.read_text()) if path.exists() else {}
+    return [device] + sorted(name for name, cap in known.items() if tuple(cap) == capability and name != device)
+
+
 def get_config(x: torch.Tensor, w13: torch.Tensor, top_k: int, fp8: bool = False) -> dict:
-    """Tuned configuration for this shape on this GPU (nearest token count), else the default."""
+    """Tuned configuration for this shape on this GPU, or on a GPU of the same architecture
+    (nearest token count), else the default."""
     tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
-    device = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
-    table = _tuned(config_file_name(num_experts, hidden, inter, dtype_tag(x, fp8), device))
-    if not table:
-        return default_config(tokens, top_k, num_experts, fp8)
-    return table[min(table, key=lambda t: abs(t - tokens))]
+    devices = ["cpu"]
+    if x.is_cuda:
+        devices = _devices_like(torch.cuda.get_device_name(x.device), torch.cuda.get_device_capability(x.device))
+    for device in devices:
+        table = _tuned(config_file_name(num_experts, hidden, inter, dtype_tag(x, fp8), device))
+        if table:
+            return table[min(table, key=lambda t: abs(t - tokens))]
+    return default_config(tokens, top_k, num_experts, fp8)
 
 
 def _interpreted() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -250,3 +251,24 @@ def test_final_cast_under_contention(device, monkeypatch):
         out = torch.full_like(x, float("nan"))
         fm.fused_moe(x, w13, w2, w, ids, config=cfg(SPLIT_K=4), out=out)
         assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def test_a_gpu_without_tuned_files_takes_those_of_its_architecture(tmp_path, monkeypatch):
+    """An H200 runs the H100's tiles (same compute capability); another architecture does not."""
+    (tmp_path / fm.DEVICES_FILE).write_text(json.dumps({"GPU A": [9, 0], "GPU C": [8, 0]}))
+    monkeypatch.setattr(fm, "CONFIG_DIR", tmp_path)
+    fm._devices_like.cache_clear()
+    try:
+        assert fm._devices_like("GPU B", (9, 0)) == ["GPU B", "GPU A"]
+        assert fm._devices_like("GPU A", (9, 0)) == ["GPU A"]
+        assert fm._devices_like("GPU D", (10, 0)) == ["GPU D"]
+    finally:
+        fm._devices_like.cache_clear()
+
+
+def test_shipped_configs_name_their_devices():
+    """Every tuned file's GPU is in devices.json, so GPUs of its architecture can find it."""
+    known = json.loads((fm.CONFIG_DIR / fm.DEVICES_FILE).read_text())
+    suffixes = {fm.config_file_name(0, 0, 0, "", device).removeprefix("E0_H0_I0_") for device in known}
+    for path in fm.CONFIG_DIR.glob("E*_H*_I*_*.json"):
+        assert any(path.name.endswith(suffix) for suffix in suffixes), path.name
