@@ -93,17 +93,17 @@ def prompts(vocab: int, count: int, length: int) -> list[list[int]]:
 
 
 def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
-    """All of `batch` submitted at once; throughput and TTFTs."""
+    """All of `batch` submitted at once; throughput, TTFTs and each stream's tokens."""
     done = threading.Semaphore(0)
     first: dict[int, float] = {}
-    counts = [0] * len(batch)
+    tokens: list[list[int]] = [[] for _ in batch]
     t0 = time.perf_counter()
 
     def handler(i: int):
         def on_event(event):
             if event.token_ids and i not in first:
                 first[i] = time.perf_counter() - t0
-            counts[i] += len(event.token_ids)
+            tokens[i].extend(event.token_ids)
             if event.finished:
                 done.release()
         return on_event
@@ -114,8 +114,8 @@ def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
     for _ in batch:
         done.acquire()
     wall = time.perf_counter() - t0
-    assert all(c == max_tokens for c in counts), counts
-    return dict(tok_s=len(batch) * max_tokens / wall, ttft=list(first.values()), wall=wall)
+    assert all(len(t) == max_tokens for t in tokens), [len(t) for t in tokens]
+    return dict(tok_s=len(batch) * max_tokens / wall, ttft=list(first.values()), wall=wall, tokens=tokens)
 
 
 class FirstStep:

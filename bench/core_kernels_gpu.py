@@ -76,22 +76,31 @@ def compare(model, vocab: int, steps: int) -> str:
 
 
 def speed(path: Path, levels: list[int], max_tokens: int, vocab: int) -> str:
-    rows = ["| concurrency | reference ops tok/s | our kernels tok/s | speed-up |", "| --- | --- | --- | --- |"]
+    """Decode tokens/s of the engine: reference ops (eager: their MoE syncs the host, so it cannot
+    be captured), our kernels eager, and our kernels with decode steps replayed from CUDA graphs."""
+    runs = (("reference", False, False), ("kernels", True, False), ("graphs", True, True))
+    rows = ["| concurrency | reference ops tok/s | our kernels tok/s | our kernels + CUDA graphs tok/s "
+            "| kernels / reference | kernels + graphs / reference | greedy streams, graphs = eager kernels |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in levels:
-        result = {}
-        for on in (False, True):
-            set_kernels(on)
+        result, streams = {}, {}
+        for name, kernels_on, graphs in runs:
+            set_kernels(kernels_on)
             model = load_model(path, dtype="bf16", device="cuda")
-            engine = Engine(model, model_tokenizer(path), max_batch=max(c, 8), max_seq_len=512)
+            engine = Engine(model, model_tokenizer(path), max_batch=max(c, 8), max_seq_len=512, cuda_graphs=graphs)
             batch = prompts(vocab, c, 32)
-            run_engine(engine, batch, 8)  # warm up: compile every shape first
-            best = max(run_engine(engine, batch, max_tokens)["tok_s"] for _ in range(2))
+            run_engine(engine, batch, 8)  # warm up: compile every shape (and capture its graphs) first
+            runs_ = [run_engine(engine, batch, max_tokens) for _ in range(2)]
             engine.close()
-            del model
+            del model, engine
             torch.cuda.empty_cache()
-            result[on] = best
-            log(f"  c={c} kernels={'on' if on else 'off'}: {best:.0f} tok/s")
-        rows.append(f"| {c} | {result[False]:.0f} | {result[True]:.0f} | {result[True] / result[False]:.2f}x |")
+            result[name] = max(r["tok_s"] for r in runs_)
+            streams[name] = runs_[0]["tokens"]
+            log(f"  c={c} {name}: {result[name]:.0f} tok/s")
+        ref = result["reference"]
+        same = sum(a == b for a, b in zip(streams["graphs"], streams["kernels"]))
+        rows.append(f"| {c} | {ref:.0f} | {result['kernels']:.0f} | {result['graphs']:.0f} | "
+                    f"{result['kernels'] / ref:.2f}x | {result['graphs'] / ref:.2f}x | {same} / {c} |")
     return "\n".join(rows)
 
 
