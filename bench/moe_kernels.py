@@ -305,7 +305,9 @@ def main():
     p.add_argument("--no-router", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--precompile", type=int, default=0, help="compile every point first in N processes")
+    p.add_argument("--no-pdl", action="store_true", help="launch the down GEMM after gate/up, not during its tail")
     args = p.parse_args()
+    fm.PDL = not args.no_pdl
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = args.shapes.split(",")
     tasks = [{"kind": "layer", "shape": n, "tokens": t} for n in shapes for t in tokens]
@@ -321,6 +323,7 @@ def main():
         "copy_bw_TBps": bw / 1e12,
         "bf16_matmul_TFLOPs": rate / 1e12,
         "peak_TFLOPs_used": 790,
+        "pdl": fm.PDL,
     }
     print(json.dumps(meta), flush=True)
     print(HEADER, flush=True)

@@ -24,6 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3 on Hopper
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 FP8_MAX = 448.0
 FP8_EPS = 1e-10
@@ -254,8 +259,12 @@ def _gate_up_kernel(
     TINY: tl.constexpr,
     E_PAD: tl.constexpr,
     TK_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """h[p] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T) for sorted position p of expert e."""
+    """h[p] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T) for sorted position p of expert e.
+    PDL: the down kernel may launch as soon as every program here has started."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     # Zero this program's share of the fp32 output the down kernel will atomically add into:
     # saves a memset launch, and stream order puts it before the down kernel.
@@ -350,14 +359,19 @@ def _down_kernel(
     TK_PAD: tl.constexpr,
     FUSED_CAST: tl.constexpr,
     CAST_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics.
     FUSED_CAST: the last of the `n_contrib` programs of a column tile (every program counts,
-    idle ones too) writes that tile's final values, cast, to `final` (no cast launch)."""
+    idle ones too) writes that tile's final values, cast, to `final` (no cast launch).
+    PDL: launched while gate/up still runs; the rows come from the routing alone, so they are
+    worked out before waiting for gate/up's h (and its zeroing of `out` and the counters)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert, slot = _block_rows(
         ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
     )
+    if PDL:
+        gdc_wait()
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if expert >= 0:
         _down_tile(
@@ -590,7 +604,22 @@ def plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
     return Plan(sorted_ids, block_expert, ids, num_experts, max_blocks)
 
 
-def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None):
+# Programmatic dependent launch between the two GEMMs at decode sizes, where their launch and
+# ramp-up are a large share of the layer; a module switch so benchmarks can time it off.
+PDL = True
+
+
+@functools.cache
+def _pdl_capable(device: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(x: torch.Tensor, fused_cast: bool) -> bool:
+    """Whether this call's down kernel launches while gate/up still runs."""
+    return PDL and fused_cast and x.is_cuda and not _interpreted() and _pdl_capable(x.device.index or 0)
+
+
+def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=False):
     """Launch the gate/up grouped GEMM with SwiGLU into h; also zeroes `out` (fp32)."""
     fp8 = w13_scale is not None
     hidden, inter, max_blocks = x.shape[1], h.shape[1], pl.max_blocks
@@ -628,6 +657,7 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None):
         FP8=fp8,
         ZERO_BLOCK=zero_block,
         UPCAST=_interpreted(),
+        PDL=pdl,
         **pl.constexprs(),
         **cfg,
     )
@@ -641,7 +671,8 @@ def workspace(tokens: int, hidden: int, device) -> tuple[torch.Tensor, torch.Ten
     return buf, buf[tokens * hidden :].view(torch.int32)
 
 
-def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None, final=None, counters=None):
+def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None, final=None, counters=None,
+         pdl=False):
     """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics. With `final`
     (and `counters`, zeroed, one per column tile), the last program of each column tile also
     writes its columns of `final` (out cast to final's dtype)."""
@@ -693,8 +724,10 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
         EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
         FP8=fp8,
         UPCAST=_interpreted(),
+        PDL=pdl,
         **pl.constexprs(),
         **cfg,
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 
@@ -738,8 +771,9 @@ def fused_moe(
         acc = zero = out  # the fp32 sums are the result itself
     h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
     # gate/up zeroes the fp32 sums and the counters (`zero`) before down adds into them
-    gate_up(x, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None)
     fused = x.dtype != torch.float32 and tokens <= FUSED_CAST_MAX_TOKENS
+    pdl = use_pdl(x, fused)
+    gate_up(x, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None, pdl)
     final = None
     if fused:
         final = out if out is not None else torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
@@ -755,6 +789,7 @@ def fused_moe(
         w2_scale.contiguous() if fp8 else None,
         final=final,
         counters=counters if fused else None,
+        pdl=pdl,
     )
     if fused:
         return final
