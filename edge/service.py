@@ -97,7 +97,9 @@ class EdgeService(EdgeBase):
             # Inference runs on the inference threads (through the batcher), never on the loop, so
             # health checks and other connections stay responsive.
             result = await self.embedder.embed(request.model, model, texts)
-            response = edge_pb2.EmbedResponse(model=request.model, prompt_tokens=result.prompt_tokens)
+            response = edge_pb2.EmbedResponse(
+                model=request.model, prompt_tokens=result.prompt_tokens, token_counts=result.token_counts
+            )
             response.embeddings.extend(edge_pb2.Embedding(values=row) for row in result.vectors.tolist())
             # Still tracked while sending: a drain must not close the connection under this answer.
             await stream.send_message(response)

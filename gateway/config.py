@@ -65,6 +65,11 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_entry_bytes: int = 1 << 20
     # How long identical concurrent misses wait for the first one (single flight).
     wait_s: float = 60.0
+    # The in-process L1 in front of Redis: at most this many entries and bytes, each kept this
+    # many seconds at most (and never longer than Redis keeps it); 0 entries turns it off.
+    l1_entries: int = 10_000
+    l1_max_bytes: int = 64 << 20
+    l1_ttl_s: float = 5.0
 
 
 class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -105,6 +110,10 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk_gap_timeout_s: float = 2.0
     # Hedge idempotent unary requests (embeddings) to the next zone after this delay; 0 turns it off.
     hedge_after_s: float = 0.25
+    # Embedding requests for one edge endpoint share RPCs under load (gateway/coalescer.py): what
+    # queues while this many RPCs are out leaves together, up to this many inputs per RPC.
+    embed_rpcs_in_flight: int = 2
+    embed_inputs_per_rpc: int = 64
 
 
 class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -4,7 +4,10 @@ The gateway asks Redis once or twice per request (cache lookup, tenant limits), 
 on the hot path. redis-py's asyncio client spends about 150 us of CPU per command in pool, retry
 and parser layers; this one writes the command and parks a future in a FIFO, and the protocol
 resolves futures as hiredis parses replies, about an order of magnitude less. Redis answers in
-order on one connection, so pipelining falls out of the FIFO.
+order on one connection, so pipelining falls out of the FIFO. While commands are in flight, the
+ones issued in one event-loop iteration leave in one write, and one timer watches the oldest
+command instead of one timer each: under load the syscall and the timer, not the parsing, were
+most of a command's cost.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class _Protocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             if not waiters:
                 continue
-            fut = waiters.popleft()
+            fut = waiters.popleft()[0]
             if fut.done():
                 continue
             if isinstance(reply, RespError):
@@ -74,27 +77,70 @@ class RespClient:
         self.timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
-        self._waiters: deque[asyncio.Future] = deque()
+        # (future, deadline) per command sent, in the order Redis will answer them.
+        self._waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self._outgoing: list[bytes] = []
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and wait for its reply."""
-        protocol = self._protocol or await self._connect()
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._waiters.append(fut)
-        protocol.transport.write(_encode(args))
-        timer = loop.call_later(self.timeout, self._timed_out, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        if self._protocol is None:
+            await self._connect()
+        return await self._send(_encode(args), 1)[0]
 
-    def _timed_out(self, fut: asyncio.Future) -> None:
+    async def pipeline(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send several commands in one write; their replies in order (an error reply raises)."""
+        if self._protocol is None:
+            await self._connect()
+        futures = self._send(b"".join(_encode(c) for c in commands), len(commands))
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return list(replies)
+
+    def _send(self, data: bytes, count: int) -> list[asyncio.Future]:
+        """Queue `count` encoded commands; a future for each reply."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            raise RespConnectionError("redis connection lost")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        futures = [loop.create_future() for _ in range(count)]
+        idle = not self._waiters
+        self._waiters.extend((fut, deadline) for fut in futures)
+        if idle and not self._outgoing:
+            # Nothing in flight: no company to wait for, write at once (Nagle's rule).
+            protocol.transport.write(data)
+        else:
+            if not self._outgoing:
+                loop.call_soon(self._flush)
+            self._outgoing.append(data)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._watch)
+        return futures
+
+    def _flush(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        protocol = self._protocol
+        if data and protocol is not None and protocol.transport is not None:
+            protocol.transport.write(data)
+
+    def _watch(self) -> None:
+        """Time out the oldest unanswered command, or look again when it is due."""
+        self._watchdog = None
+        if not self._waiters:
+            return
+        fut, deadline = self._waiters[0]
+        loop = asyncio.get_running_loop()
+        if deadline > loop.time():
+            self._watchdog = loop.call_at(deadline, self._watch)
+            return
         if not fut.done():
-            # Replies would now pair with the wrong waiters: drop the connection and start over.
             fut.set_exception(RespConnectionError(f"redis did not answer within {self.timeout}s"))
-            if self._protocol is not None and self._protocol.transport is not None:
-                self._protocol.transport.abort()
+        # Replies would now pair with the wrong waiters: drop the connection and start over.
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.abort()
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
@@ -120,8 +166,9 @@ class RespClient:
 
     def _lost(self, exc: BaseException | None) -> None:
         self._protocol = None
+        self._outgoing = []
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut = self._waiters.popleft()[0]
             if not fut.done():
                 fut.set_exception(RespConnectionError(f"redis connection lost: {exc}"))
 
@@ -143,7 +190,7 @@ class RespClient:
 
     async def get_and_exists(self, key: str, other: str) -> tuple[bytes | None, bool]:
         """GET key and EXISTS other, pipelined."""
-        got, exists = await asyncio.gather(self.execute("GET", key), self.execute("EXISTS", other))
+        got, exists = await self.pipeline(("GET", key), ("EXISTS", other))
         return got, bool(exists)
 
     async def ping(self) -> bool:

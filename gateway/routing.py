@@ -17,6 +17,7 @@ from gateway.http import Request
 from gateway.upstreams import Endpoint, UpstreamPool
 
 EARTH_RADIUS_KM = 6371.0
+_IP_MEMO = 65536  # client addresses remembered before the memo starts over
 
 
 def distance_km(a: Region, b: Region) -> float:
@@ -40,6 +41,8 @@ class Router:
             for zone in topology.zones
         }
         self._rng = rng or random.Random()
+        # Client addresses repeat (one per connection): each is looked up in the CIDR table once.
+        self._by_ip: dict[str, Region | None] = {}
 
     def client_region(self, request: Request) -> Region | None:
         """The trusted load-balancer header, else the CIDR table, else the gateway's own region."""
@@ -48,10 +51,13 @@ class Router:
             region = self._topology.region(named.strip())
             if region is not None:
                 return region
-        for region in self._topology.regions:
-            if region.contains(request.client_ip):
-                return region
-        return self._topology.region(self._topology.gateway.region)
+        ip = request.client_ip
+        if ip not in self._by_ip:
+            if len(self._by_ip) >= _IP_MEMO:
+                self._by_ip.clear()
+            found = next((r for r in self._topology.regions if r.contains(ip)), None)
+            self._by_ip[ip] = found or self._topology.region(self._topology.gateway.region)
+        return self._by_ip[ip]
 
     def rank(self, tier: Tier, region: Region | None) -> list[Endpoint]:
         """Every endpoint of `tier`, best first."""

@@ -31,7 +31,10 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
     upstreams: list[Upstream] = []
     for zone in topology.zones:
         if zone.edge is not None:
-            upstreams.append(EdgeUpstream(zone.name, zone.edge.host or zone.address, zone.edge.port))
+            upstreams.append(EdgeUpstream(
+                zone.name, zone.edge.host or zone.address, zone.edge.port,
+                max_in_flight=topology.routing.embed_rpcs_in_flight, max_inputs=topology.routing.embed_inputs_per_rpc,
+            ))
         if zone.core is not None:
             upstreams.append(CoreUpstream(zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models))
     return upstreams

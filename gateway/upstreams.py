@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from gateway.config import RoutingConfig, Tier
 
 
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
-    vectors: list[list[float]]
+    vectors: np.ndarray | list[list[float]]  # one row per input
     prompt_tokens: int
 
 

@@ -28,11 +28,14 @@ BASE = {
 }
 
 
-async def gateway(redis_port: int, *, limits: dict | None = None, prefix_db: int = 0, upstreams=None):
+async def gateway(redis_port: int, *, limits: dict | None = None, prefix_db: int = 0, upstreams=None,
+                  cache: dict | None = None):
     raw = copy.deepcopy(BASE)
     raw["redis"] = {"host": "127.0.0.1", "port": redis_port, "db": prefix_db}
     if limits:
         raw["limits"] = limits
+    if cache:
+        raw["cache"] = cache
     topo = parse_topology(raw)
     ups = upstreams or [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")]
     pool = UpstreamPool(ups)
@@ -174,3 +177,48 @@ async def test_cache_control_no_cache_bypasses(flushed):
                     msgspec.json.encode(body), "127.0.0.1", "h3")
     r = await gw.handle(fresh)
     assert r.headers["x-meridian-cache"] == "bypass" and len(core.calls) == 2
+
+
+async def test_l1_answers_repeated_hits_without_redis_and_keeps_tenants_apart(flushed):
+    gw, (edge, _) = await gateway(flushed.port)
+    body = {"model": "embed", "input": ["l1 text"]}
+    first = await gw.handle(post("/v1/embeddings", body))
+    flushed.stop()  # from here on only the L1 can answer
+    try:
+        again = await gw.handle(post("/v1/embeddings", body))
+        other = await gw.handle(post("/v1/embeddings", body, key="sk-b"))
+    finally:
+        flushed.start()
+    assert [r.headers["x-meridian-cache"] for r in (first, again, other)] == ["miss", "hit", "bypass"]
+    assert again.body == first.body
+    assert edge.embed_calls == 2  # tenant B's request went to the edge, not to A's entry
+
+
+async def test_l1_never_outlives_the_redis_entry(flushed):
+    writer, _ = await gateway(flushed.port)
+    reader, (edge, _) = await gateway(flushed.port, cache={"l1_ttl_s": 30.0})
+    body = {"model": "embed", "input": ["short-lived"]}
+    assert (await writer.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "miss"
+    link = RedisLink(parse_topology({"redis": {"port": flushed.port}}).redis)
+    try:
+        [key] = [k for k in await link.client.execute("KEYS", "mrd:c2:*") if not k.endswith(b":lock")]
+        await link.client.execute("PEXPIRE", key, 300)
+        assert (await reader.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "hit"
+        await asyncio.sleep(0.35)  # Redis has forgotten it; the reader's L1 copy must be gone too
+        assert (await reader.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "miss"
+    finally:
+        await link.close()
+    assert edge.embed_calls == 1
+
+
+async def test_l1_ttl_bounds_how_long_a_flushed_entry_is_served(flushed):
+    gw, (edge, _) = await gateway(flushed.port, cache={"l1_ttl_s": 0.2})
+    body = {"model": "embed", "input": ["flushed"]}
+    await gw.handle(post("/v1/embeddings", body))
+    link = RedisLink(parse_topology({"redis": {"port": flushed.port}}).redis)
+    await link.client.flushall()
+    await link.close()
+    assert (await gw.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "hit"
+    await asyncio.sleep(0.25)
+    assert (await gw.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "miss"
+    assert edge.embed_calls == 2
