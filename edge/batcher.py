@@ -1,19 +1,29 @@
 """Dynamic batching for embeddings: requests that arrive together share one model call.
 
-Requests queue on the event loop. A batch leaves when it holds `max_batch` inputs or when its oldest
-request has waited `max_delay_s`, whichever comes first; while every inference thread is busy the
-queue simply grows, so under load batches fill without any waiting. Requests are never split: one
-larger than `max_batch` runs as a batch of its own.
+A request that finds an inference thread idle on a quiet worker runs at once: nobody else is asking,
+so waiting for company would only add latency. While every inference thread is busy, requests queue;
+the moment one comes free it takes everything queued (whole requests, up to `max_batch` inputs) as
+one call. Under load batches therefore fill by themselves, from what arrived while the last one ran.
+
+`max_delay_s` is the only deliberate wait, and only under evident load: when a thread is free but
+fewer requests are queued than the last batch held, the queue waits (at most `max_delay_s` from the
+later of its first arrival and the thread coming free) for that many, because the last batch's
+callers are then usually on their way back. Without it, closed-loop callers split into a big and a
+tiny batch that alternate for good. A lone caller (last batch: one request) never waits, and a wait
+that times out is not repeated until a batch of several requests has run again. The default is 0 (no
+wait at all): on CPU workers the fragments cost nothing measurable, while merging a whole wave of
+callers into one batch stops the event loop's work on one half overlapping the model's on the other.
+Requests are never split: one larger than `max_batch` runs as a batch of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from edge.runtime.embedding import EmbedResult
 
@@ -23,7 +33,7 @@ class BatchPolicy:
     """How requests are grouped (from the topology: max batch size and max queue delay)."""
 
     max_batch: int = 32
-    max_delay_s: float = 0.002
+    max_delay_s: float = 0.0  # see EdgeConfig.max_queue_delay_ms
     concurrency: int = 1  # batches running at once (the inference threads)
 
 
@@ -33,11 +43,15 @@ class _Pending:
 
     texts: list[str]
     future: asyncio.Future[EmbedResult]
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float  # loop time
 
 
 class DynamicBatcher:
-    """Groups `submit` calls into `embed` calls run on `executor`."""
+    """Groups `submit` calls into `embed` calls run on `executor`.
+
+    Driven by callbacks on the event loop (a submit, a finished batch, the delay timer) rather than by
+    a task of its own, so that starting a batch costs no extra trip through the loop.
+    """
 
     def __init__(self, embed: Callable[[list[str]], EmbedResult], executor: Executor, policy: BatchPolicy) -> None:
         self.embed = embed
@@ -45,59 +59,66 @@ class DynamicBatcher:
         self.policy = policy
         self._queue: deque[_Pending] = deque()
         self._queued_inputs = 0
-        self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(max(1, policy.concurrency))
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._free = max(1, policy.concurrency)
+        self._last_requests = 0  # requests in the batch started last: how much company to expect
+        self._freed_at = 0.0  # loop time an inference thread last came free
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self.batches = 0  # model calls made, for tests and logs
+        self.sizes: deque[int] = deque(maxlen=256)  # requests per model call, most recent last, for tests
 
     async def submit(self, texts: list[str]) -> EmbedResult:
-        """Embed `texts` as part of the next batch."""
-        pending = _Pending(list(texts), asyncio.get_running_loop().create_future())
+        """Embed `texts` alone if an inference thread is idle, else as part of the next batch."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(list(texts), loop.create_future(), loop.time())
         self._queue.append(pending)
         self._queued_inputs += len(pending.texts)
-        self._arrived.set()
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-batcher")
+        self._pump()
         return await pending.future
 
     async def close(self) -> None:
-        """Stop dispatching; requests still queued fail as cancelled."""
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
+        """Stop starting batches; requests still queued fail as cancelled (running ones finish)."""
+        self._closed = True
+        self._cancel_timer()
         for pending in self._queue:
             pending.future.cancel()
         self._queue.clear()
         self._queued_inputs = 0
 
-    async def _dispatch(self) -> None:
-        """Form batches for as long as requests keep coming."""
-        while self._queue:
-            await self._slots.acquire()
-            try:
-                await self._fill()
-                batch = self._take()
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:
-                self._slots.release()
-                continue
-            task = asyncio.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    def _pump(self) -> None:
+        """Start batches while an inference thread is free and requests wait (or arm the delay timer)."""
+        while self._free and self._queue and not self._closed:
+            due = self._due()
+            if due is not None:
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_at(due, self._on_timer)
+                return
+            self._cancel_timer()
+            batch = self._take()
+            if batch:
+                self._start(batch)
 
-    async def _fill(self) -> None:
-        """Wait until the queue holds a full batch or its oldest request is due."""
-        while self._queue and self._queued_inputs < self.policy.max_batch:
-            due = self._queue[0].enqueued + self.policy.max_delay_s - time.monotonic()
-            if due <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), due)
-            except asyncio.TimeoutError:
-                return
+    def _due(self) -> float | None:
+        """When a queue still short of company should leave anyway (loop time); None to send it now."""
+        if self.policy.max_delay_s <= 0 or self._queued_inputs >= self.policy.max_batch:
+            return None
+        if len(self._queue) >= self._last_requests:  # as many as last time (or no load at all): go
+            return None
+        due = max(self._queue[0].enqueued, self._freed_at) + self.policy.max_delay_s
+        return due if due > asyncio.get_running_loop().time() else None
+
+    def _on_timer(self) -> None:
+        """The company did not come in time: send what there is."""
+        self._timer = None
+        self._last_requests = 0  # and do not wait again until a batch of several has run
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _take(self) -> list[_Pending]:
         """Whole requests from the head of the queue, up to max_batch inputs (at least one request)."""
@@ -115,23 +136,48 @@ class DynamicBatcher:
             size += len(head.texts)
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        """One model call for the batch, its rows handed back to each request in order."""
+    def _start(self, batch: list[_Pending]) -> None:
+        """Run one model call for `batch` on an inference thread; `_finished` hands the rows back."""
         texts = [t for pending in batch for t in pending.texts]
+        self._free -= 1
+        self._last_requests = len(batch)
+        self.sizes.append(len(batch))
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.embed, texts)
-        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+            future = asyncio.get_running_loop().run_in_executor(self.executor, self.embed, texts)
+        except RuntimeError as exc:  # the executor is shut down: fail the batch, not the loop
+            self._free += 1
+            _fail(batch, exc)
             return
-        finally:
-            self._slots.release()
+        future.add_done_callback(functools.partial(self._finished, batch))
+
+    def _finished(self, batch: list[_Pending], future: asyncio.Future[EmbedResult]) -> None:
+        """Give each request its rows (or the batch's error), then start the next batch."""
+        self._free += 1
+        self._freed_at = asyncio.get_running_loop().time()
         self.batches += 1
-        start = 0
-        for pending in batch:
-            end = start + len(pending.texts)
-            counts = result.token_counts[start:end]
-            if not pending.future.done():
-                pending.future.set_result(EmbedResult(result.vectors[start:end], sum(counts), counts))
-            start = end
+        if future.cancelled():
+            for pending in batch:
+                pending.future.cancel()
+        elif (exc := future.exception()) is not None:
+            _fail(batch, exc)  # every request of the batch gets the error
+        else:
+            _deliver(batch, future.result())
+        self._pump()
+
+
+def _deliver(batch: list[_Pending], result: EmbedResult) -> None:
+    """Slice one batch's result back into its requests, in order."""
+    start = 0
+    for pending in batch:
+        end = start + len(pending.texts)
+        counts = result.token_counts[start:end]
+        if not pending.future.done():
+            pending.future.set_result(EmbedResult(result.vectors[start:end], sum(counts), counts))
+        start = end
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    """Fail every request of `batch` that is still waiting."""
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)

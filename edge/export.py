@@ -5,6 +5,13 @@ int8 weights, its cosine to fp32 measured and gated), DEST/tokenizer.json and DE
 The build is skipped when DEST already holds a build with the same fingerprint, is checked against
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
+
+For throughput measurements on machines without the package (its weights are 90 MB):
+`python -m edge.export ARCH --architecture-only` copies what defines the model but its weights
+(config, tokenizer, pooling; under 1 MB) to ARCH, and `python -m edge.export DEST --random-weights
+ARCH [--seed N]` builds the same graph from it with seeded random weights, through the same export
+and the same ONNX-against-PyTorch verification (no int8: its quality gate means nothing for random
+weights). The vectors are meaningless; the cost of computing them is the real model's.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ QUALITY_TEXTS = (
     VERIFY_TEXTS[4],
 )
 MIN_INT8_COSINE = 0.99
+# What defines the model except its weights: enough to build it with random weights elsewhere.
+ARCHITECTURE_FILES = ("config.json", TOKENIZER_FILE, "sentence_bert_config.json", "modules.json",
+                      "1_Pooling/config.json")
 # The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
 # scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
 INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/")
@@ -96,11 +106,36 @@ def build_embedding_model(dest: Path, *, force: bool = False) -> Path:
     return build_atomically(dest, wanted, lambda out: _build(src, out, wanted), force=force, tag=TAG)
 
 
-def _build(src: Path, out: Path, fp: str) -> None:
-    """Export, describe, verify and quantize the model inside `out`."""
+def write_architecture(dest: Path) -> Path:
+    """Copy the model's definition without its weights (ARCHITECTURE_FILES) from the package to `dest`."""
+    src = source_dir()
+    for name in ARCHITECTURE_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, dest / name)
+    return dest
+
+
+def random_fingerprint(arch: Path, seed: int) -> str:
+    """Identify a random-weight build by recipe, exporter toolchain, architecture files and seed."""
+    digest = hashlib.sha256()
+    for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch"), f"random:{seed}"):
+        digest.update(part.encode() + b"\0")
+    for name in ARCHITECTURE_FILES:
+        digest.update(file_sha256(arch / name).encode())
+    return f"edge-export-v{EXPORTER_VERSION}-random-{digest.hexdigest()[:16]}"
+
+
+def build_random_embedding_model(dest: Path, arch: Path, *, seed: int = 0, force: bool = False) -> Path:
+    """The export of `arch` (from `write_architecture`) with seeded random weights: for throughput only."""
+    wanted = random_fingerprint(arch, seed)
+    return build_atomically(dest, wanted, lambda out: _build(arch, out, wanted, seed=seed), force=force, tag=TAG)
+
+
+def _build(src: Path, out: Path, fp: str, *, seed: int | None = None) -> None:
+    """Export, describe, verify and (real weights only) quantize the model inside `out`."""
     with torch_threads():
-        with _step("load weights"):
-            model = _load_torch_model(src)
+        with _step("load weights" if seed is None else f"initialise random weights (seed {seed})"):
+            model = _load_torch_model(src, seed)
         with _step("export onnx"):
             _export_onnx(model, out / MODEL_FILE)
         with _step("check onnx graph"):
@@ -109,10 +144,12 @@ def _build(src: Path, out: Path, fp: str) -> None:
             onnx.checker.check_model(str(out / MODEL_FILE))
         with _step("write tokenizer and meta"):
             shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
-            meta = _meta(src, fp)
+            meta = _meta(src, fp, seed)
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with _step("verify against pytorch"):
             _verify(model, out)
+        if seed is not None:
+            return
         with _step("quantize int8 and measure"):
             kept = quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, keep_fp32=INT8_KEEP_FP32)
             cosine = embedding_cosine(out, QUALITY_TEXTS)
@@ -126,16 +163,23 @@ def _build(src: Path, out: Path, fp: str) -> None:
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _load_torch_model(src: Path) -> torch.nn.Module:
-    """The encoder in eval mode, wrapped to take our three inputs and return the token states."""
+def _load_torch_model(src: Path, seed: int | None = None) -> torch.nn.Module:
+    """The encoder in eval mode, wrapped to take our three inputs and return the token states.
+
+    With `seed`, the architecture of `src/config.json` gets seeded random weights instead of its own.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never reach for the Hub
     import torch
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     # Eager attention: its additive mask traces into plain ONNX ops (no SDPA special cases).
-    bert = AutoModel.from_pretrained(src, attn_implementation="eager")
+    if seed is None:
+        bert = AutoModel.from_pretrained(src, attn_implementation="eager")
+    else:
+        bert = AutoModel.from_config(AutoConfig.from_pretrained(src), attn_implementation="eager")
+        _randomize(bert, seed)
 
     class TokenEmbeddings(torch.nn.Module):
         """BERT embeddings + encoder with an explicit additive mask, so tracing keeps every axis dynamic."""
@@ -153,6 +197,22 @@ def _load_torch_model(src: Path) -> torch.nn.Module:
     # eval() on the wrapper, not only on bert: the exporter restores the wrapper's mode afterwards,
     # and a fresh Module is in training mode (dropout on), which would poison the verification.
     return TokenEmbeddings(bert).eval()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random values for every parameter, biases and norms included.
+
+    The default init leaves every bias at 0 and every norm weight at 1; the exporter then shares those
+    identical tensors behind Identity nodes, and the graph would no longer be the real model's.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                centre = 1.0 if isinstance(module, torch.nn.LayerNorm) and name == "weight" else 0.0
+                param.copy_(centre + 0.02 * torch.randn(param.shape, generator=generator))
 
 
 def _export_onnx(model: torch.nn.Module, path: Path) -> None:
@@ -180,7 +240,7 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _meta(src: Path, fp: str) -> dict:
+def _meta(src: Path, fp: str, seed: int | None = None) -> dict:
     """What the runtime needs to know to turn token states into sentence embeddings."""
     bert_config = json.loads((src / "config.json").read_text())
     st_config = json.loads((src / "sentence_bert_config.json").read_text())
@@ -188,7 +248,11 @@ def _meta(src: Path, fp: str) -> dict:
     if not pooling.get("pooling_mode_mean_tokens"):
         raise ExportError(f"{src}: expected mean pooling, found {pooling}")
     modules = json.loads((src / "modules.json").read_text())
-    return {
+    if seed is None:
+        source = {"package": SOURCE_PACKAGE, "version": metadata.version(SOURCE_PACKAGE)}
+    else:  # the package may not be installed here: name the architecture files instead
+        source = {"architecture": str(src)}
+    meta = {
         "name": "all-minilm-l6-v2",
         "task": "embedding",
         "dimension": int(pooling["word_embedding_dimension"]),
@@ -198,7 +262,7 @@ def _meta(src: Path, fp: str) -> dict:
         "inputs": list(INPUT_NAMES),
         "output": OUTPUT_NAME,
         "hidden_size": int(bert_config["hidden_size"]),
-        "source": {"package": SOURCE_PACKAGE, "version": metadata.version(SOURCE_PACKAGE)},
+        "source": source,
         "exporter": {
             "version": EXPORTER_VERSION,
             "torch": metadata.version("torch"),
@@ -207,6 +271,10 @@ def _meta(src: Path, fp: str) -> dict:
         },
         "fingerprint": fp,
     }
+    if seed is not None:
+        # Read by benches and anyone else: these vectors must never be taken for embeddings.
+        meta["weights"] = f"random weights (seed {seed}), for throughput measurements only"
+    return meta
 
 
 def _verify(model: torch.nn.Module, out: Path) -> None:
@@ -257,9 +325,21 @@ def main(argv: list[str] | None = None) -> int:
         "dest", type=Path, help="model folder to write, e.g. ~/.cache/meridian/edge/all-minilm-l6-v2"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    parser.add_argument("--architecture-only", action="store_true",
+                        help="copy config, tokenizer and pooling (no weights) to DEST, for --random-weights elsewhere")
+    parser.add_argument("--random-weights", type=Path, metavar="ARCH",
+                        help="build from the architecture in ARCH with seeded random weights (throughput only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     args = parser.parse_args(argv)
+    dest = args.dest.expanduser()
     try:
-        path = build_embedding_model(args.dest.expanduser(), force=args.force)
+        if args.architecture_only:
+            path = write_architecture(dest)
+        elif args.random_weights is not None:
+            path = build_random_embedding_model(dest, args.random_weights.expanduser(), seed=args.seed,
+                                                force=args.force)
+        else:
+            path = build_embedding_model(dest, force=args.force)
     except (ExportError, FileExistsError, OSError) as exc:
         _progress(f"failed: {exc}")
         return 1

@@ -1,7 +1,7 @@
 """The edge worker process: gRPC (grpclib) with the Edge service and grpc.health.v1 beside it.
 
 `python -m edge.server --port 50051 --model all-minilm-l6-v2=~/.cache/meridian/edge/all-minilm-l6-v2 \
-    --model edge-small=~/.cache/meridian/edge/edge-small --max-batch 32 --max-queue-delay-ms 2`
+    --model edge-small=~/.cache/meridian/edge/edge-small --max-batch 32`
 Health reports NOT_SERVING while models load, SERVING once they are loaded, and NOT_SERVING again
 on SIGTERM/SIGINT: the worker keeps answering for a short grace period (so health checkers move
 traffic away first), then refuses new requests, finishes the ones it has, and exits 0.
@@ -198,7 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-input-chars", type=int, help="characters in one Embed input")
     add("--max-prompt-chars", type=int, help="characters in one Generate prompt")
     add("--max-batch", type=int, help="dynamic batching: most inputs in one model call (1: one request at a time)")
-    add("--max-queue-delay-ms", type=float, help="dynamic batching: how long a request may wait for company")
+    add("--max-queue-delay-ms", type=float,
+        help="dynamic batching: how long a queue shorter than the last batch may wait for company (0: never)")
     add("--l1-cache-entries", type=int, help="embeddings kept in the edge-local cache (0: off)")
     add("--int8", action="store_true", help="serve the models' int8 weights (env MERIDIAN_EDGE_INT8=1)")
     add("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds SIGTERM waits for in-flight requests")

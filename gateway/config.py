@@ -144,9 +144,9 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Where the gateway reaches it when not on the zone's address (a Kubernetes Service name).
     host: str = ""
     threads: int = 1
-    # Dynamic batching of embeddings: inputs per model call, and how long the first one waits for company.
+    # Dynamic batching of embeddings: inputs per model call, and how long a short queue may wait for company.
     max_batch: int = 32
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0  # waiting for company never paid on CPU workers: edge/config.py
     # The edge-local (L1) cache of embeddings by input; 0 turns it off.
     l1_cache_entries: int = 4096
 

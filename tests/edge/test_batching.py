@@ -55,13 +55,72 @@ async def test_concurrent_requests_share_model_calls_and_get_their_own_rows(exec
     assert max(len(c) for c in model.calls) <= 8
 
 
-async def test_a_lone_request_waits_at_most_the_queue_delay(executor) -> None:
+async def test_a_lone_request_is_not_delayed_by_the_queue_delay(executor) -> None:
     model = _RecordingModel()
-    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=64, max_delay_s=0.05))
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=64, max_delay_s=0.5))
+    for text in ("first", "second", "third"):  # one caller after another: never any company to wait for
+        started = time.perf_counter()
+        await batcher.submit([text])
+        assert time.perf_counter() - started < 0.25
+    assert model.calls == [["first"], ["second"], ["third"]]
+
+
+async def test_requests_that_queue_while_a_batch_runs_leave_together_without_waiting(executor) -> None:
+    model = _RecordingModel(seconds=0.05)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=64, max_delay_s=5.0))
+    first = asyncio.create_task(batcher.submit(["first"]))
+    await asyncio.sleep(0.01)  # "first" is running now; these queue behind it
     started = time.perf_counter()
-    await batcher.submit(["alone"])
+    await asyncio.gather(*(batcher.submit([f"queued {i}"]) for i in range(5)), first)
+    assert model.calls == [["first"], [f"queued {i}" for i in range(5)]]
+    # They left when the thread came free: no 5 s wait for a fuller batch.
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_batches_keep_forming_under_closed_loop_load(executor) -> None:
+    model = _RecordingModel(seconds=0.005)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=8, max_delay_s=0.002))
+
+    async def client(index: int) -> None:
+        for call in range(10):
+            result = await batcher.submit([f"client {index} call {call}"])
+            assert result.vectors[0, 0] == len(f"client {index} call {call}")
+
+    await asyncio.gather(*(client(i) for i in range(16)))
+    assert sum(len(c) for c in model.calls) == 160
+    assert max(len(c) for c in model.calls) <= 8
+    assert len(model.calls) <= 160 / 4  # 16 callers on one thread: batches of 4 or more on average
+
+
+async def test_under_load_a_freed_thread_waits_for_the_last_batchs_callers(executor) -> None:
+    model = _RecordingModel(seconds=0.02)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=64, max_delay_s=0.2))
+    blocker = asyncio.create_task(batcher.submit(["blocker"]))
+    await asyncio.sleep(0.005)
+    await asyncio.gather(*(batcher.submit([f"wave {i}"]) for i in range(4)), blocker)  # a batch of 4 ran
+    assert model.calls[-1] == [f"wave {i}" for i in range(4)]
+
+    async def late(i: int) -> None:  # the same 4 callers come back one by one
+        await asyncio.sleep(0.01 * i)
+        await batcher.submit([f"again {i}"])
+
+    await asyncio.gather(*(late(i) for i in range(4)))
+    assert model.calls[-1] == [f"again {i}" for i in range(4)]  # one batch, not 1 + 3
+
+
+async def test_a_wait_for_company_that_does_not_come_is_bounded_and_not_repeated(executor) -> None:
+    model = _RecordingModel(seconds=0.02)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=64, max_delay_s=0.1))
+    blocker = asyncio.create_task(batcher.submit(["blocker"]))
+    await asyncio.sleep(0.005)
+    await asyncio.gather(*(batcher.submit([f"wave {i}"]) for i in range(4)), blocker)
+    started = time.perf_counter()
+    await batcher.submit(["only one came back"])
     waited = time.perf_counter() - started
-    assert 0.04 <= waited < 0.5
+    assert 0.08 <= waited < 0.5  # it waited for the others, but no longer than the queue delay
+    started = time.perf_counter()
+    await batcher.submit(["quiet again"])
+    assert time.perf_counter() - started < 0.08  # no load any more: no wait
 
 
 async def test_a_full_batch_leaves_without_waiting(executor) -> None:
@@ -88,9 +147,13 @@ async def test_oversized_request_runs_alone_and_whole(executor) -> None:
 
 
 async def test_a_failing_batch_fails_its_requests_and_the_next_batch_works(executor) -> None:
-    model = _RecordingModel(fail_on="boom")
+    model = _RecordingModel(seconds=0.02, fail_on="boom")
     batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=8, max_delay_s=0.01))
+    blocker = asyncio.create_task(batcher.submit(["blocker"]))
+    await asyncio.sleep(0.005)  # "boom" and "fine" queue together behind the blocker
     outcomes = await asyncio.gather(batcher.submit(["boom"]), batcher.submit(["fine"]), return_exceptions=True)
+    await blocker
+    assert model.calls[1] == ["boom", "fine"]
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert (await batcher.submit(["later"])).vectors.shape == (1, 2)
 
@@ -106,6 +169,22 @@ async def test_a_cancelled_request_is_left_out_of_its_batch(executor) -> None:
     await first
     await batcher.submit(["third"])
     assert ["gone"] not in model.calls
+
+
+async def test_close_cancels_queued_requests_and_refuses_new_ones(executor) -> None:
+    model = _RecordingModel(seconds=0.05)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=8, max_delay_s=0.0))
+    running = asyncio.create_task(batcher.submit(["running"]))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(batcher.submit(["queued"]))
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert (await running).vectors.shape == (1, 2)  # a batch already running still answers
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    with pytest.raises(RuntimeError):
+        await batcher.submit(["after close"])
+    assert ["queued"] not in model.calls
 
 
 def test_l1_cache_evicts_the_least_recently_used() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge.export import build_embedding_model, fingerprint, source_dir
-from edge.runtime.embedding import EmbeddingModel
+from edge.runtime.embedding import EmbeddingModel, length_groups
 
 LONG = " ".join(
     f"Sentence {i} of a long document that runs well past the model's maximum sequence length."
@@ -118,3 +118,52 @@ def test_export_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
 def test_load_names_the_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model.onnx"):
         EmbeddingModel.load(tmp_path)
+
+
+class _RecordingSession:
+    """Passes calls through to a real session, recording the shape of each batch it runs."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.shapes: list[tuple[int, int]] = []
+
+    def run(self, outputs, feeds):
+        self.shapes.append(feeds["input_ids"].shape)
+        return self.session.run(outputs, feeds)
+
+
+def test_a_long_input_does_not_pad_the_short_ones_of_its_batch(embedding_model_dir: Path) -> None:
+    model = EmbeddingModel.load(embedding_model_dir, threads=1)
+    short = [f"Short sentence number {i}." for i in range(7)]
+    alone = model.embed(short).vectors
+    model.session = recording = _RecordingSession(model.session)
+    result = model.embed([short[0], LONG, *short[1:]])
+    widths = {len(model.tokenizer.encode(t).ids) for t in short}
+    # Two calls: the seven short ones at their own width, the long one alone at 256 tokens.
+    assert sorted(recording.shapes) == [(1, 256), (7, max(widths))]
+    np.testing.assert_allclose(np.delete(result.vectors, 1, axis=0), alone, atol=1e-5)
+    assert result.token_counts[1] == 256
+
+
+def test_similar_lengths_stay_one_call(embedding_model_dir: Path) -> None:
+    model = EmbeddingModel.load(embedding_model_dir, threads=1)
+    model.session = recording = _RecordingSession(model.session)
+    model.embed([f"Sentence {i}: the edge worker answers {'small ' * (i % 3)}requests." for i in range(32)])
+    assert len(recording.shapes) == 1
+
+
+def test_length_groups_cover_every_row_once_and_cut_only_when_it_pays() -> None:
+    lengths = np.array([22] * 31 + [256])
+    groups = length_groups(lengths)
+    assert [sorted(g.tolist()) for g in groups] == [list(range(31)), [31]]
+    mixed = np.random.default_rng(0).integers(3, 257, 200)
+    rows = np.concatenate(length_groups(mixed))
+    assert sorted(rows.tolist()) == list(range(200))
+    assert len(length_groups(np.array([21, 22, 23] * 10))) == 1  # 4% padding: not worth a second call
+    assert [g.tolist() for g in length_groups(np.array([9]))] == [[0]]
+
+
+def test_sessions_do_not_spin_between_ops(model: EmbeddingModel) -> None:
+    # Spinning pool threads would take the cores the event loop and other work on the box need.
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
