@@ -82,7 +82,8 @@ def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, flo
                      fault_end: float | None = None) -> float:
     """Time from the fault to the end of the last window whose p99 is over 2x baseline (or that failed).
 
-    Latencies are taken relative to each kind's baseline p99, so embeddings and streams count alike.
+    Latencies are taken relative to each kind's baseline p99, so embeddings and streams count alike,
+    and within DEGRADED_MIN_EXTRA_S of it they count as unchanged.
     Only requests that started while the fault held count: the fault's end (a zone coming back) is
     an event of its own, measured by the zone-returns drill.
     """
@@ -97,11 +98,24 @@ def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, flo
     t = fault_at
     while t <= end:
         window = [s for at, s in after if t <= at < t + WINDOW_S]
-        ratios = [s.latency / base.get(s.kind, 1.0) for s in window if s.ok]
+        ratios = [_slowdown(s, base.get(s.kind, 1.0)) for s in window if s.ok]
         if any(not s.ok for s in window) or (ratios and percentile(ratios, 99) > 2.0):
             last_bad = min(t + WINDOW_S, end)
         t += STEP_S
     return max(0.0, last_bad - fault_at)
+
+
+# A request counts as slowed by the fault only when it is over 2x its kind's baseline
+# p99 *and* this much above it: a 10 ms embedding taking 30 ms on two shared cores is the machine,
+# not a failover (a blackholed zone costs the 250 ms hedge delay, a slow one its 600 ms).
+DEGRADED_MIN_EXTRA_S = 0.025
+
+
+def _slowdown(sample: Sample, baseline: float) -> float:
+    """The sample's latency over its kind's baseline, or 1 when it is within the absolute slack."""
+    if sample.latency - baseline < DEGRADED_MIN_EXTRA_S:
+        return 1.0
+    return sample.latency / baseline
 
 
 def first_time(samples: list[Sample], since: float, predicate, window: int = 5) -> float | None:
