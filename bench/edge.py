@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from record import record  # noqa: E402  (bench/ is the script's own folder)
+from process_cpu import process_cpu  # noqa: E402  (bench/ is the script's own folder)
+from record import record  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -55,9 +56,6 @@ WORDS = ("edge", "request", "vector", "zone", "latency", "cache", "model", "batc
 # The issue's targets at concurrency 32.
 TARGET_C, TARGET_SPEEDUP, TARGET_OF_BARE = 32, 3.0, 0.85
 MODE_TITLES = {"one": "one at a time", "batched": "batched", "bare": "bare ORT"}
-CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def sentence(i: int) -> str:
     """A distinct ~20-token sentence per index, so no two requests are the same input."""
     words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12)]
@@ -145,12 +143,6 @@ def embed_rate(pool: ProcessPoolExecutor, procs: int, worker: subprocess.Popen, 
     results = [job.result() for job in jobs]
     rate = sum(r for r, _ in results)
     return Figure(rate, (worker_cpu + sum(c for _, c in results)) / max(rate * seconds, 1.0))
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) that process `pid` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
 # -- in-process figures -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from h3_load import UNIQUE  # noqa: E402  (bench/ is the script's own folder)
+from process_cpu import process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
 from deploy.launcher import LocalStack, free_port, resolve_topology  # noqa: E402
@@ -52,12 +53,6 @@ def log(msg: str) -> None:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the stack under test -----------------------------------------------------------------------
@@ -194,12 +189,12 @@ async def h3_run(pid: int, port: int, path: str, n: int, *, body: dict | None = 
     procs = [await asyncio.create_subprocess_exec(*args, stdin=PIPE, stdout=PIPE) for _ in range(loaders)]
     for proc in procs:
         assert (await proc.stdout.readline()).strip() == b"ready", "h3_load did not connect"
-    before = cpu_seconds(pid)
+    before = process_cpu(pid)
     for proc in procs:
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
     results = [json.loads(await proc.stdout.readline()) for proc in procs]
-    used = cpu_seconds(pid) - before
+    used = process_cpu(pid) - before
     for proc in procs:
         await proc.wait()
     if body_file is not None:

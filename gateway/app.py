@@ -51,7 +51,6 @@ class Gateway:
         self.cache = L2Cache(redis, topology.cache)
         self.limiter = RateLimiter(redis, topology.limits, self.metrics)
         self.failover = Failover(topology.routing, self.metrics, stream_timeout_s=topology.gateway.request_timeout_s)
-        self._models = {m.name: m for m in topology.models}
         self._public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -169,7 +168,7 @@ class Gateway:
     def _model(self, name: str | None, principal: Principal, route: str) -> Model:
         if not name:
             raise api.bad_request("model is required", "model")
-        model = self._models.get(name)
+        model = self.topology.model(name)
         if model is None:
             raise GatewayError(
                 Kind.NOT_FOUND, f"the model {name!r} does not exist", param="model", code="model_not_found"

@@ -21,6 +21,37 @@ import torch
 import torch.nn.functional as F
 
 
+# CPU BLAS rounds a row differently with the row count of the call (GEMV and small-M paths below
+# 4 rows; another split of the work across threads for odd counts). Row counts that are multiples
+# of 4 all agree, so products are padded to one: a token's result then does not depend on how many
+# other rows share the call (batch invariance: a stream's tokens must not depend on its neighbours
+# in the batch). The model's linear layers use the same padding (core.model.layers.Linear).
+GEMM_ROW_MULTIPLE = 4
+
+# torch's elementwise loops run over a contiguous tensor as one flat range, 2 x 16 fp32 lanes at a
+# time (AVX-512), the leftover tail through the scalar function, which can round exp or sigmoid
+# another way; with two threads the range is split in halves first. So a row's values depend on
+# where the tensor ends unless every row count the tensor can have keeps the flat length (and its
+# halves) a multiple of the block.
+_ELEMENTWISE_BLOCK = 64
+
+
+def elementwise_row_multiple(width: int) -> int:
+    """Row multiple for [rows, width] fp32 tensors whose elementwise results must not depend on
+    `rows` (and a multiple of GEMM_ROW_MULTIPLE, so the GEMM that makes them pads alike)."""
+    rows = _ELEMENTWISE_BLOCK // math.gcd(width, _ELEMENTWISE_BLOCK)
+    return math.lcm(rows, GEMM_ROW_MULTIPLE)
+
+
+def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE, dim: int = 0) -> torch.Tensor:
+    """`x` with zero rows appended along `dim` up to a multiple of `multiple`."""
+    extra = -x.shape[dim] % multiple
+    if not extra:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
+    return F.pad(x, pad)
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -129,37 +160,6 @@ def route(
     if routed_scaling_factor != 1.0:
         weights = weights * routed_scaling_factor
     return weights, ids.to(torch.int32)
-
-
-# CPU BLAS rounds a row differently with the row count of the call (GEMV and small-M paths below
-# 4 rows; another split of the work across threads for odd counts). Row counts that are multiples
-# of 4 all agree, so products are padded to one: a token's result then does not depend on how many
-# other rows share the call (batch invariance: a stream's tokens must not depend on its neighbours
-# in the batch). The model's linear layers use the same padding (core.model.layers.Linear).
-GEMM_ROW_MULTIPLE = 4
-
-# torch's elementwise loops run over a contiguous tensor as one flat range, 2 x 16 fp32 lanes at a
-# time (AVX-512), the leftover tail through the scalar function, which can round exp or sigmoid
-# another way; with two threads the range is split in halves first. So a row's values depend on
-# where the tensor ends unless every row count the tensor can have keeps the flat length (and its
-# halves) a multiple of the block.
-_ELEMENTWISE_BLOCK = 64
-
-
-def elementwise_row_multiple(width: int) -> int:
-    """Row multiple for [rows, width] fp32 tensors whose elementwise results must not depend on
-    `rows` (and a multiple of GEMM_ROW_MULTIPLE, so the GEMM that makes them pads alike)."""
-    rows = _ELEMENTWISE_BLOCK // math.gcd(width, _ELEMENTWISE_BLOCK)
-    return math.lcm(rows, GEMM_ROW_MULTIPLE)
-
-
-def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE, dim: int = 0) -> torch.Tensor:
-    """`x` with zero rows appended along `dim` up to a multiple of `multiple`."""
-    extra = -x.shape[dim] % multiple
-    if not extra:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
-    return F.pad(x, pad)
 
 
 def rms_norm(

@@ -251,7 +251,8 @@ class Engine:
 
     def _decode(self, batch: list[Sequence]) -> None:
         """One token for every running sequence."""
-        tokens, positions, slots = [s.completion[-1] for s in batch], [s.length - 1 for s in batch], [s.slot for s in batch]
+        tokens = [s.completion[-1] for s in batch]
+        positions, slots = [s.length - 1 for s in batch], [s.slot for s in batch]
         if self.graphs is not None:
             logits = self.graphs(tokens, positions, slots)
         else:

@@ -17,6 +17,7 @@ import torch
 
 from core.engine import Engine, GenerationRequest
 from core.engine.kv_cache import PagedKVCache
+from core.model.config import ModelConfig
 from core.model.layers import PV_CHUNK, Linear, Router
 from core.model.loader import load_model
 from core.tokenizer import Tokenizer
@@ -43,7 +44,7 @@ def test_linear_rows_do_not_depend_on_their_neighbours(threads, shape):
 @pytest.mark.parametrize("experts", [16, 8, 60])
 def test_router_rows_do_not_depend_on_their_neighbours(experts, local_checkpoint):
     """Scores go through exp/sigmoid, whose scalar tail rounds another way: odd counts included."""
-    cfg = load_model(local_checkpoint).config
+    cfg = ModelConfig.from_file(local_checkpoint)
     cfg = dataclasses.replace(cfg, n_routed_experts=experts, n_group=4, topk_group=2)
     router = Router(cfg, correction_bias=True)
     torch.nn.init.normal_(router.weight)
