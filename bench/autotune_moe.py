@@ -6,7 +6,8 @@ as JSON (kernels/configs/E<e>_H<h>_I<i>_bf16_<GPU>.json), read by
 
 For each token count and each candidate BLOCK_M (shared by both GEMMs and the alignment), the
 gate/up and the down kernels are timed apart over their own candidates; the fastest sum wins,
-once the whole layer with it matches a torch computation. `--precompile N` compiles every
+once the whole layer with it matches a torch computation. On Hopper every candidate is also tried
+with its tiles read through TMA descriptors ("TMA": true). `--precompile N` compiles every
 candidate first in N processes; `--fp8` tunes the w8a8 path (files named ..._fp8_w8a8_...).
 """
 
@@ -107,14 +108,22 @@ def _with_bk128(cs: list[dict]) -> list[dict]:
     return list({json.dumps(dict(c, BLOCK_K=128), sort_keys=True): dict(c, BLOCK_K=128) for c in cs}.values())
 
 
-def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
-    """(gate_up, down) configurations to try at this BLOCK_M (fp8: BLOCK_K is 128 regardless)."""
+def candidates(bm: int, fp8: bool, tma: bool = False) -> tuple[list[dict], list[dict]]:
+    """(gate_up, down) configurations to try at this BLOCK_M (fp8: BLOCK_K is 128 regardless);
+    with `tma`, each also reading its tiles through tensor descriptors."""
     small = bm <= 32
     gu = [kernel_cfg(c, bm) for c in (SMALL_GU if small else LARGE_GU)]
     dn = [kernel_cfg(c, bm, down=True) for c in (SMALL_DN if small else LARGE_DN)]
     if fp8:  # one BLOCK_K: drop the duplicates the fixed 128 makes
         gu, dn = _with_bk128(gu), _with_bk128(dn)
+    if tma:
+        gu, dn = gu + [dict(c, TMA=True) for c in gu], dn + [dict(c, TMA=True) for c in dn]
     return gu, dn
+
+
+def tma_capable() -> bool:
+    """Whether this GPU has the tensor memory accelerator (Hopper, sm90, and later)."""
+    return torch.cuda.get_device_capability()[0] >= 9
 
 
 def tune_point(x, w13, w2, routings, e, k, bm, scales):
@@ -133,7 +142,7 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         if plans[0].sorted_ids is None
         else time_fn(lambda: [fm.plan(ids, e, bm) for _, ids in routings], budget_ms=30)
     )
-    gu_cands, dn_cands = candidates(bm, bool(scales))
+    gu_cands, dn_cands = candidates(bm, bool(scales), tma_capable())
     best_gu = best_dn = (float("inf"), None)
     for cfg in gu_cands:
         try:
@@ -211,7 +220,7 @@ def main():
         e, h, i, k = SHAPES[name]
         for t in tokens:
             for bm in block_m_candidates(t, k, e):
-                gu, dn = candidates(bm, args.fp8)
+                gu, dn = candidates(bm, args.fp8, tma_capable())
                 base = {"shape": name, "tokens": t, "bm": bm, "fp8": args.fp8}
                 tasks += [dict(base, kind="gate_up", cfg=c) for c in gu]
                 tasks += [dict(base, kind="down", cfg=c) for c in dn]

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3 on Hopper
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -260,9 +261,12 @@ def _gate_up_kernel(
     E_PAD: tl.constexpr,
     TK_PAD: tl.constexpr,
     PDL: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """h[p] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T) for sorted position p of expert e.
-    PDL: the down kernel may launch as soon as every program here has started."""
+    PDL: the down kernel may launch as soon as every program here has started.
+    TMA: `w_ptr` is a tensor descriptor over w13 as [E * 2I, H] with [BLOCK_N, BLOCK_K] tiles (the
+    x rows are gathered, which Hopper's TMA cannot do, so they stay pointer loads)."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -286,15 +290,27 @@ def _gate_up_kernel(
     cols = offs_n % I  # wrap instead of masking the weight loads; the store masks
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + I * stride_wn
+    if TMA:
+        # A tile past column I reads the up rows (or the next expert's): those columns are not stored.
+        g_row = expert * (2 * I) + pid_n * BLOCK_N
+    else:
+        g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + I * stride_wn
     if FP8:
         gs_ptrs = ws_ptr + expert * stride_se + (cols // BLOCK_K) * stride_sn
         us_ptrs = ws_ptr + expert * stride_se + ((cols + I) // BLOCK_K) * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(tl.cdiv(H, BLOCK_K)):
-        if EVEN_K:
+        if TMA:
+            # the descriptor zero-fills columns past H, so a ragged last K step needs no mask on w
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(offs_k < H - kb * BLOCK_K)[None, :], other=0.0)
+            g = w_ptr.load([g_row, kb * BLOCK_K]).T
+            u = w_ptr.load([g_row + I, kb * BLOCK_K]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
@@ -312,8 +328,9 @@ def _gate_up_kernel(
             acc_g = _dot(a, g, acc_g, UPCAST)
             acc_u = _dot(a, u, acc_u, UPCAST)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        if not TMA:
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < I))
@@ -360,12 +377,15 @@ def _down_kernel(
     FUSED_CAST: tl.constexpr,
     CAST_M: tl.constexpr,
     PDL: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics.
     FUSED_CAST: the last of the `n_contrib` programs of a column tile (every program counts,
     idle ones too) writes that tile's final values, cast, to `final` (no cast launch).
     PDL: launched while gate/up still runs; the rows come from the routing alone, so they are
-    worked out before waiting for gate/up's h (and its zeroing of `out` and the counters)."""
+    worked out before waiting for gate/up's h (and its zeroing of `out` and the counters).
+    TMA: `h_ptr` and `w_ptr` are tensor descriptors (h as [rows, I] in [BLOCK_M, BLOCK_K] tiles, w2
+    as [E * H, I] in [BLOCK_N, BLOCK_K] tiles)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert, slot = _block_rows(
         ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
@@ -384,6 +404,7 @@ def _down_kernel(
             slot,
             pid_m,
             offs_n,
+            pid_n * BLOCK_N,
             TK,
             TOP_K,
             H,
@@ -401,6 +422,7 @@ def _down_kernel(
             EVEN_K,
             FP8,
             UPCAST,
+            TMA,
         )
     if FUSED_CAST:
         # Split-K semaphore pattern: the barrier orders every thread's atomics before the
@@ -433,6 +455,7 @@ def _down_tile(
     slot,
     pid_m,
     offs_n,
+    n0,
     TK,
     TOP_K,
     H,
@@ -450,8 +473,11 @@ def _down_tile(
     EVEN_K: tl.constexpr,
     FP8: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """One (row block, column tile, K range) of the down GEMM, added into out by atomics."""
+    """One (row block, column tile, K range) of the down GEMM, added into out by atomics.
+    With TMA the pad rows of h are read too (never written, so any bits): a product's row depends
+    on its own row of h alone, and pad rows are masked out of the sums."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = slot < TK
     slot = tl.where(valid, slot, 0)
@@ -459,13 +485,18 @@ def _down_tile(
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, I)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
+    if not TMA:
+        a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + offs_k[:, None]
     if FP8:
         bs_ptrs = ws_ptr + expert * stride_se + (cols // BLOCK_K) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
+        if TMA:
+            # K ranges are whole BLOCK_K steps up to I, where the descriptors zero-fill: no masks
+            a = h_ptr.load([pid_m * BLOCK_M, k])
+            b = w_ptr.load([expert * H + n0, k]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
             b = tl.load(b_ptrs)
         else:
@@ -478,8 +509,9 @@ def _down_tile(
             acc += _dot(aq, b, zero, UPCAST) * (a_s[:, None] * tl.load(bs_ptrs + k // BLOCK_K)[None, :])
         else:
             acc = _dot(a, b, acc, UPCAST)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not TMA:
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     acc *= tl.load(topk_w_ptr + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + (slot // TOP_K)[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.atomic_add(out_ptrs, acc, mask=valid[:, None] & (offs_n[None, :] < H), sem="relaxed")
@@ -619,20 +651,30 @@ def use_pdl(x: torch.Tensor, fused_cast: bool) -> bool:
     return PDL and fused_cast and x.is_cuda and not _interpreted() and _pdl_capable(x.device.index or 0)
 
 
+def _tiles(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+    """A TMA descriptor over the 2-D tensor `t` in `block` tiles, or None where TMA cannot read
+    it (strides or base not 16-byte aligned)."""
+    if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+
+
 def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=False):
-    """Launch the gate/up grouped GEMM with SwiGLU into h; also zeroes `out` (fp32)."""
+    """Launch the gate/up grouped GEMM with SwiGLU into h; also zeroes `out` (fp32). A config
+    with "TMA" reads the weight tiles through a tensor descriptor."""
     fp8 = w13_scale is not None
     hidden, inter, max_blocks = x.shape[1], h.shape[1], pl.max_blocks
     cfg = dict(cfg)
     bk = cfg.pop("BLOCK_K")
     bk = FP8_BLOCK if fp8 else bk  # one scale per K step: the 128-column quantization group
+    w_tiles = _tiles(w13.view(-1, hidden), [cfg["BLOCK_N"], bk]) if cfg.pop("TMA", False) else None
     ws = w13_scale if fp8 else w13  # any pointer when not fp8
     grid = max_blocks * triton.cdiv(inter, cfg["BLOCK_N"])
     zero_block = 1024
     per_prog = triton.cdiv(triton.cdiv(out.numel(), grid), zero_block) * zero_block
     _gate_up_kernel[(grid,)](
         x,
-        w13,
+        w13 if w_tiles is None else w_tiles,
         ws,
         h,
         out,
@@ -658,6 +700,7 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
         ZERO_BLOCK=zero_block,
         UPCAST=_interpreted(),
         PDL=pdl,
+        TMA=w_tiles is not None,
         **pl.constexprs(),
         **cfg,
     )
@@ -675,12 +718,19 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
          pdl=False):
     """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics. With `final`
     (and `counters`, zeroed, one per column tile), the last program of each column tile also
-    writes its columns of `final` (out cast to final's dtype)."""
+    writes its columns of `final` (out cast to final's dtype). A config with "TMA" reads h's and
+    the weights' tiles through tensor descriptors."""
     fp8 = w2_scale is not None
     hidden, inter, max_blocks = out.shape[1], h.shape[1], pl.max_blocks
     cfg = dict(cfg)
     bk = cfg.pop("BLOCK_K")
     bk = FP8_BLOCK if fp8 else bk
+    h_tiles = w_tiles = None
+    if cfg.pop("TMA", False):
+        h_tiles = _tiles(h, [block_m, bk])
+        w_tiles = _tiles(w2.view(-1, inter), [cfg["BLOCK_N"], bk])
+        if h_tiles is None or w_tiles is None:
+            h_tiles = w_tiles = None
     split_k = cfg.pop("SPLIT_K", 1)
     k_per_split = triton.cdiv(triton.cdiv(inter, bk), split_k) * bk
     split_k = triton.cdiv(inter, k_per_split)
@@ -692,8 +742,8 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
     tokens = out.shape[0]
     cast_m = min(max(16, CAST_TILE // cfg["BLOCK_N"]), max(16, triton.next_power_of_2(tokens)))
     _down_kernel[grid](
-        h,
-        w2,
+        h if h_tiles is None else h_tiles,
+        w2 if w_tiles is None else w_tiles,
         ws,
         out,
         *pl.kernel_args()[:2],
@@ -725,6 +775,7 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
         FP8=fp8,
         UPCAST=_interpreted(),
         PDL=pdl,
+        TMA=w_tiles is not None,
         **pl.constexprs(),
         **cfg,
         **({"launch_pdl": True} if pdl else {}),

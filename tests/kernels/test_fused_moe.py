@@ -253,6 +253,59 @@ def test_final_cast_under_contention(device, monkeypatch):
         assert rel_err(out.cpu(), ref) < 1e-2
 
 
+def tma(c: dict) -> dict:
+    """`c` with both kernels reading their tiles through tensor descriptors."""
+    return {**c, "gate_up": {**c["gate_up"], "TMA": True}, "down": {**c["down"], "TMA": True}}
+
+
+@pytest.mark.parametrize("tiny_max", [0, 64])
+def test_tma_tiles_ragged_k_and_split_k(tiny_max, device, monkeypatch):
+    """Descriptor tiles: K (80 and 72) not a multiple of BLOCK_K, split-K whose last range runs
+    past I, column tiles past I and H (they read the next rows of the weights), top-k 1 and 3."""
+    monkeypatch.setattr(fm, "TINY_MAX", tiny_max)
+    x, w13, w2 = make_layer(13, 80, 72, 4, torch.bfloat16, device)
+    for top_k in (1, 3):
+        w, ids = random_routing(13, 4, top_k, device)
+        check(x, w13, w2, w, ids, tma(cfg(SPLIT_K=3, BLOCK_N=64)), 1e-2)
+
+
+def test_tma_tiles_fp8(device):
+    h, i, e = 256, 256, 4
+    x, w13, w2 = make_layer(9, h, i, e, torch.bfloat16, device)
+    w13q, w13s = reference.quant_fp8_blocks(w13.float().cpu())
+    w2q, w2s = reference.quant_fp8_blocks(w2.float().cpu())
+    w, ids = random_routing(9, e, 2, device)
+    c = tma(cfg(BLOCK_K=128, BLOCK_N=64))
+    args = (x, w13q.to(device), w2q.to(device), w, ids)
+    out = fm.fused_moe(*args, w13_scale=w13s.to(device), w2_scale=w2s.to(device), config=c)
+    ref = reference.fused_moe_fp8(x.cpu(), w13q, w2q, w.cpu(), ids.cpu(), w13s, w2s)
+    assert rel_err(out.cpu(), ref.float()) < (2e-2 if device == "cuda" else 3e-2)
+
+
+def test_tma_down_ignores_the_pad_rows_of_h(device, monkeypatch):
+    """The down kernel's descriptor reads whole row blocks of h, pad rows included, which nobody
+    writes: NaN there must not reach the output."""
+    monkeypatch.setattr(fm, "TINY_MAX", 0)
+    t, hd, inter, e, k = 11, 64, 48, 8, 2
+    x, w13, w2 = make_layer(t, hd, inter, e, torch.bfloat16, device)
+    w, ids = random_routing(t, e, k, device)
+    c = tma(SMALL)
+    pl = fm.plan(ids, e, c["BLOCK_M"])
+    h = torch.full((pl.max_blocks * c["BLOCK_M"], inter), float("nan"), dtype=x.dtype, device=device)
+    out = torch.empty(t, hd, dtype=torch.float32, device=device)
+    fm.gate_up(x, w13, h, out, pl, k, c["gate_up"], c["BLOCK_M"])
+    assert torch.isnan(h.float()).any()  # there are pad rows, and they stayed NaN
+    fm.down(h, w2, out, pl, w, k, c["down"], c["BLOCK_M"])
+    assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 1e-2
+
+
+def test_tma_falls_back_to_pointers_where_rows_are_not_16_byte_aligned(device):
+    x, w13, w2 = make_layer(5, 36, 20, 4, torch.bfloat16, device)  # rows of 72 and 40 bytes
+    assert fm._tiles(w13.view(-1, 36), [32, 32]) is None and fm._tiles(w2.view(-1, 20), [32, 32]) is None
+    w, ids = random_routing(5, 4, 2, device)
+    check(x, w13, w2, w, ids, tma(SMALL), 1e-2)
+
+
 def test_a_gpu_without_tuned_files_takes_those_of_its_architecture(tmp_path, monkeypatch):
     """An H200 runs the H100's tiles (same compute capability); another architecture does not."""
     (tmp_path / fm.DEVICES_FILE).write_text(json.dumps({"GPU A": [9, 0], "GPU C": [8, 0]}))
