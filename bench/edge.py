@@ -2,7 +2,7 @@
 ONNX Runtime session at the same batch sizes, and small-LM tokens per second.
 
     python bench/edge.py [--seconds 3] [--rounds 3] [--concurrency 1,8,32,64] [--threads 1[,2...]]
-                         [--compare-delay-ms 2] [--load-procs 1] [--model-dir DIR] [--lm-dir DIR | --no-lm]
+                         [--compare-delay-ms 2] [--load-procs 1] [--workers 1] [--model-dir DIR] [--lm-dir DIR | --no-lm]
                          [--write-docs] [--out FILE]
 
 Each served figure is a real worker process (`python -m edge.server`, `--threads` ORT threads, one
@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -72,10 +72,10 @@ class Figure:
 
 # -- served figures ---------------------------------------------------------------------------------
 
-def start_worker(model_dir: Path, port_file: Path, threads: int, *flags: str) -> subprocess.Popen:
+def start_worker(model_dir: Path, port_file: Path, threads: int, *flags: str, workers: int = 1) -> subprocess.Popen:
     """A worker process on a free loopback port; returns once it reports SERVING."""
     argv = [sys.executable, "-m", "edge.server", "--host", "127.0.0.1", "--port", "0", "--threads", str(threads),
-            "--workers", "1", "--l1-cache-entries", "0", "--port-file", str(port_file),
+            "--workers", str(workers), "--l1-cache-entries", "0", "--port-file", str(port_file),
             "--model", f"{EMBED}={model_dir}", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env)
@@ -148,15 +148,25 @@ def embed_rate(pool: ProcessPoolExecutor, procs: int, worker: subprocess.Popen, 
 # -- in-process figures -----------------------------------------------------------------------------
 
 def bare_rate(model: EmbeddingModel, batch: int, seconds: float) -> Figure:
-    """Embeddings per second of the bare session on batches of `batch` distinct sentences."""
-    i = 0
-    model.embed([sentence(j) for j in range(batch)])
-    done, started, used = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < seconds:
-        model.embed([sentence(i + j) for j in range(batch)])
-        i += batch
-        done += batch
-    return Figure(done / (time.perf_counter() - started), (time.process_time() - used) / done)
+    """Embeddings per second of the bare sessions on batches of `batch` distinct sentences: one thread
+    per instance of `model`, each on batches of batch / instances (as a worker with that many
+    inference threads would split them)."""
+    instances = min(len(model.sessions), batch)  # never more sentences in flight than clients
+    share = batch // instances
+    model.embed([sentence(j) for j in range(share)])
+    started, used = time.perf_counter(), time.process_time()
+
+    def run(first: int) -> int:
+        i, done = first, 0
+        while time.perf_counter() - started < seconds:
+            model.embed([sentence(i + j) for j in range(share)])
+            i += share
+            done += share
+        return done
+
+    with ThreadPoolExecutor(instances) as threads:
+        done = sum(threads.map(run, [k * 10**9 for k in range(instances)]))
+    return Figure(done / (time.perf_counter() - started), (time.process_time() - used) / max(done, 1))
 
 
 @dataclass(frozen=True)
@@ -319,8 +329,8 @@ def served_modes(args: argparse.Namespace, levels: list[int]) -> dict[str, tuple
 def measure_threads(args: argparse.Namespace, result: Run, pool: ProcessPoolExecutor, threads: int) -> None:
     """The served modes and the bare session at one ORT thread count, over interleaved rounds."""
     modes = served_modes(args, result.levels)
-    with tempfile.TemporaryDirectory() as tmp, _workers(args.model_dir, Path(tmp), threads, modes) as workers:
-        model = EmbeddingModel.load(args.model_dir, threads=threads)
+    with tempfile.TemporaryDirectory() as tmp, _workers(args, Path(tmp), threads, modes) as workers:
+        model = EmbeddingModel.load(args.model_dir, threads=threads, instances=args.workers)
         if result.shape is None:
             result.shape = batch_shape(model, args.model_dir)
         result.ceiling[threads] = gemm_ceiling(threads)
@@ -343,17 +353,17 @@ def measure_threads(args: argparse.Namespace, result: Run, pool: ProcessPoolExec
 class _workers:
     """One worker per served mode, all running for the block; yields mode -> (process, port)."""
 
-    def __init__(self, model_dir: Path, tmp: Path, threads: int, modes: dict[str, tuple[str, ...]]) -> None:
-        self.args = model_dir, tmp, threads, modes
+    def __init__(self, args: argparse.Namespace, tmp: Path, threads: int, modes: dict[str, tuple[str, ...]]) -> None:
+        self.args = args, tmp, threads, modes
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> dict[str, tuple[subprocess.Popen, int]]:
-        model_dir, tmp, threads, modes = self.args
+        args, tmp, threads, modes = self.args
         workers = {}
         try:
             for mode, flags in modes.items():
                 port_file = tmp / f"{mode}.port"
-                self.procs.append(start_worker(model_dir, port_file, threads, *flags))
+                self.procs.append(start_worker(args.model_dir, port_file, threads, *flags, workers=args.workers))
                 workers[mode] = (self.procs[-1], int(port_file.read_text()))
         except BaseException:
             self.__exit__()
@@ -380,15 +390,15 @@ def markdown(r: Run, args: argparse.Namespace) -> str:
         f"{min(r.load):.1f}–{max(r.load):.1f} over the rounds (this run's own processes included).",
         f"**Model:** `{args.model_dir}` ({model_weights(args.model_dir)}).",
         "",
-        "**What is timed:** one worker process (`python -m edge.server`, ORT intra-op threads as in each table, one "
-        "inference thread, L1 cache off) serving all-MiniLM-L6-v2 (fp32), driven over gRPC on loopback by closed-loop "
+        "**What is timed:** one worker process (`python -m edge.server`, ORT intra-op threads as in each table, "
+        f"{args.workers} inference thread(s) with an ORT session each, L1 cache off) serving all-MiniLM-L6-v2 (fp32), driven over gRPC on loopback by closed-loop "
         f"clients in {args.load_procs} load process(es), each client sending one distinct ~20-token sentence per "
         f"`Embed`. *batched*: `--max-batch {max(r.levels)} --max-queue-delay-ms {args.max_queue_delay_ms:g}`; "
         "*one at a time*: `--max-batch 1`" + (f"; *batched, with delay*: the same with `--max-queue-delay-ms "
                                               f"{args.compare_delay_ms:g}`" if args.compare_delay_ms is not None
                                               else "") + ". *bare ORT*: the same model in the "
         "bench process, `EmbeddingModel.embed` (tokenize, `session.run`, pool) on batches of as many sentences as "
-        "there are clients, no RPC. The workers stay up; each figure is measured for "
+        "there are clients (split evenly over one thread per session when there are several), no RPC. The workers stay up; each figure is measured for "
         f"{args.seconds:g} s once per round, {args.rounds} rounds interleaved, and the table gives the median ± half "
         "the range over the rounds, in embeddings per second. *CPU ms per embedding*: CPU time of the worker "
         "process and the load processes (bare: of the bench process) over the embeddings they served.",
@@ -527,6 +537,7 @@ def main() -> int:
     p.add_argument("--compare-delay-ms", type=float, metavar="MS",
                    help="also serve batched with --max-queue-delay-ms MS, in a column of its own")
     p.add_argument("--load-procs", type=int, default=1, help="processes the clients are spread over")
+    p.add_argument("--workers", type=int, default=1, help="inference threads (one ORT session each) per worker")
     p.add_argument("--model-dir", type=Path, default=CACHE / EMBED, help="exported embedding model folder")
     p.add_argument("--lm-dir", type=Path, default=CACHE / LM, help="exported small LM folder")
     p.add_argument("--no-lm", action="store_true", help="skip the small-LM figures")

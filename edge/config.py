@@ -17,7 +17,7 @@ class EdgeConfig:
     zone: str = "local"
     models: dict[str, Path] = field(default_factory=dict)  # served model name -> exported model folder
     threads: int = 1  # ONNX Runtime intra-op threads per session
-    workers: int = 1  # inference threads: requests running at once, off the event loop
+    workers: int = 1  # inference threads (each with its own session per embedding model), off the event loop
     max_batch_inputs: int = 256  # inputs in one Embed request
     max_batch: int = 32  # dynamic batching: inputs run together in one model call (1: one request at a time)
     # How long a queue shorter than the last batch may wait for company while a thread is free (see

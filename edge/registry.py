@@ -10,19 +10,28 @@ from edge.runtime.embedding import META_FILE, EmbeddingModel
 from edge.runtime.generation import SmallLM
 
 ServedModel = EmbeddingModel | SmallLM
-LOADERS = {"embedding": EmbeddingModel.load, "generation": SmallLM.load}
+TASKS = ("embedding", "generation")
 
 
-def load_models(models: Mapping[str, Path], threads: int, *, int8: bool = False) -> dict[str, ServedModel]:
-    """Load every configured model; fails loudly (at startup) on a missing or unknown export."""
+def load_models(
+    models: Mapping[str, Path], threads: int, *, int8: bool = False, instances: int = 1
+) -> dict[str, ServedModel]:
+    """Load every configured model; fails loudly (at startup) on a missing or unknown export.
+
+    Embedding models get `instances` sessions (one per inference thread, so batches run side by side);
+    the small LM keeps one, whose steps are short enough to share.
+    """
     loaded: dict[str, ServedModel] = {}
     for name, model_dir in models.items():
         task = _task(Path(model_dir))
-        if task not in LOADERS:
+        if task not in TASKS:
             raise ValueError(
-                f"model {name!r} at {model_dir}: task {task!r} is not supported; supported: {', '.join(LOADERS)}"
+                f"model {name!r} at {model_dir}: task {task!r} is not supported; supported: {', '.join(TASKS)}"
             )
-        loaded[name] = LOADERS[task](model_dir, threads, int8=int8)
+        if task == "embedding":
+            loaded[name] = EmbeddingModel.load(model_dir, threads, int8=int8, instances=instances)
+        else:
+            loaded[name] = SmallLM.load(model_dir, threads, int8=int8)
     return loaded
 
 

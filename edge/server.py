@@ -68,7 +68,10 @@ class EdgeServer:
         try:
             models = await loop.run_in_executor(
                 self.executor,
-                functools.partial(load_models, self.config.models, self.config.threads, int8=self.config.int8),
+                functools.partial(
+                    load_models, self.config.models, self.config.threads,
+                    int8=self.config.int8, instances=self.config.workers,
+                ),
             )
         except BaseException:
             await self._close()
@@ -192,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--port", type=int, help="port to bind; 0 picks a free one")
     add("--zone", help="zone name (env MERIDIAN_ZONE)")
     add("--model", action="append", metavar="NAME=DIR", help="serve the exported model in DIR as NAME (repeatable)")
-    add("--threads", type=int, help="ONNX Runtime threads per model")
+    add("--threads", type=int, help="ONNX Runtime threads per model instance")
     add("--workers", type=int, help="inference threads: batches or generation steps run at once")
     add("--max-batch-inputs", type=int, help="inputs in one Embed request")
     add("--max-input-chars", type=int, help="characters in one Embed input")

@@ -7,6 +7,8 @@ No server code here: the mobile SDK runs this same loop on device. The model fol
 from __future__ import annotations
 
 import json
+import queue
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,18 +67,34 @@ class EmbedResult:
 
 
 class EmbeddingModel:
-    """An ONNX Runtime CPU session plus its tokenizer; `embed` is safe to call from several threads."""
+    """ONNX Runtime CPU sessions (instances) plus their tokenizer; `embed` is safe to call from several
+    threads, each call running on a free instance.
 
-    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, meta: EmbeddingMeta) -> None:
-        self.session = session
+    Concurrent calls on one session would share its intra-op pool and slow each other down; with an
+    instance per inference thread (Triton's instance groups), two batches run side by side, so one
+    computes while the other's callers turn around.
+    """
+
+    def __init__(
+        self, sessions: Sequence[ort.InferenceSession], tokenizer: Tokenizer, meta: EmbeddingMeta
+    ) -> None:
+        if not sessions:
+            raise ValueError("at least one session is required")
+        self.sessions = list(sessions)
+        self.session = self.sessions[0]
         self.tokenizer = tokenizer
         self.meta = meta
+        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for session in self.sessions:
+            self._free.put(session)
         # token_type_ids is optional in BERT-style exports; feed only what the graph declares.
-        self._input_names = {i.name for i in session.get_inputs()}
+        self._input_names = {i.name for i in self.session.get_inputs()}
 
     @classmethod
-    def load(cls, model_dir: Path | str, threads: int = 1, *, int8: bool = False) -> EmbeddingModel:
-        """Load an exported model folder; `threads` bounds ONNX Runtime's intra-op pool."""
+    def load(
+        cls, model_dir: Path | str, threads: int = 1, *, int8: bool = False, instances: int = 1
+    ) -> EmbeddingModel:
+        """Load an exported model folder; `threads` bounds each instance's intra-op pool."""
         model_dir = Path(model_dir)
         weights = INT8_MODEL_FILE if int8 else MODEL_FILE
         for name in (weights, TOKENIZER_FILE, META_FILE):
@@ -85,9 +103,8 @@ class EmbeddingModel:
                     f"{model_dir / name} is missing: run `python -m edge.export DIR` first"
                 )
         meta = EmbeddingMeta.read(model_dir)
-        return cls(
-            cpu_session(model_dir / weights, threads), _tokenizer(model_dir / TOKENIZER_FILE, meta), meta
-        )
+        sessions = [cpu_session(model_dir / weights, threads) for _ in range(max(1, instances))]
+        return cls(sessions, _tokenizer(model_dir / TOKENIZER_FILE, meta), meta)
 
     @property
     def dimension(self) -> int:
@@ -109,11 +126,15 @@ class EmbeddingModel:
         vectors = np.empty((len(texts), self.dimension), np.float32)
         # A batch is padded to its longest input: one 256-token input among 31 short ones would make
         # the model run 32 x 256 tokens. Rows of similar length run together instead.
-        for rows in length_groups(lengths):
-            width = int(lengths[rows].max())  # padding is on the right: columns past it are padding only
-            feeds = {name: np.ascontiguousarray(array[rows, :width]) for name, array in inputs.items()}
-            (hidden,) = self.session.run(["last_hidden_state"], feeds)
-            vectors[rows] = mean_pool(hidden, feeds["attention_mask"])
+        session = self._free.get()  # blocks only when more threads call than there are instances
+        try:
+            for rows in length_groups(lengths):
+                width = int(lengths[rows].max())  # padding is on the right: columns past it are padding only
+                feeds = {name: np.ascontiguousarray(array[rows, :width]) for name, array in inputs.items()}
+                (hidden,) = session.run(["last_hidden_state"], feeds)
+                vectors[rows] = mean_pool(hidden, feeds["attention_mask"])
+        finally:
+            self._free.put(session)
         if self.meta.normalize:
             vectors = l2_normalize(vectors)
         counts = tuple(int(n) for n in lengths)

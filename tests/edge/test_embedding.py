@@ -80,6 +80,26 @@ def test_batching_and_order_do_not_change_vectors(model: EmbeddingModel) -> None
     np.testing.assert_allclose(batch, reversed_batch, atol=1e-5)
 
 
+def test_instances_run_side_by_side_with_the_same_vectors(embedding_model_dir: Path, model: EmbeddingModel) -> None:
+    """One session per instance; calls from more threads than instances wait for a free one, each
+    instance takes its share, and every call gets the vectors a single session gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = EmbeddingModel.load(embedding_model_dir, threads=1, instances=2)
+    assert len(loaded.sessions) == 2 and loaded.sessions[0] is not loaded.sessions[1]
+    recorders = [_RecordingSession(session) for session in loaded.sessions]
+    pooled = EmbeddingModel(recorders, loaded.tokenizer, loaded.meta)
+    texts = CASES["sentence"] + CASES["unicode"]
+    expected = model.embed(texts).vectors
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: pooled.embed(texts).vectors, range(16)))
+    for vectors in results:
+        np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert all(r.shapes for r in recorders)  # both instances ran
+    assert sum(len(r.shapes) for r in recorders) >= 16  # a call is one or more runs
+    assert pooled._free.qsize() == 2  # every session went back to the pool
+
+
 def test_empty_batch(model: EmbeddingModel) -> None:
     result = model.embed([])
     assert result.vectors.shape == (0, 384) and result.prompt_tokens == 0
@@ -131,12 +151,16 @@ class _RecordingSession:
         self.shapes.append(feeds["input_ids"].shape)
         return self.session.run(outputs, feeds)
 
+    def get_inputs(self):
+        return self.session.get_inputs()
+
 
 def test_a_long_input_does_not_pad_the_short_ones_of_its_batch(embedding_model_dir: Path) -> None:
     model = EmbeddingModel.load(embedding_model_dir, threads=1)
     short = [f"Short sentence number {i}." for i in range(7)]
     alone = model.embed(short).vectors
-    model.session = recording = _RecordingSession(model.session)
+    recording = _RecordingSession(model.session)
+    model = EmbeddingModel([recording], model.tokenizer, model.meta)
     result = model.embed([short[0], LONG, *short[1:]])
     widths = {len(model.tokenizer.encode(t).ids) for t in short}
     # Two calls: the seven short ones at their own width, the long one alone at 256 tokens.
@@ -147,7 +171,8 @@ def test_a_long_input_does_not_pad_the_short_ones_of_its_batch(embedding_model_d
 
 def test_similar_lengths_stay_one_call(embedding_model_dir: Path) -> None:
     model = EmbeddingModel.load(embedding_model_dir, threads=1)
-    model.session = recording = _RecordingSession(model.session)
+    recording = _RecordingSession(model.session)
+    model = EmbeddingModel([recording], model.tokenizer, model.meta)
     model.embed([f"Sentence {i}: the edge worker answers {'small ' * (i % 3)}requests." for i in range(32)])
     assert len(recording.shapes) == 1
 
