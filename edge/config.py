@@ -17,7 +17,9 @@ class EdgeConfig:
     zone: str = "local"
     models: dict[str, Path] = field(default_factory=dict)  # served model name -> exported model folder
     threads: int = 1  # ONNX Runtime intra-op threads per session
-    workers: int = 1  # inference threads (each with its own session per embedding model), off the event loop
+    # Inference threads, off the event loop; each runs its own session of every embedding model (a copy
+    # of the weights each: ~90 MB for all-MiniLM-L6-v2 in fp32).
+    workers: int = 1
     max_batch_inputs: int = 256  # inputs in one Embed request
     max_batch: int = 32  # dynamic batching: inputs run together in one model call (1: one request at a time)
     # How long a queue shorter than the last batch may wait for company while a thread is free (see

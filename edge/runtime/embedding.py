@@ -81,7 +81,7 @@ class EmbeddingModel:
         if not sessions:
             raise ValueError("at least one session is required")
         self.sessions = list(sessions)
-        self.session = self.sessions[0]
+        self.session = self.sessions[0]  # the first instance: for reading the graph (inputs, export checks)
         self.tokenizer = tokenizer
         self.meta = meta
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
