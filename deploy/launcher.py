@@ -131,7 +131,7 @@ class LocalStack:
     def _edge(self, zone: Zone) -> Child:
         assert zone.edge is not None
         argv = [sys.executable, "-m", "edge.server", "--host", zone.address, "--port", str(zone.edge.port),
-                "--zone", zone.name, "--threads", str(zone.edge.threads),
+                "--zone", zone.name, "--threads", str(zone.edge.threads), "--workers", str(zone.edge.workers),
                 "--max-batch", str(zone.edge.max_batch), "--max-queue-delay-ms", str(zone.edge.max_queue_delay_ms),
                 "--l1-cache-entries", str(zone.edge.l1_cache_entries)]
         for m in self.topology.models:

@@ -1,7 +1,7 @@
 """An edge worker's settings read from the deployment's topology file, for one named zone.
 
 The container (and any operator) starts the worker with a zone name and the topology YAML instead of
-flags: the zone gives the address, port, threads and batching; the models of tier "edge" give what
+flags: the zone gives the address, port, threads, inference workers and batching; the models of tier "edge" give what
 to serve, their paths relative to the model cache. The edge imports nothing of the gateway, so this
 reads the few fields it needs from the plain YAML (the gateway's schema stays the one authority).
 """
@@ -18,6 +18,7 @@ import yaml
 ENDPOINT_FIELDS = {
     "port": "port",
     "threads": "threads",
+    "workers": "workers",
     "max_batch": "max_batch",
     "max_queue_delay_ms": "max_queue_delay_ms",
     "l1_cache_entries": "l1_cache_entries",

@@ -143,7 +143,8 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: int = 50051
     # Where the gateway reaches it when not on the zone's address (a Kubernetes Service name).
     host: str = ""
-    threads: int = 1
+    threads: int = 1  # ONNX Runtime threads per session
+    workers: int = 1  # inference threads, each with its own session: batches running side by side
     # Dynamic batching of embeddings: inputs per model call, and how long a short queue may wait for company.
     max_batch: int = 32
     max_queue_delay_ms: float = 0.0  # waiting for company never paid on CPU workers: edge/config.py
