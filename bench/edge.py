@@ -463,11 +463,12 @@ def reading(r: Run, args: argparse.Namespace) -> Iterator[str]:
     best_one = max(r.median(t, "one", TARGET_C) for t in args.threads)
     for threads in args.threads:
         yield ""
-        yield reading_for(r, threads, best_one)
+        yield reading_for(r, threads, best_one, args.workers)
 
 
-def reading_for(r: Run, threads: int, best_one: float) -> str:
-    """One thread count's figures against the targets, and what bounds them."""
+def reading_for(r: Run, threads: int, best_one: float, sessions: int = 1) -> str:
+    """One thread count's figures against the targets, and what bounds them (`sessions` sessions of
+    `threads` ORT threads each)."""
     shape, c = r.shape, TARGET_C
     assert shape is not None
     one, batched, bare = (r.median(threads, m, c) for m in ("one", "batched", "bare"))
@@ -491,7 +492,7 @@ def reading_for(r: Run, threads: int, best_one: float) -> str:
     # plus the serving path's own CPU per embedding as measured.
     floor_ms = flop / (per_core * 1e9) * 1000
     serving_ms = max(0.0, r.cpu_ms(threads, "batched", c) - r.cpu_ms(threads, "bare", c))
-    bound = min(threads * per_core * 1e9 / flop, (os.cpu_count() or 1) * 1000 / (floor_ms + serving_ms))
+    bound = min(threads * sessions * per_core * 1e9 / flop, (os.cpu_count() or 1) * 1000 / (floor_ms + serving_ms))
     text += (f" **Ceiling:** the model runs at {b1 * flop / 1e9:.0f} GFLOP/s at batch {r.levels[0]} and at most "
              f"{bmax * flop / 1e9:.0f} GFLOP/s batched (bare), against {ceiling:.0f} GFLOP/s for one large MatMul "
              f"through the same kernels on {threads} thread(s) ({per_core:.0f} on one): at least {floor_ms:.1f} ms "
