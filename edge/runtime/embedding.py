@@ -81,7 +81,6 @@ class EmbeddingModel:
         if not sessions:
             raise ValueError("at least one session is required")
         self.sessions = list(sessions)
-        self.session = self.sessions[0]  # the first instance: for reading the graph (inputs, export checks)
         self.tokenizer = tokenizer
         self.meta = meta
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
@@ -89,6 +88,11 @@ class EmbeddingModel:
             self._free.put(session)
         # token_type_ids is optional in BERT-style exports; feed only what the graph declares.
         self._input_names = {i.name for i in self.session.get_inputs()}
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The first instance: for reading the graph (its inputs, the export's checks)."""
+        return self.sessions[0]
 
     @classmethod
     def load(
