@@ -128,7 +128,8 @@ def tma_capable() -> bool:
 
 def tune_point(x, w13, w2, routings, e, k, bm, scales):
     """Best (time us, gate_up cfg, down cfg) for one BLOCK_M, each kernel timed on its own.
-    The down kernel is timed as the layer runs it: with the fused final cast where it applies."""
+    Both are timed as the layer runs them: down with the fused final cast where it applies, and
+    fp8 on activations quantized beforehand where the layer does that (its launches counted)."""
     plans = [fm.plan(ids, e, bm) for _, ids in routings]
     t, h_dim, inter = x.shape[0], x.shape[1], w2.shape[2]
     work = [fm.workspace(t, h_dim, "cuda") for _ in plans]
@@ -142,13 +143,19 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         if plans[0].sorted_ids is None
         else time_fn(lambda: [fm.plan(ids, e, bm) for _, ids in routings], budget_ms=30)
     )
+    # fp8 from PREQUANT_MIN_SLOTS slots: both GEMMs read activations quantized by launches of their own
+    x_in, x_scale, h_in, h_scales = x, None, hs, [None] * len(hs)
+    if scales and t * k >= fm.PREQUANT_MIN_SLOTS:
+        t_align += time_fn(lambda: [(fm.quant_activations(x), fm.quant_activations(h)) for h in hs], budget_ms=30)
+        x_in, x_scale = fm.quant_activations(x)
+        h_in, h_scales = zip(*(fm.quant_activations(h) for h in hs))
     gu_cands, dn_cands = candidates(bm, bool(scales), tma_capable())
     best_gu = best_dn = (float("inf"), None)
     for cfg in gu_cands:
         try:
             us = time_fn(
                 lambda cfg=cfg: [
-                    fm.gate_up(x, w13, h, buf, pl, k, cfg, bm, s13)
+                    fm.gate_up(x_in, w13, h, buf, pl, k, cfg, bm, s13, x_scale=x_scale)
                     for pl, h, (buf, _) in zip(plans, hs, work)
                 ],
                 budget_ms=40,
@@ -161,8 +168,8 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         try:
             us = time_fn(
                 lambda cfg=cfg: [
-                    fm.down(h, w2, o, pl, w, k, cfg, bm, s2, final=f, counters=cnt if fused else None)
-                    for pl, h, o, f, (_, cnt), (w, _) in zip(plans, hs, outs, finals, work, routings)
+                    fm.down(h, w2, o, pl, w, k, cfg, bm, s2, final=f, counters=cnt if fused else None, h_scale=sc)
+                    for pl, h, sc, o, f, (_, cnt), (w, _) in zip(plans, h_in, h_scales, outs, finals, work, routings)
                 ],
                 budget_ms=40,
             )
@@ -172,7 +179,7 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         best_dn = min(best_dn, (us, cfg), key=lambda p: p[0])
     total = (t_align + best_gu[0] + best_dn[0]) / ROUTINGS
     print(
-        f"  BM={bm}: align {t_align / ROUTINGS:.1f} gate_up {best_gu[0] / ROUTINGS:.1f} "
+        f"  BM={bm}: align (+ fp8 quantization) {t_align / ROUTINGS:.1f} gate_up {best_gu[0] / ROUTINGS:.1f} "
         f"down {best_dn[0] / ROUTINGS:.1f} us {best_gu[1]} {best_dn[1]}",
         flush=True,
     )

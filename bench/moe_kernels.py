@@ -125,12 +125,15 @@ def _compile_task(task: dict) -> str:
             buf, cnt = fm.workspace(t, h, x.device)
             out = buf[: t * h].view(t, h)
             hh = torch.empty(pl.max_blocks * bm, i, dtype=x.dtype, device="cuda")
+            xq, xs, hq, hs = x, None, hh, None
+            if fp8 and t * k >= fm.PREQUANT_MIN_SLOTS:  # the activations as the layer quantizes them
+                (xq, xs), (hq, hs) = fm.quant_activations(x), fm.quant_activations(hh)
             if kind == "gate_up":
-                fm.gate_up(x, w13, hh, buf, pl, k, cfg, bm, sc.get("w13_scale"))
+                fm.gate_up(xq, w13, hh, buf, pl, k, cfg, bm, sc.get("w13_scale"), x_scale=xs)
             else:
                 fused = t <= fm.FUSED_CAST_MAX_TOKENS
                 fm.down(
-                    hh,
+                    hq,
                     w2,
                     out,
                     pl,
@@ -141,6 +144,7 @@ def _compile_task(task: dict) -> str:
                     sc.get("w2_scale"),
                     final=torch.empty_like(x) if fused else None,
                     counters=cnt if fused else None,
+                    h_scale=hs,
                 )
         torch.cuda.synchronize()
         return ""

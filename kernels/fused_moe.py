@@ -3,7 +3,8 @@ GEMM for the gate and up projections with SwiGLU fused in, and a grouped GEMM fo
 projection that applies the top-k weight and sums into an fp32 buffer (atomics); at few tokens its
 last program per column tile also writes the output in x's dtype (no cast launch). bf16/fp16/fp32,
 and DeepSeek-V3's w8a8 fp8 with 128x128 weight block scales (activations quantized per token per
-128 columns inside the GEMMs). Reference: `kernels.reference.fused_moe` / `fused_moe_fp8`.
+128 columns: inside the GEMMs at decode sizes, else once by a launch of their own before each GEMM).
+Reference: `kernels.reference.fused_moe` / `fused_moe_fp8`.
 
 Layout (as vLLM's fused MoE): slot s = token * top_k + j; `sorted_ids` lists the slots expert by
 expert, each expert's run padded to a multiple of BLOCK_M with the sentinel T*top_k;
@@ -42,6 +43,12 @@ TINY_MAX = 64  # up to this many slots, each GEMM program aligns its own rows (n
 # three shapes, +30..50 us at 1024; -0.5..4 us at 1..64 tokens).
 FUSED_CAST_MAX_TOKENS = 64
 CAST_TILE = 8192  # elements per step of that pass
+# fp8: from this many slots up, x and h are quantized once each by `quant_activations` rather than
+# by every GEMM program that reads them (each row block of x is read by all I/BLOCK_N gate/up
+# column tiles, each of h by all H/BLOCK_N down tiles). Below it the GEMMs quantize their own tiles:
+# the extra launches would cost more than the repeated quantization of a few rows.
+PREQUANT_MIN_SLOTS = TINY_MAX + 1
+QUANT_ROWS = 32  # rows per program of the quantization launch
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +233,22 @@ def _quant_rows(a, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _quant_act_kernel(a_ptr, q_ptr, s_ptr, M, K, stride_am, stride_qm, stride_sm, BLOCK_M: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """One [BLOCK_M, 128] tile of `_quant_rows` over a [M, K] activation: e4m3 values into q, one
+    scale per row into column pid(1) of s."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
+    cols = group * 128 + tl.arange(0, 128)
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    a = tl.load(a_ptr + r64 * stride_am + cols[None, :], mask=ok, other=0.0)
+    q, scale = _quant_rows(a, UPCAST)
+    tl.store(q_ptr + r64 * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + rows * stride_sm + group, scale, mask=rows < M)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,
     w_ptr,
@@ -249,6 +272,8 @@ def _gate_up_kernel(
     stride_se,
     stride_sn,
     stride_hm,
+    xs_ptr,
+    stride_xsm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -262,11 +287,13 @@ def _gate_up_kernel(
     TK_PAD: tl.constexpr,
     PDL: tl.constexpr = False,
     TMA: tl.constexpr = False,
+    A_FP8: tl.constexpr = False,
 ):
     """h[p] = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T) for sorted position p of expert e.
     PDL: the down kernel may launch as soon as every program here has started.
     TMA: `w_ptr` is a tensor descriptor over w13 as [E * 2I, H] with [BLOCK_N, BLOCK_K] tiles (the
-    x rows are gathered, which Hopper's TMA cannot do, so they stay pointer loads)."""
+    x rows are gathered, which Hopper's TMA cannot do, so they stay pointer loads).
+    A_FP8 (with FP8): x is already quantized (e4m3, its scales [T, H / 128] at `xs_ptr`)."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -320,7 +347,10 @@ def _gate_up_kernel(
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
         if FP8:
-            aq, a_s = _quant_rows(a, UPCAST)
+            if A_FP8:
+                aq, a_s = a, tl.load(xs_ptr + tok * stride_xsm + kb)
+            else:
+                aq, a_s = _quant_rows(a, UPCAST)
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_g += _dot(aq, g, zero, UPCAST) * (a_s[:, None] * tl.load(gs_ptrs + kb)[None, :])
             acc_u += _dot(aq, u, zero, UPCAST) * (a_s[:, None] * tl.load(us_ptrs + kb)[None, :])
@@ -364,6 +394,8 @@ def _down_kernel(
     stride_sn,
     stride_om,
     stride_fm,
+    hs_ptr,
+    stride_hsm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -378,6 +410,7 @@ def _down_kernel(
     CAST_M: tl.constexpr,
     PDL: tl.constexpr = False,
     TMA: tl.constexpr = False,
+    A_FP8: tl.constexpr = False,
 ):
     """out[tok] += w_slot * (h[p] @ W2[e].T) over this program's K range, in fp32 atomics.
     FUSED_CAST: the last of the `n_contrib` programs of a column tile (every program counts,
@@ -385,7 +418,8 @@ def _down_kernel(
     PDL: launched while gate/up still runs; the rows come from the routing alone, so they are
     worked out before waiting for gate/up's h (and its zeroing of `out` and the counters).
     TMA: `h_ptr` and `w_ptr` are tensor descriptors (h as [rows, I] in [BLOCK_M, BLOCK_K] tiles, w2
-    as [E * H, I] in [BLOCK_N, BLOCK_K] tiles)."""
+    as [E * H, I] in [BLOCK_N, BLOCK_K] tiles).
+    A_FP8 (with FP8): h is already quantized (e4m3, its scales [rows, I / 128] at `hs_ptr`)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert, slot = _block_rows(
         ids_ptr, sorted_ptr, block_expert_ptr, pid_m, TK, E, BLOCK_M, TINY, E_PAD, TK_PAD
@@ -416,6 +450,8 @@ def _down_kernel(
             stride_se,
             stride_sn,
             stride_om,
+            hs_ptr,
+            stride_hsm,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
@@ -423,6 +459,7 @@ def _down_kernel(
             FP8,
             UPCAST,
             TMA,
+            A_FP8,
         )
     if FUSED_CAST:
         # Split-K semaphore pattern: the barrier orders every thread's atomics before the
@@ -467,6 +504,8 @@ def _down_tile(
     stride_se,
     stride_sn,
     stride_om,
+    hs_ptr,
+    stride_hsm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -474,6 +513,7 @@ def _down_tile(
     FP8: tl.constexpr,
     UPCAST: tl.constexpr,
     TMA: tl.constexpr,
+    A_FP8: tl.constexpr,
 ):
     """One (row block, column tile, K range) of the down GEMM, added into out by atomics.
     With TMA the pad rows of h are read too (never written, so any bits): a product's row depends
@@ -504,7 +544,10 @@ def _down_tile(
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if FP8:
-            aq, a_s = _quant_rows(a, UPCAST)
+            if A_FP8:
+                aq, a_s = a, tl.load(hs_ptr + offs_m * stride_hsm + k // BLOCK_K)
+            else:
+                aq, a_s = _quant_rows(a, UPCAST)
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc += _dot(aq, b, zero, UPCAST) * (a_s[:, None] * tl.load(bs_ptrs + k // BLOCK_K)[None, :])
         else:
@@ -659,9 +702,26 @@ def _tiles(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
 
-def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=False):
+def quant_activations(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values [M, K], fp32 scales [M, ceil(K / 128)]): `a` quantized per row per 128 columns,
+    as the GEMMs would do it tile by tile (`reference.quant_fp8_rows`). Under the interpreter, whose
+    fp32 -> fp8 cast is unreliable, the values are held in bf16, which represents every e4m3 value."""
+    m, k = a.shape
+    groups = triton.cdiv(k, FP8_BLOCK)
+    q = torch.empty(m, k, dtype=torch.bfloat16 if _interpreted() else torch.float8_e4m3fn, device=a.device)
+    scales = torch.empty(m, groups, dtype=torch.float32, device=a.device)
+    if m:
+        _quant_act_kernel[(triton.cdiv(m, QUANT_ROWS), groups)](
+            a, q, scales, m, k, a.stride(0), q.stride(0), scales.stride(0), BLOCK_M=QUANT_ROWS,
+            UPCAST=_interpreted(), num_warps=4,
+        )
+    return q, scales
+
+
+def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=False, x_scale=None):
     """Launch the gate/up grouped GEMM with SwiGLU into h; also zeroes `out` (fp32). A config
-    with "TMA" reads the weight tiles through a tensor descriptor."""
+    with "TMA" reads the weight tiles through a tensor descriptor. fp8 (`w13_scale`): with
+    `x_scale`, x is already quantized (`quant_activations`), else each program quantizes its tiles."""
     fp8 = w13_scale is not None
     hidden, inter, max_blocks = x.shape[1], h.shape[1], pl.max_blocks
     cfg = dict(cfg)
@@ -693,6 +753,8 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
         ws.stride(0) if fp8 else 0,
         ws.stride(1) if fp8 else 0,
         h.stride(0),
+        x if x_scale is None else x_scale,
+        0 if x_scale is None else x_scale.stride(0),
         BLOCK_M=block_m,
         BLOCK_K=bk,
         EVEN_K=hidden % bk == 0,
@@ -701,6 +763,7 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
         UPCAST=_interpreted(),
         PDL=pdl,
         TMA=w_tiles is not None,
+        A_FP8=fp8 and x_scale is not None,
         **pl.constexprs(),
         **cfg,
     )
@@ -715,11 +778,12 @@ def workspace(tokens: int, hidden: int, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None, final=None, counters=None,
-         pdl=False):
+         pdl=False, h_scale=None):
     """Launch the down grouped GEMM: out[tok] += w * (h @ W2[e].T), fp32 atomics. With `final`
     (and `counters`, zeroed, one per column tile), the last program of each column tile also
     writes its columns of `final` (out cast to final's dtype). A config with "TMA" reads h's and
-    the weights' tiles through tensor descriptors."""
+    the weights' tiles through tensor descriptors. fp8 (`w2_scale`): with `h_scale`, h is already
+    quantized (`quant_activations`), else each program quantizes its tiles."""
     fp8 = w2_scale is not None
     hidden, inter, max_blocks = out.shape[1], h.shape[1], pl.max_blocks
     cfg = dict(cfg)
@@ -767,6 +831,8 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
         ws.stride(1) if fp8 else 0,
         out.stride(0),
         final.stride(0) if fused else 0,
+        h if h_scale is None else h_scale,
+        0 if h_scale is None else h_scale.stride(0),
         FUSED_CAST=fused,
         CAST_M=cast_m,
         BLOCK_M=block_m,
@@ -776,6 +842,7 @@ def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None,
         UPCAST=_interpreted(),
         PDL=pdl,
         TMA=w_tiles is not None,
+        A_FP8=fp8 and h_scale is not None,
         **pl.constexprs(),
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
@@ -800,7 +867,8 @@ def fused_moe(
     `out` (optional, [T, H] in x's dtype, contiguous rows) receives the result.
     Launches: the alignment (none for at most TINY_MAX slots), gate/up, down, and a cast to x's
     dtype only above FUSED_CAST_MAX_TOKENS tokens (below, the down kernel writes the cast
-    output itself); none syncs the host."""
+    output itself); fp8 from PREQUANT_MIN_SLOTS slots also quantizes x and h before their GEMMs.
+    None syncs the host."""
     fp8 = w13_scale is not None
     tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
@@ -823,11 +891,15 @@ def fused_moe(
     h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
     # gate/up zeroes the fp32 sums and the counters (`zero`) before down adds into them
     fused = x.dtype != torch.float32 and tokens <= FUSED_CAST_MAX_TOKENS
-    pdl = use_pdl(x, fused)
-    gate_up(x, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None, pdl)
+    prequant = fp8 and tokens * top_k >= PREQUANT_MIN_SLOTS
+    pdl = use_pdl(x, fused) and not prequant  # down would follow the quantization of h, not gate/up
+    a, a_scale = quant_activations(x) if prequant else (x, None)
+    gate_up(a, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None, pdl,
+            x_scale=a_scale)
     final = None
     if fused:
         final = out if out is not None else torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    h, h_scale = quant_activations(h) if prequant else (h, None)
     down(
         h,
         w2,
@@ -841,6 +913,7 @@ def fused_moe(
         final=final,
         counters=counters if fused else None,
         pdl=pdl,
+        h_scale=h_scale,
     )
     if fused:
         return final

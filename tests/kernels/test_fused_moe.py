@@ -149,9 +149,12 @@ def test_default_config_and_int64_ids(device):
     check(x, w13, w2, w, ids.long(), None, 1e-2)
 
 
+@pytest.mark.parametrize("prequant_min", [0, 10**9])
 @pytest.mark.parametrize("t,top_k", [(1, 1), (19, 4)])
-def test_fp8_w8a8_block_scales(t, top_k, device):
-    """DeepSeek-V3 fp8: kernel vs the fp8 reference (same quantization), and near bf16."""
+def test_fp8_w8a8_block_scales(t, top_k, prequant_min, device, monkeypatch):
+    """DeepSeek-V3 fp8: kernel vs the fp8 reference (same quantization), and near bf16; the
+    activations quantized once by their own launch (prequant_min 0) or by the GEMMs' programs."""
+    monkeypatch.setattr(fm, "PREQUANT_MIN_SLOTS", prequant_min)
     h, i, e = 256, 256, 4
     x, w13, w2 = make_layer(t, h, i, e, torch.bfloat16, device)
     w13q, w13s = reference.quant_fp8_blocks(w13.float().cpu())
@@ -172,6 +175,22 @@ def test_fp8_w8a8_block_scales(t, top_k, device):
     # interpreter: bf16 truncation of the SwiGLU output moves some fp8 roundings by one step
     assert rel_err(out.cpu(), ref.float()) < (2e-2 if device == "cuda" else 3e-2)
     assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 0.1
+
+
+def test_quant_activations_is_the_reference_quantization(device):
+    """Per row per 128 columns, ragged last group, a zero row and a row of one large value."""
+    a = torch.randn(37, 300) * torch.logspace(-3, 3, 37)[:, None]
+    a[5] = 0.0
+    a[6, 17] = 3e4
+    q, s = fm.quant_activations(a.to(torch.bfloat16).to(device))
+    ref_q, ref_s = reference.quant_fp8_rows(a.to(torch.bfloat16))
+    assert q.shape == (37, 300) and s.shape == ref_s.shape == (37, 3)
+    torch.testing.assert_close(s.cpu(), ref_s.float(), rtol=1e-6, atol=0)
+    # the interpreter rounds ties away from zero, torch to even: at most one e4m3 step apart there
+    same = q.cpu().float() == ref_q.float()
+    assert same.float().mean() > 0.99
+    step = 2.0 ** (torch.floor(torch.log2(ref_q.float().abs().clamp_min(2**-6))) - 3)
+    assert ((q.cpu().float() - ref_q.float()).abs() <= step).all()
 
 
 def test_fp8_reference_quantization_roundtrip():
