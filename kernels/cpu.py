@@ -15,7 +15,9 @@ sum) differs from the reference.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,15 @@ import torch.nn.functional as F
 # other rows share the call (batch invariance: a stream's tokens must not depend on its neighbours
 # in the batch). The model's linear layers use the same padding (core.model.layers.Linear).
 GEMM_ROW_MULTIPLE = 4
+# That holds for MKL on AMD (the project's machines). MKL on an Intel Xeon takes its own paths,
+# which round a row of a 4-row product unlike the same row of a 512-row one (and, with two or more
+# threads, differ at every row count for a 2048 x 2048 weight); but there too a product of a fixed
+# row count gives a row the same bits at any position and beside any neighbours (measured at 4 to 64
+# rows, 1 to 8 threads). So where a probe finds padded single calls disagree, `invariant_rows` runs
+# products as calls of exactly GEMM_ROW_MULTIPLE rows: exact again, at the price of reading the
+# weights once per 4 rows.
+_PROBE_SHAPES = ((256, 512), (2048, 2048), (96, 1579))  # (K, N): small, large and ragged
+_PROBE_ROWS = (4, 8, 12, 16, 20, 32, 64, 100, 128)
 
 # torch's elementwise loops run over a contiguous tensor as one flat range, 2 x 16 fp32 lanes at a
 # time (AVX-512), the leftover tail through the scalar function, which can round exp or sigmoid
@@ -41,6 +52,38 @@ def elementwise_row_multiple(width: int) -> int:
     `rows` (and a multiple of GEMM_ROW_MULTIPLE, so the GEMM that makes them pads alike)."""
     rows = _ELEMENTWISE_BLOCK // math.gcd(width, _ELEMENTWISE_BLOCK)
     return math.lcm(rows, GEMM_ROW_MULTIPLE)
+
+
+@functools.cache
+def padded_products_are_invariant(threads: int) -> bool:
+    """Whether this machine's BLAS, on `threads` threads, gives a row the same bits at every row
+    count that is a multiple of GEMM_ROW_MULTIPLE (probed once per thread count, ~0.1 s)."""
+    g = torch.Generator().manual_seed(0)
+    for k, n in _PROBE_SHAPES:
+        w = torch.randn(n, k, generator=g)
+        x = torch.randn(256, k, generator=g)
+        whole = F.linear(x, w)
+        if not all(torch.equal(F.linear(x[:m], w), whole[:m]) for m in _PROBE_ROWS):
+            return False
+    return True
+
+
+def row_step(x: torch.Tensor, dim: int = 0) -> int:
+    """Rows of `x` along `dim` per product call: all of them where padded calls are batch-invariant
+    here (and on a GPU, where nothing is), else GEMM_ROW_MULTIPLE (see there)."""
+    rows = x.shape[dim]
+    if x.is_cuda or rows <= GEMM_ROW_MULTIPLE or padded_products_are_invariant(torch.get_num_threads()):
+        return max(rows, 1)
+    return GEMM_ROW_MULTIPLE
+
+
+def invariant_rows(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`product(x)` for a product whose rows along `dim` (a multiple of GEMM_ROW_MULTIPLE of them)
+    must not depend on one another, in calls of `row_step` rows."""
+    step = row_step(x, dim)
+    if step >= x.shape[dim]:
+        return product(x)
+    return torch.cat([product(part) for part in x.split(step, dim)], dim)
 
 
 def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE, dim: int = 0) -> torch.Tensor:
@@ -127,8 +170,11 @@ class _ExpertLayout:
         """rows [S, K] in the grouped layout; weight [E, N, K] -> [S, N]."""
         out, begin = rows.new_empty(rows.shape[0], weight.shape[1]), 0
         columns = weight.transpose(1, 2)
+        step = row_step(rows)
         for expert, n in self.groups:
-            torch.mm(rows[begin : begin + n], columns[expert], out=out[begin : begin + n])
+            for lo in range(begin, begin + n, min(step, n)):  # each group's rows: a multiple of the step
+                hi = lo + min(step, n)
+                torch.mm(rows[lo:hi], columns[expert], out=out[lo:hi])
             begin += n
         return out
 

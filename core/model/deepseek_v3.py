@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.cpu import pad_rows
+from kernels.cpu import invariant_rows, pad_rows
 from core.model.batch import Batch
 from core.model.causal_lm import CausalLM
 from core.model.config import ModelConfig
@@ -98,9 +98,10 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     One bmm with the heads as its batch: a broadcast matmul would copy the weights for every row."""
     b, h, t, d = x.shape
     rows = x.transpose(0, 1).reshape(h, b * t, d)
-    if not x.is_cuda:
-        rows = pad_rows(rows, dim=1)  # batch invariance, as layers.Linear
-    out = torch.bmm(rows, w)[:, : b * t]
+    if x.is_cuda:
+        out = torch.bmm(rows, w)
+    else:  # batch invariance, as layers.Linear
+        out = invariant_rows(lambda part: torch.bmm(part, w), pad_rows(rows, dim=1), dim=1)[:, : b * t]
     return out.reshape(h, b, t, -1).transpose(0, 1)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.cpu import GEMM_ROW_MULTIPLE, elementwise_row_multiple, pad_rows
+from kernels.cpu import elementwise_row_multiple, invariant_rows, pad_rows
 from core.model.batch import Batch
 from core.model.config import ModelConfig, RopeConfig
 
@@ -36,10 +36,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if x.is_cuda or rows % GEMM_ROW_MULTIPLE == 0:
+        if x.is_cuda:
             return F.linear(x, self.weight, self.bias)
         flat = pad_rows(x.reshape(rows, x.shape[-1]))
-        return F.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+        out = invariant_rows(lambda part: F.linear(part, self.weight, self.bias), flat)
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 class MergedLinear(Linear):
@@ -296,7 +297,10 @@ class Router(nn.Module):
         # row's scores fall in the scalar tail of torch's vector loops (which rounds exp another way).
         flat = x if x.dtype == torch.float32 else x.float()
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        logits = F.linear(flat if x.is_cuda else pad_rows(flat, self.row_multiple), weight)
+        if x.is_cuda:
+            logits = F.linear(flat, weight)
+        else:
+            logits = invariant_rows(lambda part: F.linear(part, weight), pad_rows(flat, self.row_multiple))
         weights, ids = kernels.route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.options)
         return (weights, ids) if len(ids) == len(x) else (weights[: len(x)], ids[: len(x)])
 

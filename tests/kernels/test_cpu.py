@@ -102,3 +102,24 @@ def test_fused_moe_both_layouts_are_batch_invariant(rows):
     for row in (0, rows // 2, rows - 1):
         assert torch.equal(cpu.fused_moe(x[row : row + 1], w13, w2, wts[row : row + 1], ids[row : row + 1])[0],
                            together[row])
+
+
+def test_products_run_in_fixed_row_calls_where_padded_calls_disagree(monkeypatch):
+    """One call where the probe finds padded calls batch-invariant, else calls of exactly
+    GEMM_ROW_MULTIPLE rows (along the given dim), their results in order."""
+    seen: list[int] = []
+
+    def double(part: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        seen.append(part.shape[dim])
+        return part * 2
+
+    x = torch.arange(36.0).view(12, 3)
+    monkeypatch.setattr(cpu, "padded_products_are_invariant", lambda threads: True)
+    assert torch.equal(cpu.invariant_rows(double, x), x * 2) and seen == [12]
+    monkeypatch.setattr(cpu, "padded_products_are_invariant", lambda threads: False)
+    seen.clear()
+    assert torch.equal(cpu.invariant_rows(double, x), x * 2) and seen == [4, 4, 4]
+    seen.clear()
+    y = torch.arange(48.0).view(2, 8, 3)
+    assert torch.equal(cpu.invariant_rows(lambda p: double(p, 1), y, dim=1), y * 2) and seen == [4, 4]
+
