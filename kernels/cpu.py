@@ -68,19 +68,19 @@ def padded_products_are_invariant(threads: int) -> bool:
     return True
 
 
-def row_step(x: torch.Tensor, dim: int = 0) -> int:
-    """Rows of `x` along `dim` per product call: all of them where padded calls are batch-invariant
-    here (and on a GPU, where nothing is), else GEMM_ROW_MULTIPLE (see there)."""
-    rows = x.shape[dim]
-    if x.is_cuda or rows <= GEMM_ROW_MULTIPLE or padded_products_are_invariant(torch.get_num_threads()):
+def row_step(rows: int) -> int:
+    """Rows per call of a CPU product over `rows` rows: all of them where padded calls are
+    batch-invariant here, else GEMM_ROW_MULTIPLE (see there)."""
+    if rows <= GEMM_ROW_MULTIPLE or padded_products_are_invariant(torch.get_num_threads()):
         return max(rows, 1)
     return GEMM_ROW_MULTIPLE
 
 
 def invariant_rows(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """`product(x)` for a product whose rows along `dim` (a multiple of GEMM_ROW_MULTIPLE of them)
-    must not depend on one another, in calls of `row_step` rows."""
-    step = row_step(x, dim)
+    must not depend on one another: on CPU in calls of `row_step` rows (on a GPU, where nothing is
+    batch-invariant, in one)."""
+    step = x.shape[dim] if x.is_cuda else row_step(x.shape[dim])
     if step >= x.shape[dim]:
         return product(x)
     return torch.cat([product(part) for part in x.split(step, dim)], dim)
@@ -170,7 +170,7 @@ class _ExpertLayout:
         """rows [S, K] in the grouped layout; weight [E, N, K] -> [S, N]."""
         out, begin = rows.new_empty(rows.shape[0], weight.shape[1]), 0
         columns = weight.transpose(1, 2)
-        step = row_step(rows)
+        step = row_step(rows.shape[0])
         for expert, n in self.groups:
             for lo in range(begin, begin + n, min(step, n)):  # each group's rows: a multiple of the step
                 hi = lo + min(step, n)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.cpu import elementwise_row_multiple, invariant_rows, pad_rows
+from kernels.cpu import GEMM_ROW_MULTIPLE, elementwise_row_multiple, invariant_rows, pad_rows, row_step
 from core.model.batch import Batch
 from core.model.config import ModelConfig, RopeConfig
 
@@ -36,7 +36,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if x.is_cuda:
+        if x.is_cuda or (rows % GEMM_ROW_MULTIPLE == 0 and row_step(rows) >= rows):
             return F.linear(x, self.weight, self.bias)
         flat = pad_rows(x.reshape(rows, x.shape[-1]))
         out = invariant_rows(lambda part: F.linear(part, self.weight, self.bias), flat)
