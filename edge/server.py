@@ -32,6 +32,7 @@ from edge.registry import load_models
 from edge.service import EdgeService
 from edge.topology import zone_edge
 from edge.validation import EmbedLimits, GenerateLimits
+from edge.wire import EncodedCodec
 
 
 class EdgeServer:
@@ -62,7 +63,7 @@ class EdgeServer:
     async def start(self) -> None:
         """Listen (health answers NOT_SERVING), load the models off the loop, then report SERVING."""
         self._socket = _bind(self.config.host, self.config.port)
-        self._server = Server([self.service, self.health])
+        self._server = Server([self.service, self.health], codec=EncodedCodec())
         await self._server.start(sock=self._socket)
         loop = asyncio.get_running_loop()
         try:

@@ -24,6 +24,7 @@ from edge.logs import elapsed_ms, get_logger
 from edge.registry import ServedModel
 from edge.runtime.generation import SmallLM
 from edge.validation import EmbedLimits, GenerateLimits, check_embed_inputs, check_generate, pick_model
+from edge.wire import embed_response
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -38,7 +39,10 @@ GRPC_STATUS = {
 
 
 class EdgeService(EdgeBase):
-    """Serves Embed (cached, dynamically batched) and Generate (streamed) from loaded models."""
+    """Serves Embed (cached, dynamically batched) and Generate (streamed) from loaded models.
+
+    Embed answers in wire bytes made by `edge.wire`: serve it with `edge.wire.EncodedCodec`, as
+    `EdgeServer` does."""
 
     def __init__(
         self,
@@ -97,12 +101,10 @@ class EdgeService(EdgeBase):
             # Inference runs on the inference threads (through the batcher), never on the loop, so
             # health checks and other connections stay responsive.
             result = await self.embedder.embed(request.model, model, texts)
-            response = edge_pb2.EmbedResponse(
-                model=request.model, prompt_tokens=result.prompt_tokens, token_counts=result.token_counts
-            )
-            response.embeddings.extend(edge_pb2.Embedding(values=row) for row in result.vectors.tolist())
+            # Wire bytes straight from the vectors (edge.wire): the server's codec sends them as they are.
+            response = embed_response(request.model, result.vectors, result.prompt_tokens, result.token_counts)
             # Still tracked while sending: a drain must not close the connection under this answer.
-            await stream.send_message(response)
+            await stream.send_message(response)  # type: ignore[arg-type]
             fields.update(prompt_tokens=result.prompt_tokens)
 
     async def Generate(self, stream: Stream[edge_pb2.GenerateRequest, edge_pb2.GenerateChunk]) -> None:
