@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from process_cpu import process_cpu  # noqa: E402  (bench/ is the script's own folder)
+from machine import machine  # noqa: E402  (bench/ is the script's own folder)
+from process_cpu import process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -504,19 +505,6 @@ def reading_for(r: Run, threads: int, best_one: float, sessions: int = 1) -> str
     else:
         text += f"arithmetic alone does not rule {TARGET_SPEEDUP:g}x out here."
     return text
-
-
-def machine() -> str:
-    """CPU model, core count and architecture, as a phrase."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
 
 
 def model_weights(model_dir: Path) -> str:
