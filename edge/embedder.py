@@ -31,6 +31,8 @@ class Embedder:
                 tokens = result.token_counts[i] if result.token_counts else 0
                 fresh[text] = (result.vectors[i], tokens)
                 self.cache.put(name, text, result.vectors[i], tokens)
+            if len(missing) == len(texts) == len(result.token_counts):  # no hits, no repeats: as it came
+                return result
         rows, counts = [], []
         for text in texts:
             entry = found[text]
