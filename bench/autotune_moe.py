@@ -143,9 +143,9 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         if plans[0].sorted_ids is None
         else time_fn(lambda: [fm.plan(ids, e, bm) for _, ids in routings], budget_ms=30)
     )
-    # fp8 from PREQUANT_MIN_SLOTS slots: both GEMMs read activations quantized by launches of their own
+    # Both GEMMs read the activations as the layer gives them: quantized by launches of their own where it does
     x_in, x_scale, h_in, h_scales = x, None, hs, [None] * len(hs)
-    if scales and t * k >= fm.PREQUANT_MIN_SLOTS:
+    if fm.quantizes_once(bool(scales), t * k):
         t_align += time_fn(lambda: [(fm.quant_activations(x), fm.quant_activations(h)) for h in hs], budget_ms=30)
         x_in, x_scale = fm.quant_activations(x)
         h_in, h_scales = zip(*(fm.quant_activations(h) for h in hs))

@@ -126,7 +126,7 @@ def _compile_task(task: dict) -> str:
             out = buf[: t * h].view(t, h)
             hh = torch.empty(pl.max_blocks * bm, i, dtype=x.dtype, device="cuda")
             xq, xs, hq, hs = x, None, hh, None
-            if fp8 and t * k >= fm.PREQUANT_MIN_SLOTS:  # the activations as the layer quantizes them
+            if fm.quantizes_once(fp8, t * k):  # the activations as the layer quantizes them
                 (xq, xs), (hq, hs) = fm.quant_activations(x), fm.quant_activations(hh)
             if kind == "gate_up":
                 fm.gate_up(xq, w13, hh, buf, pl, k, cfg, bm, sc.get("w13_scale"), x_scale=xs)

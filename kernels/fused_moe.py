@@ -702,6 +702,12 @@ def _tiles(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
 
+def quantizes_once(fp8: bool, slots: int) -> bool:
+    """Whether a layer call of `slots` routed slots quantizes x and h by `quant_activations` before
+    its GEMMs (fp8 from PREQUANT_MIN_SLOTS slots), rather than in every GEMM program."""
+    return fp8 and slots >= PREQUANT_MIN_SLOTS
+
+
 def quant_activations(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values [M, K], fp32 scales [M, ceil(K / 128)]): `a` quantized per row per 128 columns,
     as the GEMMs would do it tile by tile (`reference.quant_fp8_rows`). Under the interpreter, whose
@@ -891,7 +897,7 @@ def fused_moe(
     h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
     # gate/up zeroes the fp32 sums and the counters (`zero`) before down adds into them
     fused = x.dtype != torch.float32 and tokens <= FUSED_CAST_MAX_TOKENS
-    prequant = fp8 and tokens * top_k >= PREQUANT_MIN_SLOTS
+    prequant = quantizes_once(fp8, tokens * top_k)
     pdl = use_pdl(x, fused) and not prequant  # down would follow the quantization of h, not gate/up
     a, a_scale = quant_activations(x) if prequant else (x, None)
     gate_up(a, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None, pdl,
