@@ -6,14 +6,17 @@ as JSON (kernels/configs/E<e>_H<h>_I<i>_bf16_<GPU>.json), read by
 
 For each token count and each candidate BLOCK_M (shared by both GEMMs and the alignment), the
 gate/up and the down kernels are timed apart over their own candidates; the fastest sum wins,
-once the whole layer with it matches a torch computation. On Hopper every candidate is also tried
-with its tiles read through TMA descriptors ("TMA": true). `--precompile N` compiles every
+once the whole layer with it matches a torch computation. Where the layer launches down while
+gate/up still runs (PDL, decode sizes), what one kernel leaves of the SMs decides how soon the
+other starts, so there the best PAIR_TOP of each are timed again in pairs, as the whole layer. On
+Hopper every candidate is also tried with its tiles read through TMA descriptors ("TMA": true). `--precompile N` compiles every
 candidate first in N processes; `--fp8` tunes the w8a8 path (files named ..._fp8_w8a8_...).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -126,15 +129,19 @@ def tma_capable() -> bool:
     return torch.cuda.get_device_capability()[0] >= 9
 
 
+PAIR_TOP = 4  # per kernel, at the sizes timed in pairs (16 layer timings per point)
+
+
 def tune_point(x, w13, w2, routings, e, k, bm, scales):
-    """Best (time us, gate_up cfg, down cfg) for one BLOCK_M, each kernel timed on its own.
-    Both are timed as the layer runs them: down with the fused final cast where it applies, and
-    fp8 on activations quantized beforehand where the layer does that (its launches counted)."""
+    """Best (time us, gate_up cfg, down cfg) for one BLOCK_M, each kernel timed on its own, then,
+    where the layer chains them (PDL), the best of each in pairs (`best_pair`). Both are timed as
+    the layer runs them: down with the fused final cast where it applies, and fp8 on activations
+    quantized beforehand where the layer does that (its launches counted)."""
     plans = [fm.plan(ids, e, bm) for _, ids in routings]
     t, h_dim, inter = x.shape[0], x.shape[1], w2.shape[2]
     work = [fm.workspace(t, h_dim, "cuda") for _ in plans]
     outs = [buf[: t * h_dim].view(t, h_dim) for buf, _ in work]
-    fused = t <= fm.FUSED_CAST_MAX_TOKENS
+    fused = fm.casts_in_down(x)
     finals = [torch.empty_like(x) if fused else None for _ in plans]
     hs = [torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device="cuda") for pl in plans]
     s13, s2 = scales.get("w13_scale"), scales.get("w2_scale")
@@ -150,7 +157,7 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         x_in, x_scale = fm.quant_activations(x)
         h_in, h_scales = zip(*(fm.quant_activations(h) for h in hs))
     gu_cands, dn_cands = candidates(bm, bool(scales), tma_capable())
-    best_gu = best_dn = (float("inf"), None)
+    gu_times, dn_times = [], []
     for cfg in gu_cands:
         try:
             us = time_fn(
@@ -163,7 +170,7 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         except Exception as exc:  # noqa: BLE001 -- out of shared memory or registers: not a candidate here
             print(f"  skip gate_up {cfg}: {type(exc).__name__}", file=sys.stderr)
             continue
-        best_gu = min(best_gu, (us, cfg), key=lambda p: p[0])
+        gu_times.append((us, cfg))
     for cfg in dn_cands:
         try:
             us = time_fn(
@@ -176,14 +183,40 @@ def tune_point(x, w13, w2, routings, e, k, bm, scales):
         except Exception as exc:  # noqa: BLE001
             print(f"  skip down {cfg}: {type(exc).__name__}", file=sys.stderr)
             continue
-        best_dn = min(best_dn, (us, cfg), key=lambda p: p[0])
-    total = (t_align + best_gu[0] + best_dn[0]) / ROUTINGS
+        dn_times.append((us, cfg))
+    if not gu_times or not dn_times:
+        return float("inf"), None, None
+    gu_times.sort(key=lambda p: p[0])
+    dn_times.sort(key=lambda p: p[0])
+    (us_gu, best_gu), (us_dn, best_dn) = gu_times[0], dn_times[0]
+    total = (t_align + us_gu + us_dn) / ROUTINGS
     print(
-        f"  BM={bm}: align (+ fp8 quantization) {t_align / ROUTINGS:.1f} gate_up {best_gu[0] / ROUTINGS:.1f} "
-        f"down {best_dn[0] / ROUTINGS:.1f} us {best_gu[1]} {best_dn[1]}",
+        f"  BM={bm}: align (+ fp8 quantization) {t_align / ROUTINGS:.1f} gate_up {us_gu / ROUTINGS:.1f} "
+        f"down {us_dn / ROUTINGS:.1f} us {best_gu} {best_dn}",
         flush=True,
     )
-    return total, best_gu[1], best_dn[1]
+    if chained(t, k, bool(scales)):
+        total, best_gu, best_dn = best_pair(x, w13, w2, routings, bm, scales, gu_times, dn_times)
+    return total, best_gu, best_dn
+
+
+def chained(tokens: int, top_k: int, fp8: bool) -> bool:
+    """Whether the layer launches down while gate/up still runs at this size."""
+    return fm.launches_down_early(torch.empty(tokens, 1, dtype=torch.bfloat16, device="cuda"), top_k, fp8)
+
+
+def best_pair(x, w13, w2, routings, bm, scales, gu_times, dn_times):
+    """(layer us, gate_up cfg, down cfg): the fastest of the PAIR_TOP x PAIR_TOP best-alone
+    candidates, each pair timed as the whole layer (so with down launched during gate/up)."""
+    timed = []
+    for (_, gu), (_, dn) in itertools.product(gu_times[:PAIR_TOP], dn_times[:PAIR_TOP]):
+        config = {"BLOCK_M": bm, "gate_up": gu, "down": dn}
+        us = time_fn(lambda config=config: [fm.fused_moe(x, w13, w2, w, ids, config=config, **scales)
+                                            for w, ids in routings], budget_ms=40)
+        timed.append((us / ROUTINGS, gu, dn))
+    best = min(timed, key=lambda p: p[0])
+    print(f"  BM={bm}: best of {len(timed)} pairs as the layer {best[0]:.1f} us {best[1]} {best[2]}", flush=True)
+    return best
 
 
 def layer_error(x, w13, w2, routing, config, scales) -> float:
@@ -229,8 +262,10 @@ def main():
             for bm in block_m_candidates(t, k, e):
                 gu, dn = candidates(bm, args.fp8, tma_capable())
                 base = {"shape": name, "tokens": t, "bm": bm, "fp8": args.fp8}
-                tasks += [dict(base, kind="gate_up", cfg=c) for c in gu]
-                tasks += [dict(base, kind="down", cfg=c) for c in dn]
+                # the PDL variants too where the layer chains the two (timed as pairs, see best_pair)
+                pdl = [False, True] if chained(t, k, args.fp8) else [False]
+                tasks += [dict(base, kind="gate_up", cfg=c, pdl=p) for c in gu for p in pdl]
+                tasks += [dict(base, kind="down", cfg=c, pdl=p) for c in dn for p in pdl]
     precompile(tasks, args.precompile)
     record_device(out_dir, device)
     tag = "fp8_w8a8" if args.fp8 else "bf16"

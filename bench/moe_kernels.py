@@ -120,7 +120,7 @@ def _compile_task(task: dict) -> str:
         if kind == "layer":
             fm.fused_moe(x, w13, w2, w, ids, config=task.get("config"), **sc)
         else:
-            bm, cfg = task["bm"], task["cfg"]
+            bm, cfg, pdl = task["bm"], task["cfg"], task.get("pdl", False)  # pdl: as the layer chains them
             pl = fm.plan(ids, e, bm)
             buf, cnt = fm.workspace(t, h, x.device)
             out = buf[: t * h].view(t, h)
@@ -129,9 +129,9 @@ def _compile_task(task: dict) -> str:
             if fm.quantizes_once(fp8, t * k):  # the activations as the layer quantizes them
                 (xq, xs), (hq, hs) = fm.quant_activations(x), fm.quant_activations(hh)
             if kind == "gate_up":
-                fm.gate_up(xq, w13, hh, buf, pl, k, cfg, bm, sc.get("w13_scale"), x_scale=xs)
+                fm.gate_up(xq, w13, hh, buf, pl, k, cfg, bm, sc.get("w13_scale"), pdl=pdl, x_scale=xs)
             else:
-                fused = t <= fm.FUSED_CAST_MAX_TOKENS
+                fused = fm.casts_in_down(x)
                 fm.down(
                     hq,
                     w2,
@@ -144,6 +144,7 @@ def _compile_task(task: dict) -> str:
                     sc.get("w2_scale"),
                     final=torch.empty_like(x) if fused else None,
                     counters=cnt if fused else None,
+                    pdl=pdl,
                     h_scale=hs,
                 )
         torch.cuda.synchronize()

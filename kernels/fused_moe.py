@@ -694,6 +694,17 @@ def use_pdl(x: torch.Tensor, fused_cast: bool) -> bool:
     return PDL and fused_cast and x.is_cuda and not _interpreted() and _pdl_capable(x.device.index or 0)
 
 
+def casts_in_down(x: torch.Tensor) -> bool:
+    """Whether the down kernel writes the layer's output in x's dtype itself (no cast launch)."""
+    return x.dtype != torch.float32 and x.shape[0] <= FUSED_CAST_MAX_TOKENS
+
+
+def launches_down_early(x: torch.Tensor, top_k: int, fp8: bool = False) -> bool:
+    """Whether a layer call on `x` launches down while gate/up still runs (PDL): where down casts
+    the output itself, unless fp8 quantizes h between the two."""
+    return use_pdl(x, casts_in_down(x)) and not quantizes_once(fp8, x.shape[0] * top_k)
+
+
 def _tiles(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
     """A TMA descriptor over the 2-D tensor `t` in `block` tiles, or None where TMA cannot read
     it (strides or base not 16-byte aligned)."""
@@ -896,9 +907,9 @@ def fused_moe(
         acc = zero = out  # the fp32 sums are the result itself
     h = torch.empty(pl.max_blocks * bm, inter, dtype=x.dtype, device=x.device)
     # gate/up zeroes the fp32 sums and the counters (`zero`) before down adds into them
-    fused = x.dtype != torch.float32 and tokens <= FUSED_CAST_MAX_TOKENS
+    fused = casts_in_down(x)
     prequant = quantizes_once(fp8, tokens * top_k)
-    pdl = use_pdl(x, fused) and not prequant  # down would follow the quantization of h, not gate/up
+    pdl = launches_down_early(x, top_k, fp8)
     a, a_scale = quant_activations(x) if prequant else (x, None)
     gate_up(a, w13, h, zero, pl, top_k, cfg["gate_up"], bm, w13_scale.contiguous() if fp8 else None, pdl,
             x_scale=a_scale)
