@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import machine  # noqa: E402  (bench/ is the script's own folder)
-from process_cpu import process_cpu  # noqa: E402
+from process_cpu import main_thread_cpu, process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -65,10 +65,12 @@ def sentence(i: int) -> str:
 
 @dataclass(frozen=True)
 class Figure:
-    """One measurement: embeddings per second, and CPU seconds spent per embedding."""
+    """One measurement: embeddings per second, CPU seconds spent per embedding, and (served) the
+    worker's loop thread's CPU seconds per RPC."""
 
     rate: float
     cpu: float
+    loop: float = 0.0
 
 
 # -- served figures ---------------------------------------------------------------------------------
@@ -138,12 +140,13 @@ def embed_rate(pool: ProcessPoolExecutor, procs: int, worker: subprocess.Popen, 
     jobs = [pool.submit(client_share, port, n, i * 10**9, start_at, seconds)
             for i, n in enumerate(shares) if n]
     time.sleep(max(0.0, start_at - time.monotonic()))
-    before = process_cpu(worker.pid)
+    before, loop_before = process_cpu(worker.pid), main_thread_cpu(worker.pid)
     time.sleep(max(0.0, start_at + seconds - time.monotonic()))
-    worker_cpu = process_cpu(worker.pid) - before
+    worker_cpu, loop_cpu = process_cpu(worker.pid) - before, main_thread_cpu(worker.pid) - loop_before
     results = [job.result() for job in jobs]
     rate = sum(r for r, _ in results)
-    return Figure(rate, (worker_cpu + sum(c for _, c in results)) / max(rate * seconds, 1.0))
+    served = max(rate * seconds, 1.0)  # one sentence per RPC
+    return Figure(rate, (worker_cpu + sum(c for _, c in results)) / served, loop_cpu / served)
 
 
 # -- in-process figures -----------------------------------------------------------------------------
@@ -291,6 +294,9 @@ class Run:
 
     def cpu_ms(self, threads: int, mode: str, c: int) -> float:
         return statistics.median(f.cpu for f in self.figures[threads, mode, c]) * 1000
+
+    def loop_ms(self, threads: int, mode: str, c: int) -> float:
+        return statistics.median(f.loop for f in self.figures[threads, mode, c]) * 1000
 
     def cell(self, threads: int, mode: str, c: int) -> str:
         """The median, and half the range over the rounds as a share of it (the run-to-run noise)."""
@@ -473,16 +479,27 @@ def reading_for(r: Run, threads: int, best_one: float, sessions: int = 1) -> str
     shape, c = r.shape, TARGET_C
     assert shape is not None
     one, batched, bare = (r.median(threads, m, c) for m in ("one", "batched", "bare"))
-    one1, batched1 = r.median(threads, "one", r.levels[0]), r.median(threads, "batched", r.levels[0])
-    lone = ("a lone request runs at once, as it would without batching" if batched1 / one1 >= 0.95 else
-            "a lone request still pays for batching")
     text = (f"**Reading, {threads} thread(s), against the issue's targets at concurrency {c}:** batched is "
             f"{batched / bare:.0%} of bare ORT (target ≥ {TARGET_OF_BARE:.0%}: "
             f"{'met' if batched / bare >= TARGET_OF_BARE else 'NOT met'}) and {batched / one:.2f}x one at a time "
-            f"(target ≥ {TARGET_SPEEDUP:g}x: {'met' if batched / one >= TARGET_SPEEDUP else 'NOT met'}). At "
-            f"concurrency {r.levels[0]} batched serves {batched1:.0f} against one-at-a-time's {one1:.0f} "
-            f"({batched1 / one1:.2f}x): {lone}. Batching cuts the CPU per embedding from "
-            f"{r.cpu_ms(threads, 'one', c):.1f} ms to {r.cpu_ms(threads, 'batched', c):.1f} ms.")
+            f"(target ≥ {TARGET_SPEEDUP:g}x: {'met' if batched / one >= TARGET_SPEEDUP else 'NOT met'}).")
+    if r.levels[0] == 1:
+        one1, batched1 = r.median(threads, "one", 1), r.median(threads, "batched", 1)
+        lone = ("a lone request runs at once, as it would without batching" if batched1 / one1 >= 0.95 else
+                "a lone request still pays for batching")
+        text += f" At concurrency 1 batched serves {batched1:.0f} against one-at-a-time's {one1:.0f} " \
+                f"({batched1 / one1:.2f}x): {lone}."
+    text += (f" Batching cuts the CPU per embedding from {r.cpu_ms(threads, 'one', c):.1f} ms to "
+             f"{r.cpu_ms(threads, 'batched', c):.1f} ms.")
+    loop_ms = r.loop_ms(threads, "batched", c)
+    if loop_ms > 0:
+        # A closed loop of c clients sends its next c requests only once this batch's answers are out:
+        # the model's turn (a batch of c at bare's rate) and the loop's (c RPCs) follow each other.
+        turns = c / (c / bare + c * loop_ms / 1000)
+        text += (f" **Turns:** the worker's loop thread spends {loop_ms:.2f} ms of CPU per RPC; with {c} "
+                 f"clients in a closed loop the model's turn ({c / bare * 1000:.0f} ms for a batch of {c} at "
+                 f"bare's rate) and the loop's ({c} RPCs, {c * loop_ms:.0f} ms) follow each other, which "
+                 f"bounds the batched worker near {turns:.0f}/s, {turns / bare:.0%} of bare.")
     ceiling, per_core, flop = r.ceiling.get(threads, 0.0), r.ceiling.get(1, 0.0), shape.flop
     if not (flop and ceiling and per_core):
         return text
