@@ -9,8 +9,9 @@ gate/up and the down kernels are timed apart over their own candidates; the fast
 once the whole layer with it matches a torch computation. Where the layer launches down while
 gate/up still runs (PDL, decode sizes), what one kernel leaves of the SMs decides how soon the
 other starts, so there the best PAIR_TOP of each are timed again in pairs, as the whole layer. On
-Hopper every candidate is also tried with its tiles read through TMA descriptors ("TMA": true). `--precompile N` compiles every
-candidate first in N processes; `--fp8` tunes the w8a8 path (files named ..._fp8_w8a8_...).
+Hopper every candidate is also tried with its tiles read through TMA descriptors ("TMA": true).
+`--precompile N` compiles every candidate first in N processes; `--fp8` tunes the w8a8 path (files
+named ..._fp8_w8a8_...).
 """
 
 from __future__ import annotations

@@ -483,23 +483,10 @@ def reading_for(r: Run, threads: int, best_one: float, sessions: int = 1) -> str
             f"{batched / bare:.0%} of bare ORT (target ≥ {TARGET_OF_BARE:.0%}: "
             f"{'met' if batched / bare >= TARGET_OF_BARE else 'NOT met'}) and {batched / one:.2f}x one at a time "
             f"(target ≥ {TARGET_SPEEDUP:g}x: {'met' if batched / one >= TARGET_SPEEDUP else 'NOT met'}).")
-    if r.levels[0] == 1:
-        one1, batched1 = r.median(threads, "one", 1), r.median(threads, "batched", 1)
-        lone = ("a lone request runs at once, as it would without batching" if batched1 / one1 >= 0.95 else
-                "a lone request still pays for batching")
-        text += f" At concurrency 1 batched serves {batched1:.0f} against one-at-a-time's {one1:.0f} " \
-                f"({batched1 / one1:.2f}x): {lone}."
+    text += _lone_request(r, threads)
     text += (f" Batching cuts the CPU per embedding from {r.cpu_ms(threads, 'one', c):.1f} ms to "
              f"{r.cpu_ms(threads, 'batched', c):.1f} ms.")
-    loop_ms = r.loop_ms(threads, "batched", c)
-    if loop_ms > 0:
-        # A closed loop of c clients sends its next c requests only once this batch's answers are out:
-        # the model's turn (a batch of c at bare's rate) and the loop's (c RPCs) follow each other.
-        turns = c / (c / bare + c * loop_ms / 1000)
-        text += (f" **Turns:** the worker's loop thread spends {loop_ms:.2f} ms of CPU per RPC; with {c} "
-                 f"clients in a closed loop the model's turn ({c / bare * 1000:.0f} ms for a batch of {c} at "
-                 f"bare's rate) and the loop's ({c} RPCs, {c * loop_ms:.0f} ms) follow each other, which "
-                 f"bounds the batched worker near {turns:.0f}/s, {turns / bare:.0%} of bare.")
+    text += _turns(r.loop_ms(threads, "batched", c), c, bare)
     ceiling, per_core, flop = r.ceiling.get(threads, 0.0), r.ceiling.get(1, 0.0), shape.flop
     if not (flop and ceiling and per_core):
         return text
@@ -522,6 +509,30 @@ def reading_for(r: Run, threads: int, best_one: float, sessions: int = 1) -> str
     else:
         text += f"arithmetic alone does not rule {TARGET_SPEEDUP:g}x out here."
     return text
+
+
+def _lone_request(r: Run, threads: int) -> str:
+    """What batching costs a request alone (when concurrency 1 was measured)."""
+    if r.levels[0] != 1:
+        return ""
+    one1, batched1 = r.median(threads, "one", 1), r.median(threads, "batched", 1)
+    lone = ("a lone request runs at once, as it would without batching" if batched1 / one1 >= 0.95 else
+            "a lone request still pays for batching")
+    return (f" At concurrency 1 batched serves {batched1:.0f} against one-at-a-time's {one1:.0f} "
+            f"({batched1 / one1:.2f}x): {lone}.")
+
+
+def _turns(loop_ms: float, c: int, bare: float) -> str:
+    """The bound of a closed loop of c clients: they send their next c requests only once this
+    batch's answers are out, so the model's turn (a batch of c at bare's rate) and the loop's (c RPCs)
+    follow each other."""
+    if loop_ms <= 0:
+        return ""
+    turns = c / (c / bare + c * loop_ms / 1000)
+    return (f" **Turns:** the worker's loop thread spends {loop_ms:.2f} ms of CPU per RPC; with {c} clients in "
+            f"a closed loop the model's turn ({c / bare * 1000:.0f} ms for a batch of {c} at bare's rate) and the "
+            f"loop's ({c} RPCs, {c * loop_ms:.0f} ms) follow each other, which bounds the batched worker near "
+            f"{turns:.0f}/s, {turns / bare:.0%} of bare.")
 
 
 def model_weights(model_dir: Path) -> str:
