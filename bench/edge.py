@@ -2,7 +2,8 @@
 ONNX Runtime session at the same batch sizes, and small-LM tokens per second.
 
     python bench/edge.py [--seconds 3] [--rounds 3] [--concurrency 1,8,32,64] [--threads 1[,2...]]
-                         [--compare-delay-ms 2] [--load-procs 1] [--workers 1] [--model-dir DIR] [--lm-dir DIR | --no-lm]
+                         [--compare-delay-ms 2] [--load-procs 1] [--workers 1] [--model-dir DIR]
+                         [--lm-dir DIR | --no-lm]
                          [--write-docs] [--out FILE]
 
 Each served figure is a real worker process (`python -m edge.server`, `--threads` ORT threads, one
@@ -75,7 +76,9 @@ class Figure:
 
 # -- served figures ---------------------------------------------------------------------------------
 
-def start_worker(model_dir: Path, port_file: Path, threads: int, *flags: str, workers: int = 1) -> subprocess.Popen:
+def start_worker(
+    model_dir: Path, port_file: Path, threads: int, *flags: str, workers: int = 1
+) -> subprocess.Popen:
     """A worker process on a free loopback port; returns once it reports SERVING."""
     argv = [sys.executable, "-m", "edge.server", "--host", "127.0.0.1", "--port", "0", "--threads", str(threads),
             "--workers", str(workers), "--l1-cache-entries", "0", "--port-file", str(port_file),
@@ -360,7 +363,9 @@ def measure_threads(args: argparse.Namespace, result: Run, pool: ProcessPoolExec
 class _workers:
     """One worker per served mode, all running for the block; yields mode -> (process, port)."""
 
-    def __init__(self, args: argparse.Namespace, tmp: Path, threads: int, modes: dict[str, tuple[str, ...]]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, tmp: Path, threads: int, modes: dict[str, tuple[str, ...]]
+    ) -> None:
         self.args = args, tmp, threads, modes
         self.procs: list[subprocess.Popen] = []
 
@@ -398,14 +403,16 @@ def markdown(r: Run, args: argparse.Namespace) -> str:
         f"**Model:** `{args.model_dir}` ({model_weights(args.model_dir)}).",
         "",
         "**What is timed:** one worker process (`python -m edge.server`, ORT intra-op threads as in each table, "
-        f"{args.workers} inference thread(s) with an ORT session each, L1 cache off) serving all-MiniLM-L6-v2 (fp32), driven over gRPC on loopback by closed-loop "
+        f"{args.workers} inference thread(s) with an ORT session each, L1 cache off) serving all-MiniLM-L6-v2 "
+        "(fp32), driven over gRPC on loopback by closed-loop "
         f"clients in {args.load_procs} load process(es), each client sending one distinct ~20-token sentence per "
         f"`Embed`. *batched*: `--max-batch {max(r.levels)} --max-queue-delay-ms {args.max_queue_delay_ms:g}`; "
         "*one at a time*: `--max-batch 1`" + (f"; *batched, with delay*: the same with `--max-queue-delay-ms "
                                               f"{args.compare_delay_ms:g}`" if args.compare_delay_ms is not None
                                               else "") + ". *bare ORT*: the same model in the "
         "bench process, `EmbeddingModel.embed` (tokenize, `session.run`, pool) on batches of as many sentences as "
-        "there are clients (split evenly over one thread per session when there are several), no RPC. The workers stay up; each figure is measured for "
+        "there are clients (split evenly over one thread per session when there are several), no RPC. "
+        "The workers stay up; each figure is measured for "
         f"{args.seconds:g} s once per round, {args.rounds} rounds interleaved, and the table gives the median ± half "
         "the range over the rounds, in embeddings per second. *CPU ms per embedding*: CPU time of the worker "
         "process and the load processes (bare: of the bench process) over the embeddings they served.",

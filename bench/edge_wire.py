@@ -77,8 +77,8 @@ def main() -> int:
         "## Edge worker: encoding an Embed answer (`bench/edge_wire.py`)",
         "",
         f"**Command:** `python bench/edge_wire.py --dim {args.dim} --rows {args.rows}`. **Machine:** "
-        f"{machine()}, Python {platform.python_version()}, {datetime.date.today().isoformat()}. Microseconds per answer of {args.dim}-dimension vectors, one "
-        "thread, median of 5 runs; both encodings checked byte-identical first.",
+        f"{machine()}, Python {platform.python_version()}, {datetime.date.today().isoformat()}. "
+        f"Microseconds per answer of {args.dim}-dimension vectors, one thread, median of 5 runs; both encodings checked byte-identical first.",
         "",
         *lines,
     ])

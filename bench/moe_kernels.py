@@ -77,7 +77,8 @@ def time_fn(fn, graph: bool = True, budget_ms: float = 150.0) -> float:
     run()
     end.record()
     torch.cuda.synchronize()
-    n = int(min(200, max(20, budget_ms / max(start.elapsed_time(end), 1e-3))))  # >= 20: a median that holds at 4096 tokens
+    # >= 20 replays: a median that holds at 4096 tokens
+    n = int(min(200, max(20, budget_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(n):
         start.record()

@@ -26,7 +26,8 @@ def load_models(
         task = _task(Path(model_dir))
         if task not in TASKS:
             raise ValueError(
-                f"model {name!r} at {model_dir}: task {task!r} is not supported; supported: {', '.join(TASKS)}"
+                f"model {name!r} at {model_dir}: task {task!r} is not supported; "
+                f"supported: {', '.join(TASKS)}"
             )
         if task == "embedding":
             loaded[name] = EmbeddingModel.load(model_dir, threads, int8=int8, instances=instances)

@@ -102,7 +102,9 @@ class EdgeService(EdgeBase):
             # health checks and other connections stay responsive.
             result = await self.embedder.embed(request.model, model, texts)
             # Wire bytes straight from the vectors (edge.wire): the server's codec sends them as they are.
-            response = embed_response(request.model, result.vectors, result.prompt_tokens, result.token_counts)
+            response = embed_response(
+                request.model, result.vectors, result.prompt_tokens, result.token_counts
+            )
             # Still tracked while sending: a drain must not close the connection under this answer.
             await stream.send_message(response)  # type: ignore[arg-type]
             fields.update(prompt_tokens=result.prompt_tokens)

@@ -1,9 +1,10 @@
 """An edge worker's settings read from the deployment's topology file, for one named zone.
 
 The container (and any operator) starts the worker with a zone name and the topology YAML instead of
-flags: the zone gives the address, port, threads, inference workers and batching; the models of tier "edge" give what
-to serve, their paths relative to the model cache. The edge imports nothing of the gateway, so this
-reads the few fields it needs from the plain YAML (the gateway's schema stays the one authority).
+flags: the zone gives the address, port, threads, inference workers and batching; the models of
+tier "edge" give what to serve, their paths relative to the model cache. The edge imports nothing
+of the gateway, so this reads the few fields it needs from the plain YAML (the gateway's schema
+stays the one authority).
 """
 
 from __future__ import annotations

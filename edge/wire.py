@@ -42,7 +42,9 @@ class EncodedCodec(ProtoCodec):
         return super().encode(message, message_type)
 
 
-def embed_response(model: str, vectors: np.ndarray, prompt_tokens: int, token_counts: Sequence[int]) -> Encoded:
+def embed_response(
+    model: str, vectors: np.ndarray, prompt_tokens: int, token_counts: Sequence[int]
+) -> Encoded:
     """The wire bytes of `EmbedResponse(model, embeddings=rows of vectors, prompt_tokens, token_counts)`."""
     parts: list[bytes] = []
     if model:

@@ -76,7 +76,9 @@ def row_step(rows: int) -> int:
     return GEMM_ROW_MULTIPLE
 
 
-def invariant_rows(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def invariant_rows(
+    product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 0
+) -> torch.Tensor:
     """`product(x)` for a product whose rows along `dim` (a multiple of GEMM_ROW_MULTIPLE of them)
     must not depend on one another: on CPU in calls of `row_step` rows (on a GPU, where nothing is
     batch-invariant, in one)."""

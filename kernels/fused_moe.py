@@ -234,12 +234,12 @@ def _quant_rows(a, UPCAST: tl.constexpr):
 
 @triton.jit
 def _quant_act_kernel(a_ptr, q_ptr, s_ptr, M, K, stride_am, stride_qm, stride_sm, BLOCK_M: tl.constexpr,
-                      UPCAST: tl.constexpr):
-    """One [BLOCK_M, 128] tile of `_quant_rows` over a [M, K] activation: e4m3 values into q, one
+                      GROUP: tl.constexpr, UPCAST: tl.constexpr):
+    """One [BLOCK_M, GROUP] tile of `_quant_rows` over a [M, K] activation: e4m3 values into q, one
     scale per row into column pid(1) of s."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
-    cols = group * 128 + tl.arange(0, 128)
+    cols = group * GROUP + tl.arange(0, GROUP)
     ok = (rows < M)[:, None] & (cols < K)[None, :]
     r64 = rows[:, None].to(tl.int64)
     a = tl.load(a_ptr + r64 * stride_am + cols[None, :], mask=ok, other=0.0)
@@ -730,7 +730,7 @@ def quant_activations(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m:
         _quant_act_kernel[(triton.cdiv(m, QUANT_ROWS), groups)](
             a, q, scales, m, k, a.stride(0), q.stride(0), scales.stride(0), BLOCK_M=QUANT_ROWS,
-            UPCAST=_interpreted(), num_warps=4,
+            GROUP=FP8_BLOCK, UPCAST=_interpreted(), num_warps=4,
         )
     return q, scales
 

@@ -13,9 +13,9 @@ TOPOLOGY = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 
 def test_topology_gives_the_zone_address_port_models_threads_and_batching(tmp_path: Path) -> None:
     topo = tmp_path / "t.yaml"
-    topo.write_text(TOPOLOGY.read_text().replace("edge: {port: 50051, threads: 1}",
-                                                 "edge: {port: 50051, threads: 2, workers: 3, max_batch: 8, max_queue_delay_ms: 4, "
-                                                 "l1_cache_entries: 10}", 1))
+    edge = ("edge: {port: 50051, threads: 2, workers: 3, max_batch: 8, max_queue_delay_ms: 4, "
+            "l1_cache_entries: 10}")
+    topo.write_text(TOPOLOGY.read_text().replace("edge: {port: 50051, threads: 1}", edge, 1))
     config = parse_args(["--topology", str(topo), "--zone", "zone-a"], {"MERIDIAN_CACHE": "/models"})
     assert (config.host, config.port, config.zone) == ("127.0.1.1", 50051, "zone-a")
     assert config.models == {"all-minilm-l6-v2": Path("/models/edge/all-minilm-l6-v2"),

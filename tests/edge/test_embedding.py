@@ -80,7 +80,9 @@ def test_batching_and_order_do_not_change_vectors(model: EmbeddingModel) -> None
     np.testing.assert_allclose(batch, reversed_batch, atol=1e-5)
 
 
-def test_instances_run_side_by_side_with_the_same_vectors(embedding_model_dir: Path, model: EmbeddingModel) -> None:
+def test_instances_run_side_by_side_with_the_same_vectors(
+    embedding_model_dir: Path, model: EmbeddingModel
+) -> None:
     """One session per instance; calls from more threads than instances wait for a free one, each
     instance takes its share, and every call gets the vectors a single session gives."""
     from concurrent.futures import ThreadPoolExecutor

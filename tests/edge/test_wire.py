@@ -37,14 +37,17 @@ def test_the_bytes_are_protobufs_own(model, rows, dim, prompt_tokens):
     assert isinstance(got, Encoded)
     assert got.data == protobuf_bytes(model, vectors, prompt_tokens, counts)
     parsed = edge_pb2.EmbedResponse.FromString(got.data)
-    assert parsed.model == model and parsed.prompt_tokens == prompt_tokens and list(parsed.token_counts) == counts
-    assert np.array_equal(np.array([list(e.values) for e in parsed.embeddings], np.float32).reshape(rows, dim), vectors)
+    assert parsed.model == model and parsed.prompt_tokens == prompt_tokens
+    assert list(parsed.token_counts) == counts
+    values = np.array([list(e.values) for e in parsed.embeddings], np.float32).reshape(rows, dim)
+    assert np.array_equal(values, vectors)
 
 
 def test_token_counts_of_one_byte_and_of_several():
     vectors = np.ones((3, 4), np.float32)
     for counts in ([3, 4, 127], [3, 128, 20000]):
-        assert embed_response("m", vectors, sum(counts), counts).data == protobuf_bytes("m", vectors, sum(counts), counts)
+        got = embed_response("m", vectors, sum(counts), counts).data
+        assert got == protobuf_bytes("m", vectors, sum(counts), counts)
 
 
 def test_strided_and_float64_vectors_are_sent_as_float32_rows():
