@@ -41,6 +41,10 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
+class ResponseFormat(msgspec.Struct, frozen=True):
+    type: str = "text"
+
+
 class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     max_tokens: int | None = None
@@ -52,6 +56,12 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     user: str | None = None
     stream_options: StreamOptions | None = None
+    # Accepted so that asking for them is a clear 400, not an answer that silently lacks them.
+    logprobs: Union[bool, int, None] = None
+    top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> list[str]:
         """The stop strings as a list."""
@@ -74,10 +84,31 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         stops = self.stop_list()
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise bad_request(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+        self._refuse_unsupported()
+
+    def _refuse_unsupported(self) -> None:
+        if self.logprobs not in (None, False) or self.top_logprobs:
+            raise unsupported("logprobs")
+        if self.presence_penalty or self.frequency_penalty:
+            raise unsupported("presence_penalty" if self.presence_penalty else "frequency_penalty", "send 0")
+        if self.logit_bias:
+            raise unsupported("logit_bias")
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
     prompt: Union[str, list[str]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.echo:
+            raise unsupported("echo")
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of", "send 1")
+        if self.suffix:
+            raise unsupported("suffix")
 
     def prompt_text(self) -> str:
         """The single prompt this request carries."""
@@ -91,6 +122,16 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
 class ChatRequest(SamplingFields, frozen=True, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: Union[str, dict, None] = None  # "auto", "none", "required" or a named function
+    response_format: ResponseFormat | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.tools and self.tool_choice != "none":
+            raise unsupported("tools", 'send none, or tool_choice "none"')
+        if self.response_format is not None and self.response_format.type != "text":
+            raise unsupported("response_format", 'only {"type": "text"}')
 
     def token_limit(self) -> int | None:
         """`max_completion_tokens` supersedes the older `max_tokens`."""
@@ -122,12 +163,6 @@ class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
         return list(inputs)  # type: ignore[arg-type]
 
 
-class Probe(msgspec.Struct):
-    """Just enough of any body to find the model it names."""
-
-    model: str | None = None
-
-
 def decode(body: bytes, schema: type[msgspec.Struct]):
     """Parse a JSON body into `schema`, turning every decoding problem into a 400."""
     if not body:
@@ -138,8 +173,15 @@ def decode(body: bytes, schema: type[msgspec.Struct]):
         raise bad_request(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"malformed JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 inside a string
+        raise bad_request(f"malformed JSON: not UTF-8 ({exc.reason} at byte {exc.start})", code="invalid_json") from None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     """A 400 with the OpenAI error body."""
     return GatewayError(Kind.BAD_REQUEST, message, param=param, code=code)
+
+
+def unsupported(param: str, hint: str = "leave it out") -> GatewayError:
+    """A 400 for a field this server does not implement, when the request asks for it."""
+    return bad_request(f"{param} is not supported by this server ({hint})", param, code="unsupported_parameter")

@@ -21,7 +21,7 @@ COPY models/ /models/
 
 # Final stage: runtime + models, run as an unprivileged user.
 FROM ${BASE_IMAGE}
-RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin meridian
+RUN useradd --no-log-init --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin meridian
 COPY --from=runtime /opt/meridian /opt/meridian
 COPY --from=models /models /models
 COPY edge-topology.yaml /etc/meridian/topology.yaml

@@ -97,6 +97,7 @@ async def test_scope_refusal_is_403(zones):
     (b"{not json", 400, "malformed JSON"),
     (b"", 400, "empty"),
     (b"\xff\xfe{}", 400, "malformed"),
+    (b'{"model": "embed", "input": "\xff\xfe"}', 400, "not UTF-8"),  # inside a string: msgspec's UnicodeDecodeError
     ({"model": "embed"}, 400, "input"),
     ({"model": "embed", "input": 5}, 400, "input"),
     ({"model": "embed", "input": []}, 400, "empty"),
@@ -207,6 +208,11 @@ async def test_chat_stream_resumes_in_the_next_zone(zones):
     ({"model": "llm", "prompt": "x", "n": 2}, "n"),
     ({"model": "llm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "llm", "prompt": "x", "max_tokens": "ten"}, None),
+    ({"model": "llm", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "llm", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "llm", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "llm", "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"model": "llm", "prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias"),
 ])
 async def test_generation_bad_input(zones, body, param):
     gw = await make_gateway(zones)
@@ -215,6 +221,41 @@ async def test_generation_bad_input(zones, body, param):
     if param:
         assert error_of(r)["param"] == param
     assert not zones[1].calls
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "logprobs"),
+    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"tools": [TOOL]}, "tools"),
+    ({"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+async def test_chat_features_not_served_are_refused(zones, extra, param):
+    """Asking for what the server does not do is a 400 naming it, not an answer without it."""
+    gw = await make_gateway(zones)
+    body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = await gw.handle(req("POST", "/v1/chat/completions", body))
+    assert r.status == 400, r.body
+    assert error_of(r)["param"] == param and error_of(r)["code"] == "unsupported_parameter"
+    assert not zones[1].calls
+
+
+@pytest.mark.parametrize("extra", [
+    {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}},
+    {"tools": [TOOL], "tool_choice": "none"},
+    {"tools": []},
+    {"response_format": {"type": "text"}},
+])
+async def test_chat_defaults_of_those_features_are_served(zones, extra):
+    gw = await make_gateway(zones)
+    body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    r = await gw.handle(req("POST", "/v1/chat/completions", body))
+    assert r.status == 200, r.body
 
 
 async def test_models_list(zones):
