@@ -129,7 +129,7 @@ class ChatRequest(SamplingFields, frozen=True, kw_only=True):
     def check(self) -> None:
         super().check()
         if self.tools and self.tool_choice != "none":
-            raise unsupported("tools", 'send none, or tool_choice "none"')
+            raise unsupported("tools", 'leave them out, or send tool_choice "none"')
         if self.response_format is not None and self.response_format.type != "text":
             raise unsupported("response_format", 'only {"type": "text"}')
 
@@ -174,7 +174,7 @@ def decode(body: bytes, schema: type[msgspec.Struct]):
     except msgspec.DecodeError as exc:
         raise bad_request(f"malformed JSON: {exc}", code="invalid_json") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 inside a string
-        raise bad_request(f"malformed JSON: not UTF-8 ({exc.reason} at byte {exc.start})", code="invalid_json") from None
+        raise bad_request(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})", code="invalid_json") from None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:

@@ -97,7 +97,7 @@ async def test_scope_refusal_is_403(zones):
     (b"{not json", 400, "malformed JSON"),
     (b"", 400, "empty"),
     (b"\xff\xfe{}", 400, "malformed"),
-    (b'{"model": "embed", "input": "\xff\xfe"}', 400, "not UTF-8"),  # inside a string: msgspec's UnicodeDecodeError
+    (b'{"model": "embed", "input": "\xff\xfe"}', 400, "not valid UTF-8"),  # inside a string: msgspec's UnicodeDecodeError
     ({"model": "embed"}, 400, "input"),
     ({"model": "embed", "input": 5}, 400, "input"),
     ({"model": "embed", "input": []}, 400, "empty"),
