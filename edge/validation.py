@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -86,8 +87,8 @@ def check_generate(request: GenerateRequestLike, limits: GenerateLimits) -> Gene
     if any(len(s) > limits.max_stop_chars for s in stop):
         raise EdgeError(ErrorKind.BAD_INPUT, f"a stop string is longer than {limits.max_stop_chars} characters")
     temperature, top_p = float(request.temperature), float(request.top_p)
-    if not temperature >= 0:  # also refuses NaN
-        raise EdgeError(ErrorKind.BAD_INPUT, f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses NaN
+        raise EdgeError(ErrorKind.BAD_INPUT, f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 <= top_p <= 1:
         raise EdgeError(ErrorKind.BAD_INPUT, f"top_p must be in (0, 1], got {top_p}")
     return GenerateParams(

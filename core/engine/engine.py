@@ -11,6 +11,7 @@ which is called on the engine thread.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -140,8 +141,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if r.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {r.max_tokens}")
-        if r.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {r.temperature}")
+        if not 0 <= r.temperature < math.inf:  # NaN too: it would poison the whole batch's sampling
+            raise ValueError(f"temperature must be a finite number >= 0, got {r.temperature}")
         if not 0 < r.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
         if r.top_k < 0:

@@ -10,6 +10,7 @@ and whose outputs are the last position's `logits` and `present_key_{i}`/`presen
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,8 +241,8 @@ class SmallLM:
             raise ValueError("prompt is empty and the model has no BOS token to start from")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
-        if params.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if not 0 <= params.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         bad = [t for t in prefix if not 0 <= t < self.meta.vocab_size]

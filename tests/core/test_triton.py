@@ -189,6 +189,7 @@ async def test_chat_messages_and_resume(client, local_engine):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(max_tokens=-1), "max_tokens must be at least 1"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
     (dict(prompt=b"\xff\xfe broken"), "text_input is not valid UTF-8"),
     (dict(prompt=None), "text_input (or messages) is required"),
     (dict(prompt=None, messages=[{"role": 1}]), "messages must be"),

@@ -84,11 +84,12 @@ async def test_stop_strings_and_default_max_tokens(stub: EdgeStub) -> None:
     [
         (dict(model=EMBED, prompt="hi"), Status.INVALID_ARGUMENT, "call Embed"),
         (dict(model=LM, prompt="hi", temperature=-1), Status.INVALID_ARGUMENT, "temperature"),
+        (dict(model=LM, prompt="hi", temperature=float("inf")), Status.INVALID_ARGUMENT, "finite"),
         (dict(model=LM, prompt="hi", prefix_token_ids=[10**6]), Status.INVALID_ARGUMENT, "vocabulary"),
         (dict(model=LM, prompt="word " * 5000), Status.INVALID_ARGUMENT, "context"),
         (dict(model=LM, prompt="hi", stop=["x"] * 20), Status.INVALID_ARGUMENT, "stop strings"),
     ],
-    ids=["embedding-model", "negative-temperature", "bad-prefix", "too-long", "too-many-stops"],
+    ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long", "too-many-stops"],
 )
 async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: dict, status: Status, fragment: str) -> None:
     with pytest.raises(GRPCError) as caught:

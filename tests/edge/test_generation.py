@@ -108,6 +108,8 @@ def test_a_prefix_that_already_ended_finishes_at_once(lm: SmallLM) -> None:
     [
         (GenerateParams(max_tokens=0), "max_tokens"),
         (GenerateParams(temperature=-1), "temperature"),
+        (GenerateParams(temperature=float("inf")), "finite"),
+        (GenerateParams(temperature=float("nan")), "finite"),
         (GenerateParams(top_p=0.0), "top_p"),
         (GenerateParams(prefix_token_ids=(10**9,)), "vocabulary"),
     ],
