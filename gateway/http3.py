@@ -15,7 +15,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
+from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived, StreamReset
 from aioquic.tls import SessionTicket
 
 from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_streams
@@ -74,7 +74,9 @@ class H3GatewayProtocol(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
             self._http = H3Connection(self._quic)
-        elif isinstance(event, StreamReset):
+        elif isinstance(event, (StreamReset, StopSendingReceived)):
+            # STOP_SENDING is how a client that has sent its whole request cancels the answer
+            # (aioquic resets our side of the stream): the handler, and so its generation, ends.
             self._cancel(event.stream_id)
         elif isinstance(event, ConnectionTerminated):
             for stream_id in list(self._tasks):

@@ -27,6 +27,7 @@ from tritonclient.grpc import InferInput
 
 pytestmark = pytest.mark.integration
 READY_TIMEOUT_S = 120
+READY_BUDGET_S = 30
 
 
 def free_ports(n: int) -> list[int]:
@@ -204,7 +205,9 @@ async def test_bad_input_is_a_clear_error_and_server_goes_on(client, bad, messag
 
 
 def test_ready_time(server):
-    assert server.ready_s < READY_TIMEOUT_S
+    # About 5 s on the 2-core CI machine for the mini checkpoint: a slower start (weights re-read,
+    # kernels compiled at load) is a regression, well before the fixture's own timeout.
+    assert server.ready_s < READY_BUDGET_S
 
 
 def post(url: str, body: dict) -> tuple[int, str]:

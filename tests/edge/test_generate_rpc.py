@@ -18,7 +18,7 @@ from edge.api import edge_pb2
 from edge.api.edge_grpc import EdgeStub
 from edge.config import EdgeConfig
 from edge.lm_export import torch_greedy
-from edge.runtime.generation import GenerateParams, SmallLM
+from edge.runtime.generation import DEFAULT_MAX_TOKENS, SmallLM
 from edge.server import EdgeServer
 
 EMBED, LM = "all-minilm-l6-v2", "edge-small"
@@ -71,8 +71,11 @@ async def test_resumed_stream_continues_the_seeded_run(stub: EdgeStub) -> None:
 
 
 async def test_stop_strings_and_default_max_tokens(stub: EdgeStub) -> None:
-    chunks = await _generate(stub, prompt="Monday,", temperature=0.0)  # max_tokens 0 means the default
-    assert chunks[-1].completion_tokens <= GenerateParams().max_tokens
+    # max_tokens 0 means the default; this prompt's greedy run goes past it, so it ends there.
+    counted = await _generate(stub, prompt="One, two, three,", temperature=0.0)
+    assert counted[-1].finish_reason == "length"
+    assert counted[-1].completion_tokens == DEFAULT_MAX_TOKENS == len([t for c in counted for t in c.token_ids])
+    chunks = await _generate(stub, prompt="Monday,", temperature=0.0)
     text = "".join(c.text for c in chunks)
     stop = text.strip().split(" ")[1]
     stopped = await _generate(stub, prompt="Monday,", temperature=0.0, stop=[stop])

@@ -169,6 +169,9 @@ async def test_scopes_from_the_token(auth, keys):
                        headers={"kid": "rsa-1"})
     principal = await auth.authenticate(request(token))
     authorize(principal, "/v1/embeddings", "all-minilm-l6-v2")
-    with pytest.raises(GatewayError) as err:
-        authorize(principal, "/v1/chat/completions", "meridian-moe-mini")
-    assert err.value.status == 403
+    # Each half of the scope refuses on its own: a model outside it on an allowed route, and an
+    # allowed model on a route outside it.
+    for route, model in [("/v1/embeddings", "meridian-moe-mini"), ("/v1/completions", "all-minilm-l6-v2")]:
+        with pytest.raises(GatewayError) as err:
+            authorize(principal, route, model)
+        assert err.value.status == 403, (route, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from gateway.config import parse_topology
 from gateway.http1 import Http1Listener
 from gateway.http3 import Http3Listener
 from gateway.tls import ensure_self_signed
-from gateway.upstreams import UpstreamPool
+from gateway.upstreams import GenerateChunk, UpstreamPool
 from tests.gateway.test_pipeline import KEY, TOPOLOGY
 from tests.support.fakes import FakeUpstream
 from tests.support.h3 import h3_client
@@ -105,10 +106,53 @@ async def test_h3_concurrent_stream_limit(listeners):
     assert refused.json()["error"]["code"] == "too_many_streams"
 
 
-async def test_h3_stream_and_client_disconnect(listeners):
+async def test_h3_stream(listeners):
     _, h3_port = listeners
     async with h3_client("127.0.0.1", h3_port, KEY) as c:
         r = await c.post("/v1/completions", json={"model": "llm", "prompt": "x", "stream": True, "max_tokens": 6})
     assert r.status == 200
     assert r.sse_events()[-1] == "[DONE]"
     assert msgspec.json.decode(r.sse_events()[0])["object"] == "text_completion"
+
+
+class SlowCore(FakeUpstream):
+    """A core that streams one chunk per 100 ms and notes whether its stream was closed early."""
+
+    def __init__(self) -> None:
+        super().__init__("zone-a", "core")
+        self.sent, self.closed_early = 0, asyncio.Event()
+
+    async def generate(self, call, *, timeout):
+        try:
+            for i in range(50):
+                await asyncio.sleep(0.1)
+                self.sent += 1
+                yield GenerateChunk(f"t{i} ", [i], "length" if i == 49 else None, 3, i + 1)
+        finally:
+            if self.sent < 50:
+                self.closed_early.set()
+
+
+async def test_h3_client_reset_cancels_its_generation(tmp_path, caplog):
+    core = SlowCore()
+    pool = UpstreamPool([FakeUpstream("zone-a", "edge"), core])
+    await pool.check_once()
+    ensure_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
+    h3 = Http3Listener(Gateway(parse_topology(copy.deepcopy(TOPOLOGY)), pool), cert=str(tmp_path / "cert.pem"),
+                       key=str(tmp_path / "key.pem"))
+    await h3.start("127.0.0.1", 0)
+    try:
+        async with h3_client("127.0.0.1", h3.port, KEY) as c:
+            body = {"model": "llm", "prompt": "x", "stream": True, "max_tokens": 50}
+            first = await c.post_then_reset("/v1/completions", json=body, chunks=1)
+            assert first.status == 200 and first.body.startswith(b"data: ")
+            # The upstream stream is closed soon after the reset, not run to its 50 chunks.
+            await asyncio.wait_for(core.closed_early.wait(), 2.0)
+            assert core.sent < 10
+            # The connection and the listener go on serving.
+            ok = await c.post("/v1/embeddings", json={"model": "embed", "input": "x"})
+            assert ok.status == 200
+    finally:
+        await h3.close()
+    # Cancelled quietly: no handler died writing into the cancelled stream.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -110,7 +110,7 @@ async def test_embedding_bad_input(zones, body, status, fragment):
     r = await gw.handle(req("POST", "/v1/embeddings", body))
     assert r.status == status, r.body
     assert fragment in error_of(r)["message"]
-    assert not zones[0].calls and not zones[2].calls
+    assert zones[0].embed_calls == zones[2].embed_calls == 0  # refused before any edge is asked
 
 
 async def test_body_over_limit_is_413(zones):
@@ -220,7 +220,7 @@ async def test_generation_bad_input(zones, body, param):
     assert r.status == 400
     if param:
         assert error_of(r)["param"] == param
-    assert not zones[1].calls
+    assert not zones[1].calls and not zones[3].calls
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -242,7 +242,7 @@ async def test_chat_features_not_served_are_refused(zones, extra, param):
     r = await gw.handle(req("POST", "/v1/chat/completions", body))
     assert r.status == 400, r.body
     assert error_of(r)["param"] == param and error_of(r)["code"] == "unsupported_parameter"
-    assert not zones[1].calls
+    assert not zones[1].calls and not zones[3].calls
 
 
 @pytest.mark.parametrize("extra", [

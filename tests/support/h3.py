@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 from aioquic.asyncio import QuicConnectionProtocol, connect
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent
@@ -77,6 +77,37 @@ class _Client(QuicConnectionProtocol):
         response.body = b"".join(response.chunks)
         return response
 
+    async def request_then_reset(self, method: str, path: str, headers: dict[str, str], body: bytes, authority: str,
+                                 chunks: int) -> H3Response:
+        """Send a request, read its headers and `chunks` body chunks, then cancel the answer as a
+        client that goes away does: STOP_SENDING with H3_REQUEST_CANCELLED (the request itself is
+        complete, so there is nothing of ours to reset)."""
+        stream_id = self._quic.get_next_available_stream_id()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[stream_id] = queue
+        h = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
+             (b":path", path.encode()), (b"content-length", str(len(body)).encode())]
+        h += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        self.http.send_headers(stream_id, h)
+        self.http.send_data(stream_id, body, end_stream=True)
+        self.transmit()
+        response = H3Response(0, {})
+        try:
+            while len(response.chunks) < chunks:
+                event = await queue.get()
+                if isinstance(event, HeadersReceived):
+                    response.status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, DataReceived) and event.data:
+                    response.chunks.append(event.data)
+                if event.stream_ended:
+                    break
+        finally:
+            del self._streams[stream_id]
+        self._quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
+        self.transmit()
+        response.body = b"".join(response.chunks)
+        return response
+
 
 class H3Client:
     def __init__(self, protocol: _Client, authority: str, api_key: str | None) -> None:
@@ -93,6 +124,14 @@ class H3Client:
         if auth and self._api_key:
             h.setdefault("authorization", f"Bearer {self._api_key}")
         return await self._protocol.request(method, path, h, body, self._authority)
+
+    async def post_then_reset(self, path: str, *, json, chunks: int = 1) -> H3Response:
+        """POST `json`, read `chunks` chunks of the answer, then cancel the stream."""
+        headers = {"content-type": "application/json"}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return await self._protocol.request_then_reset("POST", path, headers, msgspec.json.encode(json),
+                                                       self._authority, chunks)
 
     async def get(self, path: str, **kw) -> H3Response:
         return await self.request("GET", path, **kw)
