@@ -71,19 +71,25 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
         await redis.close()
 
 
+def parser() -> argparse.ArgumentParser:
+    """The arguments of `meridian gateway`."""
+    p = argparse.ArgumentParser(prog="meridian gateway", description="Run the Meridian gateway.")
+    p.add_argument("--topology", required=True, help="topology YAML file")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--access-log", action="store_true", help="one JSON line per request")
+    p.add_argument("--region", help="this gateway's own region (overrides the topology's)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """`meridian gateway --topology FILE`."""
-    parser = argparse.ArgumentParser(prog="meridian gateway", description="Run the Meridian gateway.")
-    parser.add_argument("--topology", required=True, help="topology YAML file")
-    parser.add_argument("--log-level", default="warning")
-    parser.add_argument("--access-log", action="store_true", help="one JSON line per request")
-    parser.add_argument("--region", help="this gateway's own region (overrides the topology's)")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     logs.configure(args.log_level, access_log=args.access_log)
     topology = load_topology(args.topology)
     if args.region:
         if topology.region(args.region) is None:
-            parser.error(f"--region {args.region} is not a region of {args.topology}")
+            cli.error(f"--region {args.region} is not a region of {args.topology}")
         topology = msgspec.structs.replace(topology, gateway=msgspec.structs.replace(topology.gateway, region=args.region))
     tracing.configure(topology.tracing)
     try:

@@ -42,11 +42,19 @@ def write(cache, slots: list[int], start: list[int], new: torch.Tensor, kv_len: 
 
 
 def test_padding_writes_never_reach_other_rows():
-    cache = PagedKVCache([((2,),)], num_blocks=4, block_size=2, max_slots=2, max_len=16, dtype=torch.float32)
-    a, b = cache.allocate(4), cache.allocate(4)
-    new = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)  # 8 positions: 4 past each row's blocks
-    (out,) = write(cache, [a, b], [0, 0], new, kv_len=8)
-    assert torch.equal(out[:, :4], new[:, :4])
+    """Padding lands in the scratch block only. Both batch orders, since within one write a later row's own
+    data covers an earlier row's leak into its blocks; the pool is checked, not just what is read back."""
+    new = torch.arange(1, 2 * 8 * 2 + 1, dtype=torch.float32).view(2, 8, 2)  # 8 positions: 4 past the blocks
+    for order in ("ab", "ba"):
+        cache = PagedKVCache([((2,),)], num_blocks=5, block_size=2, max_slots=2, max_len=16, dtype=torch.float32)
+        slots = {"a": cache.allocate(4), "b": cache.allocate(4)}  # blocks 1-2 and 3-4; block 5 stays free
+        (out,) = write(cache, [slots[r] for r in order], [0, 0], new, kv_len=8)
+        assert torch.equal(out[:, :4], new[:, :4])
+        pool = cache.pools[0][0]
+        for row, name in enumerate(order):  # each row's blocks hold its own 4 tokens and nothing else
+            assert torch.equal(pool[cache.table[slots[name], :2]].view(4, 2), new[row, :4])
+        assert not pool[5].any()  # a free block is never written
+        assert torch.isin(pool[0], new[:, 4:]).all()  # the padding went to the scratch block
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ torch.set_num_threads(2)
 transformers = pytest.importorskip("transformers")
 
 LOGIT_BOUND = 1e-4
+BF16_REL_BOUND = 0.25  # |bf16 - fp32| / |fp32| over all logits: ~3x the measured 0.083
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_attention_heads=4,
@@ -125,13 +126,19 @@ def test_sharded_checkpoint_and_bf16(tmp_path):
     assert (path / "model.safetensors.index.json").is_file()
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = prompt(320)
-    assert (ref(ids).logits - ours_logits(load_model(path), ids)).abs().max().item() < LOGIT_BOUND
+    want = ref(ids).logits
+    assert (want - ours_logits(load_model(path), ids)).abs().max().item() < LOGIT_BOUND
     bf16 = load_model(path, "bf16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     assert bf16.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     cache = SlotKVCache(bf16.cache_layout(), 1, 64, torch.bfloat16)
-    logits = bf16(ids, torch.tensor([0]), cache, torch.tensor([cache.allocate()]))
-    assert torch.isfinite(logits).all()
+    got = bf16(ids, torch.tensor([0]), cache, torch.tensor([cache.allocate()])).float()
+    # Against the fp32 reference: bf16 rounding, plus the odd expert chosen differently, measured 0.083
+    # relative error and 23/24 argmaxes (the miss a near-tie); another seed's model gives 1.45 and no
+    # argmax agreement, the prompt shifted by one 1.2.
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < BF16_REL_BOUND
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.875
 
 
 def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import parse_topology
+from gateway import server as gateway_server
+from gateway.config import Topology, parse_topology
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -33,9 +34,13 @@ def test_strict_schema_validation(manifests, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_topology_configmap_parses(manifests):
+def configmap_topology(manifests: list[dict]) -> Topology:
     cm = next(m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("meridian-topology"))
-    topo = parse_topology(yaml.safe_load(cm["data"]["topology.yaml"]))
+    return parse_topology(yaml.safe_load(cm["data"]["topology.yaml"]))
+
+
+def test_topology_configmap_parses(manifests):
+    topo = configmap_topology(manifests)
     services = {m["metadata"]["name"] for m in manifests if m["kind"] == "Service"}
     for zone in topo.zones:
         assert zone.edge.host in services and zone.core.host in services
@@ -57,4 +62,5 @@ def test_container_arguments_are_valid_cli(manifests, monkeypatch):
             parsed = cli._parser().parse_args(args)
             assert parsed.device == "cuda"
         elif args[0] == "gateway":
-            assert args[args.index("--region") + 1] in {"eu-west", "eu-central"}
+            parsed = gateway_server.parser().parse_args(args[1:])  # an unknown flag is SystemExit
+            assert parsed.region in {r.name for r in configmap_topology(manifests).regions}

@@ -67,15 +67,16 @@ def test_protocol_memory_expires():
 async def test_nothing_reachable_is_a_connect_error(tmp_path):
     async with running(tmp_path) as gw:
         gw.udp_enabled = False
-        url = f"https://127.0.0.1:{gw.https_port}"
         port = gw.https_port
     # both listeners closed now
     kw = client_kwargs(gw, tmp_path, timeouts=mobile.Timeouts(handshake_s=0.5),
                        retry=mobile.RetryPolicy(max_attempts=2, base_delay_s=0.01))
     async with mobile.Client(f"https://127.0.0.1:{port}", **kw) as c:
-        with pytest.raises(mobile.ConnectError):
+        with pytest.raises(mobile.ConnectError) as err:
             await c.models.list()
-    assert url
+    # Nothing reached the server, so the error says so and the request was tried again.
+    assert not err.value.sent
+    assert c.transport.h1.handshakes == 2  # one TCP attempt per try: both tries were made
 
 
 def test_bad_arguments_are_clear():
