@@ -22,7 +22,7 @@ from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable
 from gateway.config import Model, Topology
 from gateway.errors import GatewayError, Kind
 from gateway.failover import Failover
-from gateway.http import Request, Response
+from gateway.http import ClosingStream, Request, Response
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
 from gateway.ratelimit import RateLimiter
@@ -214,6 +214,8 @@ class Gateway:
         finally:
             if got is not None:
                 await got.release()
+        # Counted towards tokens_per_minute as generations are (a cache hit costs the tenant none).
+        await self.limiter.debit(principal.tenant, result.prompt_tokens)
         return _stored_response(answer, cache_state)
 
     async def _cache_begin(
@@ -297,6 +299,19 @@ class Gateway:
                 await got.release()
             raise
         recording = _Recording(stream.first_zone, model.tier)
+        finished = False
+
+        async def finish() -> None:
+            # Once, by whichever comes first: the chunks' end, or the listener closing an answer
+            # it never began to write.
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            await stream.aclose()
+            if got is not None:
+                await got.release()
+            await self.limiter.debit(principal.tenant, recording.total_tokens)
 
         async def chunks() -> AsyncIterator[GenerateChunk]:
             try:
@@ -306,13 +321,10 @@ class Gateway:
                 if got is not None:
                     await got.store(recording.answer())
             finally:
-                await stream.aclose()
-                if got is not None:
-                    await got.release()
-                await self.limiter.debit(principal.tenant, recording.total_tokens)
+                await finish()
 
         return await _answer(body.stream, fmt, meta, include_usage, chunks(), stream.first_zone, model.tier, cache_state,
-                             resumed=lambda: stream.resumed)
+                             resumed=lambda: stream.resumed, on_close=finish)
 
 
 class _Recording:
@@ -352,12 +364,16 @@ async def _replay(answer: CachedAnswer) -> AsyncIterator[GenerateChunk]:
         )
 
 
+async def _nothing() -> None:
+    pass
+
+
 async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: str, tier: str, cache: str,
-                  resumed=lambda: 0) -> Response:
-    """A streamed answer as SSE, or the whole answer gathered from the chunks."""
+                  resumed=lambda: 0, on_close=_nothing) -> Response:
+    """A streamed answer as SSE (closing it runs `on_close`), or the whole answer gathered from the chunks."""
     headers = {"x-meridian-zone": zone, "x-meridian-tier": tier, "x-meridian-cache": cache}
     if stream:
-        return Response.event_stream(_sse(chunks, fmt, meta, include_usage, resumed), headers)
+        return Response.event_stream(ClosingStream(_sse(chunks, fmt, meta, include_usage, resumed), on_close), headers)
     text: list[str] = []
     usage = openai_format.Usage()
     finish = "stop"

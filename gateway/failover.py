@@ -150,6 +150,7 @@ class ResumableStream:
         self._first: GenerateChunk | None = None
         self._current: AsyncIterator[GenerateChunk] | None = None
         self._endpoint: Endpoint | None = None
+        self._watch = True
         self.first_zone: str = ""
         self.resumed = 0
 
@@ -170,10 +171,13 @@ class ResumableStream:
             if self._tokens:
                 # The same request, resumed: max_tokens stays the whole budget, prefix included.
                 call = dataclasses.replace(call, prefix_token_ids=call.prefix_token_ids + tuple(self._tokens))
+            # Panic routing tries endpoints that fail their probes: only a change for the worse
+            # while streaming may then end the stream, not the state it was opened in.
+            watch = endpoint.available()
             stream = endpoint.upstream.generate(call, timeout=self._failover.stream_timeout_s)
             endpoint.in_flight += 1
             try:
-                chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint)
+                chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint, watch)
             except UpstreamFailure as failure:
                 endpoint.in_flight -= 1
                 await _close_quietly(stream)
@@ -182,16 +186,22 @@ class ResumableStream:
                 last = failure
                 self._failover.failed(endpoint, failure)
                 continue
+            except BaseException:  # cancelled (the client left) or timed out: give the slot back
+                endpoint.in_flight -= 1
+                await _close_quietly(stream)
+                raise
             if attempt > 1 or not first:
                 self._failover.metrics.retries.inc(endpoint.tier)
-            self._current, self._endpoint = stream, endpoint
+            self._current, self._endpoint, self._watch = stream, endpoint, watch
             self.first_zone = self.first_zone or endpoint.zone
             return chunk
         raise _exhausted(last)
 
     @staticmethod
-    async def _next(stream: AsyncIterator[GenerateChunk], timeout: float, endpoint: Endpoint) -> GenerateChunk:
-        """The next chunk; a stall, or the endpoint going down meanwhile, is a failure.
+    async def _next(
+        stream: AsyncIterator[GenerateChunk], timeout: float, endpoint: Endpoint, watch: bool
+    ) -> GenerateChunk:
+        """The next chunk; a stall, or (`watch`) the endpoint going down meanwhile, is a failure.
 
         Watching the endpoint matters for a blackholed zone: the connection stays open and silent,
         and the health checks notice well before any per-chunk timeout would.
@@ -203,7 +213,7 @@ class ResumableStream:
                 done, _ = await asyncio.wait({pending}, timeout=min(_WATCH_S, max(0.0, deadline - time.monotonic())))
                 if done:
                     return pending.result()
-                if not endpoint.available():
+                if watch and not endpoint.available():
                     raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} went down mid-stream", timeout=True)
                 if time.monotonic() >= deadline:
                     raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True)
@@ -225,28 +235,30 @@ class ResumableStream:
                 self._endpoint.record_success()
                 return
             try:
-                chunk = await self._next(self._current, gap, self._endpoint)
+                chunk = await self._next(self._current, gap, self._endpoint, self._watch)
             except UpstreamFailure as failure:
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
-                log.warning("resuming stream in the next zone", extra={"zone": self._endpoint.zone, "error": str(failure)})
-                self._failover.failed(self._endpoint, failure)
+                failed = self._endpoint
+                log.warning("resuming stream in the next zone", extra={"zone": failed.zone, "error": str(failure)})
+                self._failover.failed(failed, failure)
                 await self._release()
                 self.resumed += 1
-                self._failover.metrics.resumed.inc(self._endpoint.tier)
+                self._failover.metrics.resumed.inc(failed.tier)
                 chunk = await self._open(first=False)
 
     async def _release(self) -> None:
-        if self._current is not None:
-            await _close_quietly(self._current)
-            self._current = None
-        if self._endpoint is not None:
-            self._endpoint.in_flight -= 1
+        """Close the current upstream stream and give its endpoint's slot back, once."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+        current, self._current = self._current, None
+        if current is not None:
+            await _close_quietly(current)
 
     async def aclose(self) -> None:
         """Close the upstream stream (cancels the generation when the client went away)."""
         await self._release()
-        self._endpoint = None
 
 
 async def _close_quietly(stream: AsyncIterator) -> None:
@@ -276,4 +288,5 @@ def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:
 def _exhausted(last: UpstreamFailure | None) -> GatewayError:
     if last is not None and last.timeout:
         return GatewayError(Kind.UPSTREAM_TIMEOUT, f"every zone timed out ({last})", code="upstream_timeout")
-    return GatewayError(Kind.NO_HEALTHY_ZONE, f"every zone failed ({last})", code="upstream_unavailable")
+    reason = f" ({last})" if last is not None else ""  # None: no zone was left to try
+    return GatewayError(Kind.NO_HEALTHY_ZONE, f"every zone failed{reason}", code="upstream_unavailable")

@@ -6,7 +6,7 @@ HTTP/3 and HTTP/1.1 listeners build a `Request` from their protocol events and w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -29,13 +29,35 @@ class Request:
     query: str = ""
 
 
+class ClosingStream:
+    """Body chunks whose `aclose()` always runs `on_close`, even when nobody began to iterate them
+    (a client that leaves before the first chunk is written): an async generator that never
+    started skips its `finally`, and the upstream stream behind it would stay open."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]]) -> None:
+        self._chunks, self._on_close = chunks, on_close
+
+    def __aiter__(self) -> ClosingStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            await self._on_close()
+
+
 @dataclass(slots=True)
 class Response:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    # A streamed body (Server-Sent Events); when set, `body` is ignored.
-    stream: AsyncIterator[bytes] | None = None
+    # A streamed body (Server-Sent Events); when set, `body` is ignored. The listener must
+    # `aclose()` it whatever happens: that frees what produces it.
+    stream: AsyncIterator[bytes] | ClosingStream | None = None
 
     @classmethod
     def json(cls, data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

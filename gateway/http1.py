@@ -89,8 +89,8 @@ class Http1Listener:
         if response.stream is None:
             return web.Response(status=response.status, headers=headers, body=response.body)
         out = web.StreamResponse(status=response.status, headers=headers)
-        await out.prepare(raw)
         try:
+            await out.prepare(raw)
             async for chunk in response.stream:
                 await out.write(chunk)
         finally:

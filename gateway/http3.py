@@ -86,9 +86,11 @@ class H3GatewayProtocol(QuicConnectionProtocol):
                 self._h3_event_received(h3_event)
 
     def _h3_event_received(self, event: H3Event) -> None:
-        if isinstance(event, HeadersReceived):
-            if event.stream_id in self._pending or event.stream_id in self._tasks:
-                return  # trailers: nothing of ours needs them
+        if isinstance(event, HeadersReceived) and (event.stream_id in self._pending or event.stream_id in self._tasks):
+            # Trailers: nothing of ours needs their fields, but they may carry the end of the request.
+            if event.stream_id not in self._pending:
+                return
+        elif isinstance(event, HeadersReceived):
             headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
             pending = self._pending[event.stream_id] = _Pending(headers)
             length = headers.get("content-length", "")
@@ -103,12 +105,12 @@ class H3GatewayProtocol(QuicConnectionProtocol):
                 pending.deadline = self._loop.call_later(self._body_timeout, self._body_too_slow, event.stream_id)
         elif isinstance(event, DataReceived):
             pending = self._pending.get(event.stream_id)
-            if pending is None or pending.refused:
+            if pending is None:
                 return
-            pending.body += event.data
-            if len(pending.body) > self._max_body:
-                self._refuse(event.stream_id, too_large(self._max_body))
-                return
+            if not pending.refused:  # a refused request's body is dropped as it arrives
+                pending.body += event.data
+                if len(pending.body) > self._max_body:
+                    self._refuse(event.stream_id, too_large(self._max_body))
         else:
             return
         if event.stream_ended:
@@ -155,8 +157,8 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         if response.stream is None:
             self._send_whole(stream_id, response)
             return
-        self._send_headers(stream_id, response)
         try:
+            self._send_headers(stream_id, response)
             async for chunk in response.stream:
                 self._http.send_data(stream_id, chunk, end_stream=False)
                 self._transmit_soon()

@@ -123,7 +123,8 @@ class JwtVerifier:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
             raise TokenRejected(f"malformed token: {exc}") from None
-        issuer = self._issuers.get(unverified.get("iss"))
+        iss = unverified.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None  # a list or object is no issuer
         if issuer is None:
             raise TokenRejected("unknown token issuer")
         alg = header.get("alg")

@@ -97,6 +97,13 @@ async def test_valid_tokens_of_each_algorithm(auth, keys):
     assert await status_of(auth, hs) == 200
 
 
+@pytest.mark.parametrize("iss", [["https://hs.example"], {"a": 1}, 7, None])
+async def test_an_issuer_that_is_not_a_string_is_refused(auth, iss):
+    # Signed at the JWS level: PyJWT's encode would refuse such a claim itself.
+    token = jwt.api_jws.PyJWS().encode(json.dumps({**claims(), "iss": iss}).encode(), SECRET, algorithm="HS256")
+    assert await status_of(auth, token) == 401
+
+
 async def test_alg_none_is_refused(auth):
     header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
     payload = b64(json.dumps(claims()).encode())

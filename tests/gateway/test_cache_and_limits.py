@@ -157,6 +157,15 @@ async def test_tokens_per_minute(flushed):
     assert msgspec.json.decode(refused.body)["error"]["code"] == "rate_limit_exceeded"
 
 
+async def test_tokens_per_minute_counts_embedding_tokens(flushed):
+    limits = {"tenants": {"tenant-a": {"tokens_per_minute": 10}}}
+    gw, _ = await gateway(flushed.port, limits=limits)
+    first = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "y" * 20}))  # 20 tokens
+    assert first.status == 200
+    refused = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "z" * 20}))
+    assert refused.status == 429, "the first embedding's 20 tokens spent the minute's 10"
+
+
 async def test_limits_fall_back_to_local_when_redis_is_down(flushed):
     limits = {"tenants": {"tenant-a": {"requests_per_second": 1, "burst": 2}}}
     gw, _ = await gateway(flushed.port, limits=limits)

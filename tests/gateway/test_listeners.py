@@ -95,6 +95,14 @@ async def test_h3_header_limits_and_body_limit(listeners):
         assert ok.status == 200
 
 
+async def test_h3_request_ending_on_trailers_is_served(listeners):
+    _, h3_port = listeners
+    async with h3_client("127.0.0.1", h3_port, KEY) as c:
+        r = await asyncio.wait_for(c.post("/v1/embeddings", json={"model": "embed", "input": "x"},
+                                          trailers={"x-checksum": "abc"}), 0.4)  # under body_timeout_s
+    assert r.status == 200, r.body
+
+
 async def test_h3_concurrent_stream_limit(listeners):
     _, h3_port = listeners
     async with h3_client("127.0.0.1", h3_port, KEY) as c:

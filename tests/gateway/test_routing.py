@@ -15,7 +15,7 @@ from gateway.errors import UpstreamFailure
 from gateway.failover import RetryBudget
 from gateway.routing import Router
 from gateway.upstreams import Endpoint, PeakEwma, UpstreamPool
-from tests.gateway.test_pipeline import TOPOLOGY, req
+from tests.gateway.test_pipeline import TOPOLOGY, error_of, req
 from tests.support.fakes import FakeUpstream
 
 
@@ -142,5 +142,60 @@ async def test_panic_routing_when_every_probe_fails_but_zones_answer():
     gw, ups = await gateway_with()
     for e in gw.pool.endpoints:
         e.healthy = False  # a starved machine answered its probes too late
+    for u in ups:
+        u.delay = 0.2  # longer than the stream's 50 ms endpoint watch
     r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
     assert r.status == 200
+    # Streams too: an endpoint that was already failing its probes when the stream opened is not
+    # "going down mid-stream".
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}))
+    assert r.status == 200, r.body
+    assert msgspec.json.decode(r.body)["choices"][0]["text"] == "t0 t1 t2 t3 t4 t5 "
+
+
+def in_flight(gw: Gateway) -> list[int]:
+    return [e.in_flight for e in gw.pool.endpoints]
+
+
+async def test_a_client_that_leaves_before_the_first_token_gives_its_slot_back():
+    gw, ups = await gateway_with()
+    ups[1].delay = 1.0  # the core is slow to its first token
+    for _ in range(3):
+        task = asyncio.ensure_future(gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"})))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the listener cancels the handler of a client that went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert in_flight(gw) == [0, 0, 0, 0]
+
+
+async def test_a_request_timeout_before_the_first_token_gives_its_slot_back():
+    raw = {**TOPOLOGY, "gateway": {**TOPOLOGY["gateway"], "request_timeout_s": 0.1}}
+    topo = parse_topology(raw)
+    ups = [FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")]
+    ups[1].delay = 1.0
+    pool = UpstreamPool(ups, topo.routing)
+    await pool.check_once()
+    gw = Gateway(topo, pool)
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}))
+    assert r.status == 504
+    assert in_flight(gw) == [0, 0]
+
+
+async def test_a_stream_that_finds_no_zone_to_resume_in_counts_its_slot_once():
+    gw, ups = await gateway_with()
+    ups[1].fail_after = 2  # dies mid-stream
+    gw.pool.endpoints[3].healthy = False  # and the other zone's core is out of rotation
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}))
+    assert r.status == 503
+    assert error_of(r)["message"] == "every zone failed"
+    assert in_flight(gw) == [0, 0, 0, 0]
+
+
+async def test_a_streamed_answer_closed_unread_frees_its_upstream():
+    """A listener whose client left before the first byte was written closes the answer unread."""
+    gw, ups = await gateway_with()
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "stream": True}))
+    assert r.status == 200 and in_flight(gw)[1] == 1
+    await r.stream.aclose()
+    assert in_flight(gw) == [0, 0, 0, 0]

@@ -46,7 +46,8 @@ class _Client(QuicConnectionProtocol):
         if queue is not None:
             queue.put_nowait(event)
 
-    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes, authority: str) -> H3Response:
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes, authority: str,
+                      trailers: dict[str, str] | None = None) -> H3Response:
         stream_id = self._quic.get_next_available_stream_id()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[stream_id] = queue
@@ -54,9 +55,11 @@ class _Client(QuicConnectionProtocol):
              (b":path", path.encode())] + [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         if body:
             h.append((b"content-length", str(len(body)).encode()))
-        self.http.send_headers(stream_id, h, end_stream=not body)
+        self.http.send_headers(stream_id, h, end_stream=not body and not trailers)
         if body:
-            self.http.send_data(stream_id, body, end_stream=True)
+            self.http.send_data(stream_id, body, end_stream=not trailers)
+        if trailers:  # the request then ends on its trailers, not on its last DATA frame
+            self.http.send_headers(stream_id, [(k.encode(), v.encode()) for k, v in trailers.items()], end_stream=True)
         self.transmit()
         response = H3Response(0, {})
         try:
@@ -116,14 +119,15 @@ class H3Client:
         self._api_key = api_key
 
     async def request(self, method: str, path: str, *, json=None, body: bytes = b"",
-                      headers: dict[str, str] | None = None, auth: bool = True) -> H3Response:
+                      headers: dict[str, str] | None = None, auth: bool = True,
+                      trailers: dict[str, str] | None = None) -> H3Response:
         h = dict(headers or {})
         if json is not None:
             body = msgspec.json.encode(json)
             h.setdefault("content-type", "application/json")
         if auth and self._api_key:
             h.setdefault("authorization", f"Bearer {self._api_key}")
-        return await self._protocol.request(method, path, h, body, self._authority)
+        return await self._protocol.request(method, path, h, body, self._authority, trailers)
 
     async def post_then_reset(self, path: str, *, json, chunks: int = 1) -> H3Response:
         """POST `json`, read `chunks` chunks of the answer, then cancel the stream."""
