@@ -50,6 +50,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     probs, order = probs.sort(descending=True, stable=True)
     if params.top_k > 0:
         probs = probs[: params.top_k]
+        probs = probs / probs.sum()  # top_p applies to what top_k kept, as in transformers and vLLM
     if params.top_p < 1.0:
         before = probs.cumsum(0) - probs  # mass ahead of each token: keep it while below top_p
         probs = probs[before < params.top_p]

@@ -62,7 +62,7 @@ def parse_request(request, tokenizer: Tokenizer) -> tuple[GenerationRequest, boo
     if messages is not None and messages.size:
         try:
             chat = json.loads(_text(messages[0], "messages"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise BadInput(f"messages is not valid JSON: {exc}") from None
         if not isinstance(chat, list) or not chat or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -179,6 +179,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            gen = None  # per request: a failed parse must not forget the previous request's id
             try:
                 gen, stream = parse_request(request, self.tokenizer)
                 responder = _Responder(self, request, sender, stream, gen.request_id)
@@ -186,11 +187,11 @@ class TritonPythonModel:
                     self._live[gen.request_id] = request
                 self.engine.submit(gen, responder)
             except (BadInput, ValueError) as exc:
-                self._forget_quietly(locals().get("gen"))
+                self._forget_quietly(gen)
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}")), flags=FINAL)
             except Exception as exc:  # never let one request take the model down
                 log.exception("request failed")
-                self._forget_quietly(locals().get("gen"))
+                self._forget_quietly(gen)
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}")),
                             flags=FINAL)
 
