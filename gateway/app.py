@@ -18,7 +18,7 @@ import numpy as np
 
 from gateway import api, openai_format, tracing
 from gateway.auth import Authenticator, Principal, authorize
-from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable
+from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable, idempotency_key
 from gateway.config import Model, Topology
 from gateway.errors import GatewayError, Kind
 from gateway.failover import Failover
@@ -34,6 +34,7 @@ log = logging.getLogger("meridian.gateway")
 access_log = logging.getLogger("meridian.access")
 
 MAX_EMBED_INPUTS = 256
+MAX_IDEMPOTENCY_KEY = 255
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
@@ -189,7 +190,7 @@ class Gateway:
             request, principal, model, self.router.version(model), body, True
         )
         if isinstance(got, CachedAnswer):
-            return _stored_response(got, "hit")
+            return _stored_response(got, cache_state)
         try:
             endpoints = self.router.rank(model.tier, self.router.client_region(request))
             timeout = self.topology.routing.try_timeout_s
@@ -221,12 +222,39 @@ class Gateway:
     async def _cache_begin(
         self, request: Request, principal: Principal, model: Model, version: str, body, deterministic: bool
     ) -> tuple[CachedAnswer | Lease | None, str]:
-        """(hit, lease to fill, or None) and the x-meridian-cache value for a produced answer."""
+        """(hit, lease to fill, or None) and the x-meridian-cache value for a produced answer.
+
+        With an `Idempotency-Key` the first answer to that key is replayed ("replay") whatever the
+        sampling or the cache settings, and the key may not be reused for a different request."""
+        fingerprint = cache_key(principal.tenant, model.name, version, request.path, body)
+        idem = request.headers.get("idempotency-key")
+        if idem is not None:
+            return await self._idempotent_begin(principal.tenant, request.path, idem, fingerprint)
         control = request.headers.get("cache-control", "")
         if not (self.cache.enabled and deterministic) or "no-cache" in control or "no-store" in control:
             return None, "bypass"
-        key = cache_key(principal.tenant, model.name, version, request.path, body)
-        got = await self.cache.begin(key)
+        got = await self.cache.begin(fingerprint)
+        if isinstance(got, CachedAnswer):
+            return got, "hit"
+        if isinstance(got, Lease):
+            got.request = fingerprint
+        return got, "miss" if got is not None else "bypass"
+
+    async def _idempotent_begin(
+        self, tenant: str, route: str, idem: str, fingerprint: str
+    ) -> tuple[CachedAnswer | Lease | None, str]:
+        if not 1 <= len(idem) <= MAX_IDEMPOTENCY_KEY or not idem.isprintable():
+            raise api.bad_request(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+        if not self.cache.reachable:
+            return None, "bypass"
+        got = await self.cache.begin(idempotency_key(tenant, route, idem))
+        if isinstance(got, CachedAnswer):
+            if got.request != fingerprint:
+                raise GatewayError(Kind.UNPROCESSABLE, "this Idempotency-Key was used for a different request",
+                                   code="idempotency_key_reused")
+            return got, "replay"
+        if isinstance(got, Lease):
+            got.request = fingerprint
         return got, "miss" if got is not None else "bypass"
 
     # -- generation ---------------------------------------------------------------------------
@@ -289,7 +317,7 @@ class Gateway:
             request, principal, model, call.model_version, body, cacheable(body.temperature, body.seed)
         )
         if isinstance(got, CachedAnswer):
-            return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, "hit")
+            return await _answer(body.stream, fmt, meta, include_usage, _replay(got), got.zone, got.tier, cache_state)
         endpoints = self.router.rank(model.tier, self.router.client_region(request))
         stream = self.failover.stream(endpoints, call)
         try:

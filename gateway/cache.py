@@ -6,6 +6,10 @@ identical misses are collapsed: in this process through a shared future, across 
 processes through a short Redis lock that followers wait on. Redis down means bypass. An
 in-process L1 (`gateway/l1_cache.py`) answers repeated hits without a Redis round trip, and a
 miss costs two round trips: look up or lock (one script), then store and unlock (another).
+
+The same machinery makes `Idempotency-Key` requests replay-safe: their entry is keyed by (tenant,
+route, key) whatever the sampling, so a retried or 0-RTT-replayed request gets the first answer
+instead of a second generation, and a concurrent duplicate waits for it (single flight).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class CachedAnswer(msgspec.Struct, array_like=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     body: bytes = b""
+    request: str = ""  # the request's own cache key: an idempotency key reused for another request is refused
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -61,6 +66,12 @@ def cache_key(tenant: str, model: str, version: str, route: str, body: msgspec.S
     return _PREFIX + "{" + digest.hexdigest() + "}"
 
 
+def idempotency_key(tenant: str, route: str, key: str) -> str:
+    """The tenant-scoped entry of an `Idempotency-Key` request."""
+    digest = hashlib.sha256(b"\0".join([b"idempotency", tenant.encode(), route.encode(), key.encode()]))
+    return _PREFIX + "{" + digest.hexdigest() + "}"
+
+
 @dataclass
 class Lease:
     """The right (and duty) to produce the answer for a key, then `store` and `release` it."""
@@ -70,10 +81,11 @@ class Lease:
     cache: L2Cache
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     released: bool = False
+    request: str = ""  # stamped on the stored answer (CachedAnswer.request)
 
     async def store(self, answer: CachedAnswer) -> None:
         """Keep the answer and, when that worked, give up the lease in the same round trip."""
-        await self.cache.store(self, answer)
+        await self.cache.store(self, msgspec.structs.replace(answer, request=self.request))
 
     async def release(self) -> None:
         if self.released:
@@ -99,6 +111,11 @@ class L2Cache:
     @property
     def enabled(self) -> bool:
         return self._config.enabled and self._link is not None
+
+    @property
+    def reachable(self) -> bool:
+        """Whether there is a Redis to keep entries in (idempotency keys need one, not the cache)."""
+        return self._link is not None
 
     async def begin(self, key: str) -> CachedAnswer | Lease | None:
         """A hit, a Lease to produce the answer (a miss), or None to bypass the cache."""

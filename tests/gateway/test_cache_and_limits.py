@@ -44,8 +44,13 @@ async def gateway(redis_port: int, *, limits: dict | None = None, prefix_db: int
     return Gateway(topo, pool, redis=link), ups
 
 
-def post(path: str, body: dict, key: str = "sk-a") -> Request:
-    return Request("POST", path, {"authorization": f"Bearer {key}"}, msgspec.json.encode(body), "127.0.0.1", "h3")
+def post(path: str, body: dict, key: str = "sk-a", headers: dict | None = None) -> Request:
+    h = {"authorization": f"Bearer {key}", **(headers or {})}
+    return Request("POST", path, h, msgspec.json.encode(body), "127.0.0.1", "h3")
+
+
+def text_of(r) -> str:
+    return msgspec.json.decode(r.body)["choices"][0]["text"]
 
 
 @pytest.fixture
@@ -144,6 +149,44 @@ async def test_requests_per_second_shared_by_two_gateways(flushed):
     assert msgspec.json.decode(refused[0].body)["error"]["type"] == "rate_limit_error"
     # Tenant B has no limit of its own.
     assert (await gw1.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}, key="sk-b"))).status == 200
+
+
+SAMPLED = {"model": "llm", "prompt": "hello", "temperature": 0.8}  # uncacheable on its own
+
+
+async def test_an_idempotency_key_replays_the_first_answer(flushed):
+    gw, (edge, core) = await gateway(flushed.port)
+    key = {"idempotency-key": "order-42"}
+    first = await gw.handle(post("/v1/completions", SAMPLED, headers=key))
+    again = await gw.handle(post("/v1/completions", {**SAMPLED, "stream": True}, headers=key))  # delivery differs
+    assert first.status == again.status == 200
+    assert [first.headers["x-meridian-cache"], again.headers["x-meridian-cache"]] == ["miss", "replay"]
+    events = [e async for e in again.stream]
+    assert b"".join(events).count(b"t0 ") == 1 and events[-1] == b"data: [DONE]\n\n"
+    assert len(core.calls) == 1  # generated once
+    # Another tenant's key of the same name is its own.
+    other = await gw.handle(post("/v1/completions", SAMPLED, key="sk-b", headers=key))
+    assert other.headers["x-meridian-cache"] == "miss" and len(core.calls) == 2
+
+
+async def test_concurrent_duplicates_of_an_idempotent_request_generate_once(flushed):
+    gw, (edge, core) = await gateway(flushed.port)
+    core.delay = 0.2
+    key = {"idempotency-key": "retry-me"}
+    replies = await asyncio.gather(*(gw.handle(post("/v1/completions", SAMPLED, headers=key)) for _ in range(3)))
+    assert [r.status for r in replies] == [200] * 3
+    assert len({text_of(r) for r in replies}) == 1 and len(core.calls) == 1
+
+
+async def test_an_idempotency_key_is_refused_for_another_request(flushed):
+    gw, (edge, core) = await gateway(flushed.port)
+    key = {"idempotency-key": "once"}
+    assert (await gw.handle(post("/v1/completions", SAMPLED, headers=key))).status == 200
+    reused = await gw.handle(post("/v1/completions", {**SAMPLED, "prompt": "other"}, headers=key))
+    assert reused.status == 422
+    assert msgspec.json.decode(reused.body)["error"]["code"] == "idempotency_key_reused"
+    bad = await gw.handle(post("/v1/completions", SAMPLED, headers={"idempotency-key": "x" * 300}))
+    assert bad.status == 400
 
 
 async def test_tokens_per_minute(flushed):
