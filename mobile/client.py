@@ -214,21 +214,25 @@ class Client:
         async def chunks() -> AsyncIterator[T]:
             decoder = SSEDecoder()
             done = False
-            async for raw in iter_with_timeout(response.stream, self._timeouts.read_s):
-                for data in [] if done else decoder.feed(raw):
-                    if data == "[DONE]":
-                        done = True  # read on to the body's end, so the connection stays reusable
-                        break
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        raise ProtocolError(f"bad SSE event: {data[:80]!r}", sent=True) from None
-                    if "error" in event:  # the gateway reports a failure after the headers this way
-                        err = event["error"]
-                        raise api_error(int(err.get("status", 502) or 502), str(err.get("message", "stream failed")),
-                                        type=str(err.get("type", "")), code=err.get("code"))
-                    yield parse(event, meta)
-            await response.aclose()
+            # The finally also runs on break, an error or the generator being collected: leaving
+            # early must stop the server (H3: reset the stream; HTTP/1.1: drop the connection).
+            try:
+                async for raw in iter_with_timeout(response.stream, self._timeouts.read_s):
+                    for data in [] if done else decoder.feed(raw):
+                        if data == "[DONE]":
+                            done = True  # read on to the body's end, so the connection stays reusable
+                            break
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            raise ProtocolError(f"bad SSE event: {data[:80]!r}", sent=True) from None
+                        if "error" in event:  # the gateway reports a failure after the headers this way
+                            err = event["error"]
+                            raise api_error(int(err.get("status", 502) or 502), str(err.get("message", "stream failed")),
+                                            type=str(err.get("type", "")), code=err.get("code"))
+                        yield parse(event, meta)
+            finally:
+                await response.aclose()
 
         return Stream(chunks(), meta, response.aclose)
 
@@ -269,29 +273,34 @@ class Client:
         stop = offline.stops(payload.get("stop"))
         loop = asyncio.get_running_loop()
         end = object()
-        it = await loop.run_in_executor(None, lambda: iter(model.generate(prompt, max_tokens, temperature,
-                                                                          payload.get("seed"), stop)))
+        tally = offline.LocalTally(max_tokens)
+        # Refusals (a prompt too long for its context, ...) come as OfflineUnavailable, from the call
+        # or from the first piece, so _generate can ask the gateway instead.
+        it = await loop.run_in_executor(None, offline.refusal_as_offline, lambda: iter(
+            model.generate(prompt, max_tokens, temperature, payload.get("seed"), stop)))
 
-        async def pieces() -> AsyncIterator[str]:
-            while (piece := await loop.run_in_executor(None, next, it, end)) is not end:
-                yield piece
+        async def step() -> object:  # a LocalPiece, or `end`
+            return await loop.run_in_executor(None, offline.refusal_as_offline, next, it, end)
 
         if not stream:
-            got = [p async for p in pieces()]
-            finish = "length" if len(got) >= max_tokens else "stop"
-            return (offline.whole_chat if kind == "chat" else offline.whole_completion)(model, got, finish)
+            texts: list[str] = []
+            while (piece := await step()) is not end:
+                texts.append(tally.add(piece))
+            return (offline.whole_chat if kind == "chat" else offline.whole_completion)(model, "".join(texts), tally)
 
+        first = await step()  # before the Stream exists: a refusal is raised here, not mid-iteration
         rid, created = uuid.uuid4().hex[:24], int(time.time())
+        make = offline.chat_chunk if kind == "chat" else offline.completion_chunk
 
         async def chunks():
-            count = 0
             if kind == "chat":
                 yield offline.chat_chunk(model, rid, created, "", None, role="assistant")
-            async for piece in pieces():
-                count += 1
-                yield (offline.chat_chunk if kind == "chat" else offline.completion_chunk)(model, rid, created, piece, None)
-            finish = "length" if count >= max_tokens else "stop"
-            yield (offline.chat_chunk if kind == "chat" else offline.completion_chunk)(model, rid, created, None if kind == "chat" else "", finish)
+            piece = first
+            while piece is not end:
+                if text := tally.add(piece):
+                    yield make(model, rid, created, text, None)
+                piece = await step()
+            yield make(model, rid, created, None if kind == "chat" else "", tally.finish_reason)
 
         gen = chunks()
         return Stream(gen, offline.LOCAL, gen.aclose)

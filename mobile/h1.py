@@ -78,10 +78,10 @@ class H1Transport:
             try:
                 return await self._exchange(conn, request)
             except TransportError as exc:
-                # A kept-alive connection the server closed meanwhile: nothing was processed
-                # unless bytes came back, so a fresh connection may carry it.
+                # Likely a kept-alive connection the server closed meanwhile. Once the request was
+                # flushed the server may have run it, so only a replay-safe one goes out again.
                 conn.close()
-                if exc.sent:
+                if exc.sent and not request.replay_safe:
                     raise
         return await self._exchange(await self._open(), request)
 
@@ -93,11 +93,17 @@ class H1Transport:
         try:
             conn.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + request.body)
             await conn.writer.drain()
-            status_line = await conn.reader.readline()
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"connection to {self.server} failed: {exc}", sent=False) from None
+        # Flushed: from here on the server may be running the request, whatever comes back.
+        try:
+            status_line = await conn.reader.readline()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            conn.close()
+            raise TransportError(f"connection to {self.server} failed: {exc}", sent=True) from None
         if not status_line:
-            raise TransportError(f"{self.server} closed the connection", sent=False)
+            conn.close()
+            raise TransportError(f"{self.server} closed the connection before answering", sent=True)
         try:
             status, headers = _parse_head(status_line, await _read_headers(conn.reader))
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

@@ -329,9 +329,12 @@ class H3Transport:
             raise
 
         async def body() -> AsyncIterator[bytes]:
-            if not ended:
-                async for chunk in proto.read_body(stream_id):
-                    yield chunk
+            try:
+                if not ended:
+                    async for chunk in proto.read_body(stream_id):
+                        yield chunk
+            finally:
+                proto.cancel(stream_id)  # left early (break, error, collected): STOP_SENDING + reset
 
         async def close() -> None:
             proto.cancel(stream_id)  # no-op once the stream ended

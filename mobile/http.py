@@ -55,8 +55,10 @@ class HttpResponse:
 
     async def aread(self, timeout: float | None = None) -> bytes:
         """The whole body (each chunk must come within `timeout`)."""
-        parts = [chunk async for chunk in iter_with_timeout(self.stream, timeout)]
-        await self.aclose()
+        try:
+            parts = [chunk async for chunk in iter_with_timeout(self.stream, timeout)]
+        finally:
+            await self.aclose()  # also after a timeout or a cut: the stream must not linger
         return b"".join(parts)
 
     async def aclose(self) -> None:

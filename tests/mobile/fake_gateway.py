@@ -17,7 +17,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ProtocolNegotiated
+from aioquic.quic.events import ProtocolNegotiated, StopSendingReceived, StreamReset
 from aioquic.tls import Epoch
 
 from gateway.tls import ensure_self_signed
@@ -43,6 +43,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes] = field(default_factory=list)
     delay_s: float = 0.0
+    chunk_delay_s: float = 0.0  # HTTP/3: a pause before each body chunk, so a client can leave mid-answer
 
 
 def default_app(seen: Seen) -> Reply:
@@ -90,6 +91,7 @@ class FakeGateway:
         self.app = app
         self.seen: list[Seen] = []
         self.epochs: dict[tuple[int, int], set] = {}  # (conn, stream) -> epochs its STREAM frames came in
+        self.cancelled: set[tuple[int, int]] = set()  # (conn, stream) the client sent STOP_SENDING or RESET on
         self.tickets = _Tickets()
         self.h3_port = self.https_port = 0
         self._closers: list = []
@@ -107,6 +109,8 @@ class FakeGateway:
                 self.pending: dict[int, Seen] = {}
 
             def quic_event_received(self, event) -> None:
+                if isinstance(event, (StopSendingReceived, StreamReset)):
+                    gw.cancelled.add((id(self._quic), event.stream_id))
                 if isinstance(event, ProtocolNegotiated):
                     self.http = H3Connection(self._quic)
                 if self.http is None:
@@ -131,6 +135,11 @@ class FakeGateway:
                 headers = [(b":status", str(reply.status).encode())] + [(k.encode(), v.encode()) for k, v in reply.headers.items()]
                 self.http.send_headers(stream_id, headers)
                 for chunk in reply.chunks:
+                    if reply.chunk_delay_s:
+                        self.transmit()
+                        await asyncio.sleep(reply.chunk_delay_s)
+                    if (id(self._quic), stream_id) in gw.cancelled:
+                        return  # the client left: a real gateway stops generating here
                     self.http.send_data(stream_id, chunk, end_stream=False)
                 self.http.send_data(stream_id, b"", end_stream=True)
                 self.transmit()

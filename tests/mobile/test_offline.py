@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 
 import mobile
 from mobile.offline import EdgeLocalModel, chat_prompt
+from mobile.types import Usage
+from tests.mobile.fake_gateway import client_kwargs, running
 
 
 class TinyModel:
@@ -26,6 +29,45 @@ class TinyModel:
             if word.strip() in stop:
                 return
             yield word
+
+
+class ShortContextModel:
+    """Refuses every prompt the way the edge's SmallLM refuses one longer than its context: a
+    ValueError when generate() is called (`eager`) or at the first piece."""
+
+    name = "short-context"
+
+    def __init__(self, eager: bool) -> None:
+        self.eager = eager
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None,
+                 stop: Sequence[str]) -> Iterator[str]:
+        if self.eager:
+            raise ValueError("prompt of 2403 tokens leaves no room in the context of 1024")
+        return self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
+        raise ValueError("prompt of 2403 tokens leaves no room in the context of 1024")
+        yield ""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class MultiTokenModel:
+    """Pieces that carry several tokens each, with the runtime's own counts (edge Chunk's shape)."""
+
+    name = "multi-token"
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None,
+                 stop: Sequence[str]) -> Iterator[_Piece]:
+        yield _Piece(" 🚀", None, 4, 2)  # an emoji is two byte-level tokens
+        yield _Piece("def", "length", 4, 3)
 
 
 def _dead_url() -> str:
@@ -111,3 +153,61 @@ async def test_offline_answer_comes_from_the_real_edge_small_lm(cache_dir):
         answer = await c.completions.create(model="edge-small", prompt="Once upon a time", max_tokens=12, temperature=0)
     assert answer.meta.local and answer.meta.protocol == "local"
     assert answer.text == expected and answer.text
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["at-call", "at-first-piece"])
+async def test_local_refusal_with_prefer_local_asks_the_gateway(tmp_path, eager):
+    async with running(tmp_path) as gw:
+        kw = client_kwargs(gw, tmp_path, local_model=ShortContextModel(eager), prefer_local=True)
+        async with mobile.Client(f"https://127.0.0.1:{gw.https_port}", **kw) as c:
+            answer = await c.completions.create(model="m", prompt="word " * 1200)
+            stream = await c.completions.create(model="m", prompt="word " * 1200, stream=True)
+            texts = [ch.text async for ch in stream]
+    assert not answer.meta.local and answer.text == "hello"
+    assert not stream.meta.local and "".join(texts) == "hello"
+    assert len(gw.seen) == 2
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["at-call", "at-first-piece"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_local_refusal_offline_is_offline_unavailable(eager, stream):
+    async with _client(ShortContextModel(eager)) as c:
+        with pytest.raises(mobile.OfflineUnavailable, match="leaves no room") as err:
+            await c.completions.create(model="m", prompt="word " * 1200, stream=stream)
+    assert isinstance(err.value.__cause__, mobile.TransportError)  # the network failure stays attached
+
+
+async def test_local_usage_and_finish_reason_come_from_the_runtime_not_the_piece_count():
+    c = mobile.Client("https://gateway.invalid", api_key="k", local_model=MultiTokenModel(), prefer_local=True,
+                      migration_check_s=None)
+    answer = await c.completions.create(model="m", prompt="日本語", max_tokens=3)
+    stream = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                             stream=True)
+    chunks = [ch async for ch in stream]
+    await c.aclose()
+    assert answer.text == " 🚀def" and answer.choices[0].finish_reason == "length"
+    assert answer.usage == Usage(4, 3, 7)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_real_edge_small_lm_finish_reason_and_usage_match_the_runtime(cache_dir):
+    """Seed 28 on "日本語" ends at the 3-token budget in 2 text pieces (one of them two tokens)."""
+    model_dir = cache_dir / "edge" / "edge-small"
+    if not (model_dir / "meta.json").is_file():
+        pytest.skip("edge-small is not built (make models)")
+    from edge.runtime.generation import GenerateParams, load
+
+    ref = list(load(model_dir).stream("日本語", GenerateParams(max_tokens=3, temperature=1.0, seed=28)))
+    c = mobile.Client("https://gateway.invalid", api_key="k", local_model=mobile.EdgeLocalModel(model_dir),
+                      prefer_local=True, migration_check_s=None)
+    answer = await c.completions.create(model="m", prompt="日本語", max_tokens=3, temperature=1.0, seed=28)
+    stream = await c.completions.create(model="m", prompt="日本語", max_tokens=3, temperature=1.0, seed=28,
+                                        stream=True)
+    chunks = [ch async for ch in stream]
+    await c.aclose()
+    assert ref[-1].finish_reason == "length" and ref[-1].completion_tokens == 3
+    assert answer.text == "".join(r.text for r in ref)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage == Usage(ref[-1].prompt_tokens, 3, ref[-1].prompt_tokens + 3)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(ch.text for ch in chunks) == answer.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gc
 import random
 
 import pytest
@@ -125,3 +126,102 @@ async def test_stream_closed_early_cancels_it(tmp_path):
             await stream.aclose()
             assert first.text == "hel"
             assert c.transport.h3.connection.streams == {}
+
+
+def _slow_body(seen):
+    reply = default_app(seen)
+    reply.chunk_delay_s = 0.3
+    return reply
+
+
+async def test_stream_left_early_without_aclose_is_cancelled(tmp_path):
+    async with running(tmp_path, _slow_body) as gw:
+        async with mobile.Client(f"https://127.0.0.1:{gw.https_port}", **client_kwargs(gw, tmp_path)) as c:
+            await c.transport.h3.connect()
+            stream = await c.completions.create(model="m", prompt="hi", stream=True)
+            async for chunk in stream:
+                break  # the app has what it needs and drops the stream, no aclose()
+            assert chunk.text == "hel"
+            del stream
+            gc.collect()
+            await asyncio.sleep(0.1)
+            proto = c.transport.h3.connection
+            assert proto.streams == {}
+            assert (gw.seen[-1].conn, gw.seen[-1].stream_id) in gw.cancelled  # the server was told to stop
+
+
+async def test_body_read_timeout_cancels_the_stream(tmp_path):
+    async with running(tmp_path, _slow_body) as gw:
+        kw = client_kwargs(gw, tmp_path, timeouts=mobile.Timeouts(read_s=0.1), retry=RetryPolicy(max_attempts=1))
+        async with mobile.Client(f"https://127.0.0.1:{gw.https_port}", **kw) as c:
+            await c.transport.h3.connect()
+            with pytest.raises(RequestTimeout):
+                await c.completions.create(model="m", prompt="hi")  # headers come, the body stalls
+            await asyncio.sleep(0.1)
+            assert c.transport.h3.connection.streams == {}
+            assert (gw.seen[-1].conn, gw.seen[-1].stream_id) in gw.cancelled
+
+
+class _CutGateway:
+    """A plain HTTP/1.1 server that reads each request and answers only the first `answered` of a
+    connection; on the next it drops the connection unanswered (reset or close), as a crashing or
+    restarting gateway does after it took the request."""
+
+    def __init__(self, *, answered: int, reset: bool) -> None:
+        self.answered, self.reset = answered, reset
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for served in range(self.answered + 1):
+            try:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
+            await reader.readexactly(int(headers.get("content-length", 0)))
+            self.requests.append((head[0].split(" ")[0], headers))
+            if served == self.answered:
+                break
+            body = b'{"object":"list","data":[]}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.transport.abort() if self.reset else writer.close()
+
+    def posts(self) -> int:
+        return sum(method == "POST" for method, _ in self.requests)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+async def test_h1_post_cut_after_it_was_flushed_is_delivered_once(reset):
+    gw = _CutGateway(answered=0, reset=reset)
+    server = await asyncio.start_server(gw.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with mobile.Client(url, api_key="k", retry=RetryPolicy(base_delay_s=0.01)) as c:
+            with pytest.raises(TransportError) as err:
+                await c.completions.create(model="m", prompt="charge my card once", max_tokens=5)
+    finally:
+        server.close()
+    assert gw.posts() == 1
+    assert err.value.sent is True  # it may have run: the app must not be told it is safe to resend
+
+
+async def test_h1_stale_kept_alive_connection_resends_only_replay_safe_requests():
+    gw = _CutGateway(answered=1, reset=False)  # each connection: one answer, then cut on the next request
+    server = await asyncio.start_server(gw.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        # One attempt only: whatever is resent here is resent by the transport's stale-connection retry.
+        async with mobile.Client(url, api_key="k", retry=RetryPolicy(max_attempts=1)) as c:
+            await c.models.list()
+            assert (await c.models.list()).meta.protocol == "http/1.1"  # GET: cut on the stale one, resent
+            await c.embeddings.create(model="e", input="x", idempotency_key="once")  # keyed POST: resent too
+            with pytest.raises(TransportError) as err:
+                await c.completions.create(model="m", prompt="send the payment", max_tokens=5)
+    finally:
+        server.close()
+    keyed = [h for m, h in gw.requests if m == "POST" and h.get("idempotency-key") == "once"]
+    unkeyed = [h for m, h in gw.requests if m == "POST" and "idempotency-key" not in h]
+    assert len(keyed) == 2 and len(unkeyed) == 1 and err.value.sent is True
