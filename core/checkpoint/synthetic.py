@@ -8,10 +8,12 @@ BPE with multi-byte characters) is the one a real DeepSeek-V3 checkpoint takes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 MODEL_NAME = "meridian-moe-mini"
@@ -140,9 +142,28 @@ def model_config_kwargs(vocab_size: int, bos_id: int, eos_id: int) -> dict:
     )
 
 
+BUILD_FILE = "meridian_build.json"
+
+
+def recipe_fingerprint() -> str:
+    """This recipe's identity: its own source and the libraries whose output it stores (the
+    tokenizer's training, transformers' config and init, torch's random stream)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for package in ("torch", "transformers", "tokenizers"):
+        digest.update(b"\0" + package.encode() + metadata.version(package).encode())
+    return digest.hexdigest()[:16]
+
+
 def is_built(dest: Path) -> bool:
-    """A checkpoint directory is complete when its last-written file is there."""
-    return (dest / "generation_config.json").is_file() and (dest / "model.safetensors").is_file()
+    """Complete (its last-written file is there) and built by this recipe: editing the recipe, or
+    upgrading what it depends on, rebuilds it on the next `meridian models`."""
+    if not ((dest / "generation_config.json").is_file() and (dest / "model.safetensors").is_file()):
+        return False
+    try:
+        built = json.loads((dest / BUILD_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return False
+    return built == recipe_fingerprint()
 
 
 def _write(tmp: Path) -> None:
@@ -182,6 +203,7 @@ def _write(tmp: Path) -> None:
         for layer in model.model.layers[cfg.first_k_dense_replace :]:
             layer.mlp.gate.e_score_correction_bias.uniform_(0.0, 0.05)
     model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / BUILD_FILE).write_text(json.dumps({"fingerprint": recipe_fingerprint(), "seed": SEED}, indent=2))
     # Written last: its presence marks the directory complete (see is_built).
     (tmp / "generation_config.json").write_text(
         json.dumps(
