@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, settings)
     print(f"Starting Meridian ({len(topology.zones)} zones) from {settings.topology} ...", flush=True)
-    return launcher.supervise(settings, stack, progress=lambda m: print(m, flush=True))
+    return launcher.supervise(settings, stack, progress=lambda m: print(m, flush=True), timeout=args.timeout)
 
 
 def _detach(args: argparse.Namespace, settings: Settings) -> int:
@@ -132,11 +132,15 @@ def _detach(args: argparse.Namespace, settings: Settings) -> int:
     print("Starting Meridian in the background ...", flush=True)
     while time.monotonic() < deadline:
         state = launcher.read_state(settings) or {}
-        if state.get("status") == "ready" and state.get("pid") == proc.pid:
+        ours = state.get("pid") == proc.pid
+        if ours and state.get("status") == "ready":
             stack = launcher.LocalStack(settings, launcher.resolve_topology(settings))
             print(stack.banner())
             print("Stop it with `meridian down`.")
             return 0
+        if ours and state.get("status") == "stopped":
+            print(f"error: stopped during startup; see {settings.log_dir}/launcher.log", file=sys.stderr)
+            return 1
         if proc.poll() is not None or state.get("status") == "failed":
             print(f"error: {state.get('error') or 'the launcher exited'}; see {settings.log_dir}/launcher.log",
                   file=sys.stderr)
@@ -158,12 +162,14 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
+    # Re-check identity, not just the pid: once ours exits, the pid may belong to anyone.
     while time.monotonic() < deadline:
-        if not launcher.pid_alive(pid):
+        if launcher.running_supervisor(settings) != pid:
             print("stopped")
             return 0
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    if launcher.running_supervisor(settings) == pid:
+        os.kill(pid, signal.SIGKILL)
     print("stopped (killed after 60 s)")
     return 0
 

@@ -14,13 +14,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from msgspec.structs import replace
 from pathlib import Path
 
 from core.triton.repository import CoreModelSpec, write_model_repository
 from core.triton.server import TritonServerSpec, tritonserver_command
-from deploy.processes import Child, pid_alive, stop_all
+from deploy.processes import Child, pid_alive, process_start_time, stop_all
 from deploy.settings import Settings
 from gateway.auth import hash_key
 from gateway.config import TLS, ApiKey, AuthConfig, Model, Topology, Zone, dump_topology, load_topology
@@ -28,6 +29,14 @@ from gateway.config import TLS, ApiKey, AuthConfig, Model, Topology, Zone, dump_
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
+
+
+class StartupAborted(Exception):
+    """A stop was asked for (SIGINT/SIGTERM, `meridian down`) before the stack was ready."""
+
+
+def _never() -> bool:
+    return False
 
 
 def resolve_topology(settings: Settings) -> Topology:
@@ -166,31 +175,40 @@ class LocalStack:
 
     # -- run ----------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 240.0, progress=print) -> None:
-        """Start every process and wait until the gateway reports every zone ready."""
+    def start(self, timeout: float = 240.0, progress=print, *, should_stop: Callable[[], bool] = _never) -> None:
+        """Start every process and wait until the gateway reports every zone ready.
+
+        Raises StackError when a part fails or `timeout` passes, StartupAborted as soon as
+        `should_stop()` is true; the caller stops what was started either way.
+        """
         self.children = self.plan()
         for child in self.children:
+            if should_stop():
+                raise StartupAborted("stopped during startup")
             child.start()
             progress(f"  started {child.name} (pid {child.pid})")
-        self._wait_ready(timeout, progress)
+        self._wait_ready(timeout, progress, should_stop)
 
-    def _wait_ready(self, timeout: float, progress) -> None:
+    def _wait_ready(self, timeout: float, progress, should_stop: Callable[[], bool] = _never) -> None:
         deadline = time.monotonic() + timeout
         url = f"{self.http_url}/readyz"
         last_report = 0.0
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
+            if should_stop():
+                raise StartupAborted("stopped during startup")
             for child in self.children:
                 if not child.alive():
                     raise StackError(f"{child.name} exited (code {child.proc.returncode}); "
                                      f"its log {child.log_path} ends with:\n{child.log_tail()}")
-            status, body = http_get(url)
+            # A hung gateway must not carry the wait past the deadline.
+            status, body = http_get(url, min(2.0, left))
             if status == 200:
                 return
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
                 progress(f"  waiting for readiness: {body.strip()[:200] or 'gateway not answering yet'}")
-            time.sleep(0.5)
-        raise StackError(f"the stack was not ready after {timeout:.0f}s; logs are under {self.settings.log_dir}")
+            time.sleep(max(0.0, min(0.5, deadline - time.monotonic())))
+        raise StackError(f"the stack was not ready after {timeout:g}s; logs are under {self.settings.log_dir}")
 
     def stop(self) -> None:
         """Gateway first (no new traffic), then zones, then Redis."""
@@ -272,11 +290,12 @@ def state_path(settings: Settings) -> Path:
 
 
 def write_state(settings: Settings, **state) -> None:
-    """Record the supervisor's pid and status atomically."""
+    """Record the supervisor's pid, start time and status atomically."""
     path = state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), **state}))
+    pid = os.getpid()
+    tmp.write_text(json.dumps({"pid": pid, "start_time": process_start_time(pid), **state}))
     tmp.replace(path)
 
 
@@ -288,12 +307,25 @@ def read_state(settings: Settings) -> dict | None:
         return None
 
 
+_LIVE_STATUSES = ("starting", "ready")
+
+
 def running_supervisor(settings: Settings) -> int | None:
-    """The pid of a live supervisor for this var dir, if any."""
+    """The pid of a live supervisor for this var dir, if any.
+
+    Only a state that says starting/ready counts, and only while its pid is still the process
+    that wrote it (same start time): a pid reused since must never be refused or signalled.
+    """
     state = read_state(settings)
-    if state and pid_alive(int(state.get("pid", 0))):
-        return int(state["pid"])
-    return None
+    if not state or state.get("status") not in _LIVE_STATUSES:
+        return None
+    try:
+        pid, started = int(state["pid"]), state["start_time"]
+    except (KeyError, TypeError, ValueError):
+        return None  # an older or damaged state: nothing to trust
+    if pid <= 0 or started is None or not pid_alive(pid):
+        return None
+    return pid if process_start_time(pid) == started else None
 
 
 def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
@@ -309,7 +341,7 @@ def port_in_use(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
     return False
 
 
-def supervise(settings: Settings, stack: LocalStack, progress=print) -> int:
+def supervise(settings: Settings, stack: LocalStack, progress=print, timeout: float = 240.0) -> int:
     """Run the stack in this process until SIGINT/SIGTERM; the exit code says how it ended."""
     stopping = False
 
@@ -321,11 +353,18 @@ def supervise(settings: Settings, stack: LocalStack, progress=print) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     write_state(settings, status="starting")
     try:
-        stack.start(progress=progress)
+        stack.start(timeout, progress, should_stop=lambda: stopping)
+        if stopping:  # the signal came after the last check: still never report ready
+            raise StartupAborted("stopped during startup")
     except StackError as exc:
-        write_state(settings, status="failed", error=str(exc))
         progress(f"error: {exc}")
         stack.stop()
+        write_state(settings, status="failed", error=str(exc))
+        return 1
+    except StartupAborted as exc:
+        progress(f"{exc}; stopping...")
+        stack.stop()
+        write_state(settings, status="stopped", error=str(exc))
         return 1
     except BaseException:
         stack.stop()

@@ -117,3 +117,20 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None.
+
+    A pid plus its start time names one process for good: a reused pid gets a later start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may hold spaces or parentheses: count fields after its closing one.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])  # fields[0] is field 3 (state), so field 22 is fields[19]
+    except (IndexError, ValueError):
+        return None

@@ -128,12 +128,12 @@ class TcpForward:
         pipes = [
             asyncio.create_task(self._pipe(reader, up_writer, not_before=handshake_done)),
             asyncio.create_task(self._pipe(up_reader, writer)),
-            asyncio.create_task(reset.wait()),
         ]
+        waiter = asyncio.create_task(reset.wait())
         try:
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            await _until_done(pipes, waiter)
         finally:
-            for task in pipes:
+            for task in (*pipes, waiter):
                 task.cancel()
             self.state.resets.remove(reset)
             if reset.is_set():
@@ -169,8 +169,27 @@ class TcpForward:
                 await queue.put((sent + self.state.fault.delay_s(self.state.rng), data))
             await queue.put((0.0, None))
             await sender
+            # Pass the half-close on (a client may send its request, shut down writing, then
+            # read the reply): the other direction keeps running.
+            if writer.can_write_eof():
+                try:
+                    writer.write_eof()
+                except OSError:
+                    pass
         finally:
             sender.cancel()
+
+
+async def _until_done(pipes: list[asyncio.Task], reset: asyncio.Task) -> None:
+    """Until both directions reached EOF, one broke (a socket error ends the connection), or a reset came."""
+    pending = set(pipes)
+    while pending:
+        done, _ = await asyncio.wait(pending | {reset}, return_when=asyncio.FIRST_COMPLETED)
+        if reset in done:
+            return
+        if any(task.exception() is not None for task in done):
+            return
+        pending -= done
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:

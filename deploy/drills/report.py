@@ -31,10 +31,13 @@ class DrillReport:
     streams_resumed: float
     streams_token_identical: bool
     streams_compared: int
-    shift_seconds: float | None = None  # slow-zone: until the nearest zone lost its traffic
+    shift_seconds: float | None = None  # slow/kill/blackhole-zone: until the struck zone lost its traffic
     return_seconds: float | None = None  # zone-returns: until the zone got traffic back
     bound_seconds: float = 1.0
+    zone: str = ""  # the zone the fault hit ("" when it hit none)
+    zone_share_before: float | None = None  # of the answers before the fault, the share that zone served
     passed: bool = False
+    problems: list[str] = field(default_factory=list)  # why it failed, one line per check missed
     failures: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -56,6 +59,10 @@ class DrillReport:
             lines.append(f"  traffic left the zone in {self.shift_seconds:.2f}s")
         if self.return_seconds is not None:
             lines.append(f"  traffic came back to the zone in {self.return_seconds:.2f}s")
+        if self.zone:
+            share = "?" if self.zone_share_before is None else f"{self.zone_share_before:.0%}"
+            lines.append(f"  fault hit {self.zone}, which served {share} of the requests before it")
+        lines += [f"  FAILED: {p}" for p in self.problems]
         lines += [f"  ! {f}" for f in self.failures[:10]]
         return "\n".join(lines)
 

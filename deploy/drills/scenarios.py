@@ -1,7 +1,8 @@
 """The faults a drill injects into a running local stack, and how each is undone.
 
-Faults hit the zone nearest to the load (the first zone of the topology, `zone-a` locally):
-that is the one carrying the traffic, so its loss is what a client would feel.
+Faults hit the zone that serves the load (found by probing, not assumed from the topology's
+order; `zone-a` locally): its loss is what a client would feel, and the drill fails when that
+zone did not carry most of the requests before the fault.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Scenario:
     measure: str = "recovery"
     needs_zone_down_first: bool = False
     during_s: float | None = None  # overrides the drill's default fault duration
+    hits_zone: bool = True  # the fault strikes the zone carrying the load (not Redis)
+    leaves_zone: bool = False  # traffic must move off the zone during the fault
 
     async def setup(self, ctx: Context) -> None:
         if self.needs_zone_down_first:
@@ -116,13 +119,13 @@ _ACTIONS = {
 }
 
 SCENARIOS = {
-    "kill-zone": Scenario("kill-zone", bound_s=1.0),
-    "blackhole-zone": Scenario("blackhole-zone", bound_s=1.0),
+    "kill-zone": Scenario("kill-zone", bound_s=1.0, leaves_zone=True),
+    "blackhole-zone": Scenario("blackhole-zone", bound_s=1.0, leaves_zone=True),
     "slow-zone": Scenario("slow-zone", bound_s=2.0, measure="shift"),
     # On one machine a restarting Triton starves every other process of CPU while it loads torch
     # and the model, so latency during a restart says more about the machine than the routing.
     "restart-core": Scenario("restart-core", bound_s=1.0, measure="available", during_s=25.0),
-    "kill-redis": Scenario("kill-redis", bound_s=1.0),
+    "kill-redis": Scenario("kill-redis", bound_s=1.0, hits_zone=False),
     "zone-returns": Scenario("zone-returns", bound_s=5.0, measure="return", needs_zone_down_first=True, during_s=40.0),
 }
 

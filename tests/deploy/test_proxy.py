@@ -123,3 +123,60 @@ def test_fault_validation():
     with pytest.raises(ValueError):
         Fault.from_dict({"latency": 3})
     assert Fault.from_dict({"latency_ms": 3}).latency_ms == 3
+
+
+async def reply_after_eof(hold: asyncio.Event | None = None):
+    """An upstream that reads the request to the client's EOF (half-close), then replies."""
+
+    async def handle(reader, writer):
+        data = await reader.read()
+        if hold is not None:
+            await hold.wait()
+        writer.write(b"REPLY:" + data)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def half_closed_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"hello")
+    await writer.drain()
+    writer.write_eof()
+    return reader, writer
+
+
+async def test_tcp_half_close_still_gets_the_reply():
+    server, up_port = await reply_after_eof()
+    opened = await start_forwards(FaultState(), [Forward("tcp", ("127.0.0.1", 0), ("127.0.0.1", up_port))])
+    port = opened[0].sockets[0].getsockname()[1]
+    try:
+        reader, writer = await half_closed_client(port)
+        assert await asyncio.wait_for(reader.read(), 2) == b"REPLY:hello"
+        writer.close()
+    finally:
+        for item in opened:
+            item.close()
+        server.close()
+
+
+async def test_tcp_reset_aborts_a_half_closed_connection_at_once():
+    hold = asyncio.Event()  # the upstream never replies: only the reset can end the connection
+    server, up_port = await reply_after_eof(hold)
+    state = FaultState()
+    opened = await start_forwards(state, [Forward("tcp", ("127.0.0.1", 0), ("127.0.0.1", up_port))])
+    port = opened[0].sockets[0].getsockname()[1]
+    try:
+        reader, writer = await half_closed_client(port)
+        await asyncio.sleep(0.1)  # the half-close has crossed the proxy
+        state.set(Fault(reset=True))
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 2)
+        writer.close()
+    finally:
+        hold.set()
+        for item in opened:
+            item.close()
+        server.close()

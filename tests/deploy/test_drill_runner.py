@@ -1,0 +1,141 @@
+"""The drill runner's edges: a stack that fails to start, bad topology files, and a fault that
+never touched the traffic (judged from the samples alone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.drills import runner
+from deploy.drills.load import Rates, Sample
+from deploy.drills.report import DrillReport
+from deploy.drills.runner import Timing
+from deploy.drills.scenarios import SCENARIOS
+from deploy.launcher import StackError
+
+
+class FailingStack:
+    """Stands in for LocalStack: its start fails as a held port would make it; stop is recorded."""
+
+    instances: list[FailingStack] = []
+
+    def __init__(self, settings, topology, fault_proxies: bool = False) -> None:
+        self.stopped = False
+        FailingStack.instances.append(self)
+
+    def start(self, timeout: float = 240.0, progress=print, **_) -> None:
+        raise StackError("ports already in use: 127.0.51.1:15051/tcp (is another stack running? `meridian down`)")
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def drill(tmp_path: Path, topology: str | None = None) -> int:
+    return runner.main(["kill-zone"], str(tmp_path / "out"), Timing(), Rates(), topology)
+
+
+def test_a_stack_that_fails_to_start_is_stopped_and_reported_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MERIDIAN_API_KEY", "mk-test")
+    monkeypatch.setattr(runner, "LocalStack", FailingStack)
+    FailingStack.instances.clear()
+    assert drill(tmp_path) == 1
+    assert [s.stopped for s in FailingStack.instances] == [True]  # what did start is not orphaned
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: ports already in use: 127.0.51.1:15051/tcp (is another stack running? `meridian down`)"]
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read topology"),  # missing file
+    ("gateway: [oops\n", "cannot read topology"),  # not YAML
+    ("zones: [{name: z}]\n", "zones"),  # YAML, but not a topology
+    ("regions: []\n", "no zones to drill"),
+])
+def test_a_bad_topology_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, content, says):
+    monkeypatch.setattr(runner, "LocalStack", FailingStack)
+    FailingStack.instances.clear()
+    path = tmp_path / "topo.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert drill(tmp_path, str(path)) == 1
+    assert FailingStack.instances == []  # refused before anything started
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+
+
+# -- judging ------------------------------------------------------------------------------------
+
+
+def served(zone_before: str, zone_after: str, fault_at: float = 4.0, end: float = 12.0) -> list[Sample]:
+    """Embeddings every 0.1 s, answered in 10 ms by one zone before the fault and another after."""
+    return [Sample("embed", t / 10, 0.01, True, 200, zone_before if t / 10 < fault_at else zone_after)
+            for t in range(round(end * 10))]
+
+
+def judged(scenario: str, samples: list[Sample], zone: str, fault_at: float = 4.0, fault_end: float = 9.0) -> DrillReport:
+    return runner.summarise(SCENARIOS[scenario], zone, samples, fault_at, fault_end, {}, {}, True, 0)
+
+
+def test_the_target_is_the_zone_that_served_most():
+    samples = served("zone-a", "zone-a") + [Sample("embed", 0.0, 0.01, True, 200, "zone-b")]
+    samples.append(Sample("embed", 0.0, 0.01, False, 503, "zone-b"))  # a failure served nothing
+    assert runner.busiest_zone(samples) == "zone-a"
+    assert runner.busiest_zone([Sample("embed", 0.0, ok=True)]) is None
+    assert runner.zone_share(served("zone-a", "zone-b"), "zone-a", 4.0) == 1.0
+    assert runner.zone_share(served("zone-a", "zone-b"), "zone-b", 4.0) == 0.0
+    assert runner.zone_share([], "zone-a", 4.0) is None
+
+
+@pytest.mark.parametrize("scenario", ["kill-zone", "blackhole-zone"])
+def test_a_fault_on_the_zone_carrying_the_load_passes_once_traffic_leaves(scenario):
+    r = judged(scenario, served("zone-a", "zone-b"), "zone-a")
+    assert r.passed, r.problems
+    assert r.problems == [] and r.zone == "zone-a" and r.zone_share_before == 1.0
+    assert r.shift_seconds == 0.0
+
+
+@pytest.mark.parametrize("scenario", ["kill-zone", "blackhole-zone", "slow-zone", "restart-core"])
+def test_a_fault_on_an_idle_zone_fails_with_the_reason(scenario):
+    """The reviewer's swapped topology: zone-b listed first was struck, zone-a served everything."""
+    r = judged(scenario, served("zone-a", "zone-a"), "zone-b")
+    assert not r.passed
+    assert any("the fault hit zone-b but it was not carrying the load" in p and "0%" in p for p in r.problems)
+    assert "FAILED: the fault hit zone-b" in r.to_text()
+
+
+@pytest.mark.parametrize("scenario", ["kill-zone", "blackhole-zone"])
+def test_traffic_that_never_left_the_struck_zone_fails(scenario):
+    r = judged(scenario, served("zone-a", "zone-a"), "zone-a")
+    assert not r.passed
+    assert r.problems == ["traffic never left zone-a during the fault"]
+
+
+def test_traffic_leaving_only_after_the_fault_ended_fails():
+    samples = served("zone-a", "zone-b", fault_at=9.5)  # the fault lasts 4.0-9.0 s
+    r = judged("kill-zone", samples, "zone-a")
+    assert r.shift_seconds is not None and r.shift_seconds > 5.0
+    assert r.problems == ["traffic never left zone-a during the fault"]
+
+
+def test_a_fault_that_hits_no_zone_needs_no_zone_traffic():
+    r = judged("kill-redis", served("zone-a", "zone-a"), "zone-b")
+    assert r.passed, r.problems
+    assert r.zone == ""
+
+
+def test_no_answer_naming_a_zone_fails():
+    samples = [Sample("embed", t / 10, 0.01, True, 200, "") for t in range(120)]
+    r = judged("restart-core", samples, "zone-a")
+    assert not r.passed
+    assert any("no answer named its zone" in p for p in r.problems)
+
+
+def test_other_checks_still_fail_with_their_reason():
+    r = judged("kill-zone", served("zone-a", "zone-b") + [Sample("embed", 5.0, 0.0, False, 503)], "zone-a")
+    assert not r.passed and "1 client request(s) failed" in r.problems
+    r = judged("slow-zone", served("zone-a", "zone-a"), "zone-a")
+    assert r.problems == ["traffic did not leave zone-a within 2.0s"]
+    r.return_seconds = None  # zone-returns judges after its zone is back: taken down first, no share check
+    runner._judge(r, SCENARIOS["zone-returns"])
+    assert r.problems == ["traffic did not come back to zone-a within 5.0s"]
