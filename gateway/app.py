@@ -46,6 +46,7 @@ class Gateway:
     ) -> None:
         self.topology = topology
         self.pool = pool
+        self.draining = False
         self.metrics = metrics or Metrics()
         self.router = Router(topology, pool)
         self.auth = Authenticator(topology.auth)
@@ -112,12 +113,14 @@ class Gateway:
             self.metrics.cache.inc(cache)
 
     async def _dispatch(self, request: Request) -> Response:
-        key = (request.method, request.path)
+        # HEAD is GET without the body (RFC 9110 §9.3.2); the listener leaves the body out.
+        method = "GET" if request.method == "HEAD" else request.method
+        key = (method, request.path)
         if key in self._public:
             return await self._public[key](request)
         handler = self._private.get(key)
         if handler is None:
-            if request.method == "GET" and request.path.startswith("/v1/models/"):
+            if method == "GET" and request.path.startswith("/v1/models/"):
                 handler = self.get_model
             elif any(path == request.path for _, path in (*self._private, *self._public)):
                 raise GatewayError(Kind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}")
@@ -135,11 +138,17 @@ class Gateway:
         """Liveness: the process answers."""
         return Response.json({"status": "ok"})
 
+    def begin_drain(self) -> None:
+        """Shutting down: readiness fails from now on, so the load balancer sends no new traffic."""
+        self.draining = True
+
     async def readyz(self, request: Request) -> Response:
-        """Readiness: every zone's upstreams answered their last health check."""
+        """Readiness: every zone's upstreams answered their last health check, and not draining."""
         zones: dict[str, dict[str, bool]] = {}
         for e in self.pool.endpoints:
             zones.setdefault(e.zone, {})[e.tier] = e.healthy
+        if self.draining:
+            return Response.json({"status": "draining", "zones": zones}, 503)
         ready = self.pool.all_healthy()
         return Response.json({"status": "ready" if ready else "not ready", "zones": zones}, 200 if ready else 503)
 

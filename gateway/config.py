@@ -43,6 +43,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A client must deliver its whole request body within this time (slow clients are cut off).
     body_timeout_s: float = 15.0
     request_timeout_s: float = 120.0
+    # On SIGTERM: readiness fails and new requests are refused (HTTP/3 GOAWAY; HTTP/1.1 closes its
+    # socket) while those in flight, streams included, get this long to finish.
+    drain_timeout_s: float = 30.0
     # The load balancer in front sets this header; it is trusted over the client address.
     region_header: str = "x-meridian-region"
 

@@ -16,6 +16,7 @@ class Kind(enum.Enum):
     METHOD_NOT_ALLOWED = (405, "invalid_request_error")
     REQUEST_TIMEOUT = (408, "invalid_request_error")
     TOO_LARGE = (413, "invalid_request_error")
+    EXPECTATION_FAILED = (417, "invalid_request_error")
     UNPROCESSABLE = (422, "invalid_request_error")
     HEADERS_TOO_LARGE = (431, "invalid_request_error")
     RATE_LIMITED = (429, "rate_limit_error")

@@ -7,8 +7,18 @@ import ssl
 
 from aiohttp import web
 
-from gateway.app import Gateway, body_timeout, too_large
+from gateway.app import Gateway, body_timeout, header_limit, too_large
+from gateway.errors import GatewayError, Kind
 from gateway.http import Request, Response
+
+# How long a connection we are closing after an early answer (413, 408, 431, 417) keeps reading and
+# dropping the unread body, so the client sees the answer rather than a reset; aiohttp's 10 s default
+# held such sockets open long after the answer.
+LINGER_S = 1.0
+# After the drain grace: time left for answers already returned to aiohttp to be written, before
+# what is still open is cut.
+_CUT_S = 0.5
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Http1Listener:
@@ -19,16 +29,26 @@ class Http1Listener:
         self._gateway = gateway
         self._max_body = cfg.max_body_bytes
         self._body_timeout = cfg.body_timeout_s
+        self._max_headers = cfg.max_headers
+        self._max_header_bytes = cfg.max_header_bytes
         self._alt_svc = f'h3=":{h3_port}"; ma=86400' if h3_port else None
+        # Connections with a request in our handler, which a drain waits for; the rest are idle.
+        self._busy: set[web.RequestHandler] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
         # handler_cancellation: a client that goes away cancels its handler, and so its generation.
+        # The parser caps each line; the total and the count are checked per request (431, as on
+        # HTTP/3), so the parser's count is only a memory backstop (beyond it aiohttp answers 400).
         self._server = web.Server(
             self._handle,
             handler_cancellation=True,
             access_log=None,
             keepalive_timeout=cfg.idle_timeout_s,
+            lingering_time=LINGER_S,
             max_line_size=cfg.max_header_bytes,
             max_field_size=cfg.max_header_bytes,
-            max_headers=cfg.max_headers,
+            max_headers=2 * cfg.max_headers,
         )
         self._tcp: asyncio.AbstractServer | None = None
 
@@ -42,39 +62,81 @@ class Http1Listener:
         assert self._tcp is not None
         return self._tcp.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
-        """Stop accepting and close open connections."""
-        if self._tcp is not None:
-            self._tcp.close()
-            await self._server.shutdown(timeout=2.0)
-            await self._tcp.wait_closed()
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop accepting, let requests in flight (streams included) finish for up to `grace_s`
+        seconds, then close whatever is left."""
+        if self._tcp is None:
+            return
+        self._tcp.close()  # new connections are refused from here on
+        self._draining = True
+        # Idle keep-alive connections would otherwise take new requests during the grace.
+        for conn in self._server.connections:
+            if conn not in self._busy:
+                conn.force_close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except asyncio.TimeoutError:
+            pass
+        await self._server.shutdown(timeout=_CUT_S)
+        await self._tcp.wait_closed()
 
     async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
+        conn = raw.protocol
+        self._busy.add(conn)
+        self._idle.clear()
+        try:
+            out = await self._serve(raw)
+            if self._draining:
+                out.force_close()  # answer, then close: the listener is going away
+            return out
+        finally:
+            self._busy.discard(conn)
+            if not self._busy:
+                self._idle.set()
+
+    async def _serve(self, raw: web.BaseRequest) -> web.StreamResponse:
+        body = self._refusal(raw) or await self._receive(raw)
+        if isinstance(body, Response):
+            # The body is unread or partly read: the connection cannot carry another request.
+            return await self._write(raw, body, close=True)
+        request = Request(
+            method=raw.method,
+            path=raw.path,
+            headers={k.lower(): v for k, v in raw.headers.items()},
+            body=body,
+            client_ip=raw.remote or "",
+            protocol="http/1.1",
+            query=raw.query_string,
+        )
+        return await self._write(raw, await self._gateway.handle(request))
+
+    async def _receive(self, raw: web.BaseRequest) -> bytes | Response:
+        """The body, or the error answer when it is too large or too slow."""
+        if _wants_continue(raw):
+            # aiohttp's low-level server leaves this to the application (its router's
+            # _default_expect_handler does the same); without it clients stall before the body.
+            await raw.writer.write(_CONTINUE)
+            raw.writer.output_size = 0
         try:
             body = await asyncio.wait_for(self._read_body(raw), self._body_timeout)
         except asyncio.TimeoutError:
-            response = Response.error(body_timeout(self._body_timeout))
-            response.headers["connection"] = "close"
-            return await self._write(raw, response)
-        if body is None:
-            response = Response.error(too_large(self._max_body))
-        else:
-            request = Request(
-                method=raw.method,
-                path=raw.path,
-                headers={k.lower(): v for k, v in raw.headers.items()},
-                body=body,
-                client_ip=raw.remote or "",
-                protocol="http/1.1",
-                query=raw.query_string,
-            )
-            response = await self._gateway.handle(request)
-        return await self._write(raw, response)
+            return Response.error(body_timeout(self._body_timeout))
+        return Response.error(too_large(self._max_body)) if body is None else body
+
+    def _refusal(self, raw: web.BaseRequest) -> Response | None:
+        """The answer due before any of the body is read, or None to go on."""
+        size = sum(len(k) + len(v) for k, v in raw.raw_headers)
+        if len(raw.raw_headers) > self._max_headers or size > self._max_header_bytes:
+            return Response.error(header_limit(self._max_headers, self._max_header_bytes))
+        expect = raw.headers.get("expect")
+        if expect is not None and _http11(raw) and expect.lower() != "100-continue":
+            return _expectation_failed(expect)
+        if raw.content_length is not None and raw.content_length > self._max_body:
+            return Response.error(too_large(self._max_body))
+        return None
 
     async def _read_body(self, raw: web.BaseRequest) -> bytes | None:
         """The body, or None when it exceeds the limit (read no further than limit + 1 bytes)."""
-        if raw.content_length is not None and raw.content_length > self._max_body:
-            return None
         body = bytearray()
         while chunk := await raw.content.read(self._max_body + 1 - len(body)):
             body += chunk
@@ -82,12 +144,17 @@ class Http1Listener:
                 return None
         return bytes(body)
 
-    async def _write(self, raw: web.BaseRequest, response: Response) -> web.StreamResponse:
+    async def _write(self, raw: web.BaseRequest, response: Response, *, close: bool = False) -> web.StreamResponse:
         headers = dict(response.headers)
         if self._alt_svc:
             headers["alt-svc"] = self._alt_svc
         if response.stream is None:
-            return web.Response(status=response.status, headers=headers, body=response.body)
+            out = web.Response(status=response.status, headers=headers, body=response.body)
+            if close:
+                # aiohttp decides keep-alive from the response (and then closes after LINGER_S);
+                # a connection header alone would leave the socket open.
+                out.force_close()
+            return out
         out = web.StreamResponse(status=response.status, headers=headers)
         try:
             await out.prepare(raw)
@@ -97,3 +164,17 @@ class Http1Listener:
             await response.stream.aclose()
         await out.write_eof()
         return out
+
+
+def _http11(raw: web.BaseRequest) -> bool:
+    # An HTTP/1.0 request's Expect is ignored (RFC 9110 §10.1.1).
+    return raw.version >= (1, 1)
+
+
+def _wants_continue(raw: web.BaseRequest) -> bool:
+    return _http11(raw) and raw.headers.get("expect", "").lower() == "100-continue" and raw.body_exists
+
+
+def _expectation_failed(expect: str) -> Response:
+    return Response.error(GatewayError(Kind.EXPECTATION_FAILED, f"unsupported Expect: {expect[:64]}",
+                                       code="expectation_failed"))

@@ -8,11 +8,14 @@ once per event-loop iteration (aioquic's `_transmit_soon`), never once per respo
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.asyncio.server import QuicServer
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, H3Stream, MessageError, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived, StreamReset
@@ -47,6 +50,31 @@ class SessionTicketStore:
         return self._tickets.pop(label, None)
 
 
+class _H3Connection(H3Connection):
+    """aioquic closes the whole connection on a malformed request (no :path, a content-length its
+    DATA does not match); RFC 9114 §4.1.2 makes that a stream error, which spares the other streams."""
+
+    def __init__(self, quic, on_stream_error: Callable[[int], None]) -> None:
+        super().__init__(quic)
+        self._on_stream_error = on_stream_error
+        self._dropped: set[int] = set()
+
+    def _receive_request_or_push_data(self, stream: H3Stream, data: bytes, stream_ended: bool) -> list[H3Event]:
+        if stream.stream_id in self._dropped:
+            return []
+        try:
+            return super()._receive_request_or_push_data(stream, data, stream_ended)
+        except MessageError:
+            self._dropped.add(stream.stream_id)
+            self._quic.reset_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
+            try:
+                self._quic.stop_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
+            except ValueError:  # its receiving side is gone already
+                pass
+            self._on_stream_error(stream.stream_id)
+            return []
+
+
 class H3GatewayProtocol(QuicConnectionProtocol):
     """One QUIC connection: its HTTP/3 streams become gateway requests."""
 
@@ -62,6 +90,9 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._http: H3Connection | None = None
         self._pending: dict[int, _Pending] = {}
         self._tasks: dict[int, asyncio.Task] = {}
+        self._next_stream_id = 0  # the lowest client stream id not seen yet
+        self._goaway_id: int | None = None  # set once draining: streams from this id are refused
+        self.drain_when_ready = False  # a connection that arrives while the listener drains
 
     def datagram_received(self, data: bytes, addr) -> None:
         # Flush at the end of the loop iteration, not per datagram: the ACK for a request then
@@ -71,9 +102,29 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._process_events()
         self._transmit_soon()
 
+    @property
+    def idle(self) -> bool:
+        """No request is being received or answered."""
+        return not self._pending and not self._tasks
+
+    def drain(self) -> None:
+        """GOAWAY: the streams opened so far are served; the client sends later ones elsewhere."""
+        if self._http is None:
+            self.drain_when_ready = True
+            return
+        if self._goaway_id is not None:
+            return
+        self._goaway_id = self._next_stream_id
+        # aioquic has no API for it: the frame goes on our control stream (RFC 9114 §5.2).
+        frame = encode_frame(FrameType.GOAWAY, encode_uint_var(self._goaway_id))
+        self._quic.send_stream_data(self._http._local_control_stream_id, frame)
+        self.transmit()
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
-            self._http = H3Connection(self._quic)
+            self._http = _H3Connection(self._quic, self._cancel)
+            if self.drain_when_ready:
+                self.drain()
         elif isinstance(event, (StreamReset, StopSendingReceived)):
             # STOP_SENDING is how a client that has sent its whole request cancels the answer
             # (aioquic resets our side of the stream): the handler, and so its generation, ends.
@@ -90,7 +141,10 @@ class H3GatewayProtocol(QuicConnectionProtocol):
             # Trailers: nothing of ours needs their fields, but they may carry the end of the request.
             if event.stream_id not in self._pending:
                 return
+        elif isinstance(event, HeadersReceived) and self._refused_by_goaway(event.stream_id):
+            return
         elif isinstance(event, HeadersReceived):
+            self._next_stream_id = max(self._next_stream_id, event.stream_id + 4)
             headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
             pending = self._pending[event.stream_id] = _Pending(headers)
             length = headers.get("content-length", "")
@@ -119,6 +173,15 @@ class H3GatewayProtocol(QuicConnectionProtocol):
                 pending.deadline.cancel()
             if pending is not None and not pending.refused:
                 self._start(event.stream_id, pending)
+
+    def _refused_by_goaway(self, stream_id: int) -> bool:
+        """A stream opened after our GOAWAY: rejected unprocessed, so the client may retry it."""
+        if self._goaway_id is None or stream_id < self._goaway_id:
+            return False
+        self._quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+        self._quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+        self._transmit_soon()
+        return True
 
     def _refuse(self, stream_id: int, error: GatewayError) -> None:
         # Answer at once; the rest of the body is dropped as it arrives.
@@ -154,6 +217,14 @@ class H3GatewayProtocol(QuicConnectionProtocol):
 
     async def _serve(self, stream_id: int, request: Request) -> None:
         response = await self._gateway.handle(request)
+        if request.method == "HEAD" and response.stream is None:
+            # Headers alone, and without content-length (RFC 9110 lets a HEAD answer omit it):
+            # aioquic clients check it against the DATA they get and close the connection.
+            headers = [(b":status", str(response.status).encode())]
+            headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
+            self._http.send_headers(stream_id, headers, end_stream=True)
+            self._transmit_soon()
+            return
         if response.stream is None:
             self._send_whole(stream_id, response)
             return
@@ -180,7 +251,9 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._http.send_headers(stream_id, headers, end_stream=False)
 
     def _cancel(self, stream_id: int) -> None:
-        self._pending.pop(stream_id, None)
+        pending = self._pending.pop(stream_id, None)
+        if pending is not None and pending.deadline is not None:
+            pending.deadline.cancel()
         task = self._tasks.pop(stream_id, None)
         if task is not None:
             task.cancel()
@@ -200,6 +273,8 @@ class Http3Listener:
         self._config.load_cert_chain(cert, key)
         self._tickets = SessionTicketStore()
         self._server: QuicServer | None = None
+        self._connections: weakref.WeakSet[H3GatewayProtocol] = weakref.WeakSet()
+        self._draining = False
 
     async def start(self, host: str, port: int) -> None:
         """Bind the UDP socket and start accepting connections."""
@@ -207,17 +282,32 @@ class Http3Listener:
             host,
             port,
             configuration=self._config,
-            create_protocol=lambda *a, **kw: H3GatewayProtocol(*a, gateway=self._gateway, **kw),
+            create_protocol=self._connection,
             session_ticket_fetcher=self._tickets.pop,
             session_ticket_handler=self._tickets.add,
         )
+
+    def _connection(self, *args, **kwargs) -> H3GatewayProtocol:
+        protocol = H3GatewayProtocol(*args, gateway=self._gateway, **kwargs)
+        protocol.drain_when_ready = self._draining
+        self._connections.add(protocol)
+        return protocol
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return self._server._transport.get_extra_info("sockname")[1]
 
-    async def close(self) -> None:
-        """Close the socket and every connection."""
-        if self._server is not None:
-            self._server.close()
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop taking requests (GOAWAY on every connection), give those in flight up to `grace_s`
+        to finish, then close the socket and every connection."""
+        if self._server is None:
+            return
+        self._draining = True
+        for protocol in list(self._connections):
+            protocol.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while loop.time() < deadline and not all(p.idle for p in list(self._connections)):
+            await asyncio.sleep(0.05)
+        self._server.close()

@@ -64,9 +64,11 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
-        for listener in listeners:
-            await listener.close()
-        await h3.close()
+        # Drain: readiness fails first, then every listener stops taking requests and lets those
+        # in flight finish (up to drain_timeout_s), all at once so no listener serves on alone.
+        gateway.begin_drain()
+        grace = cfg.drain_timeout_s
+        await asyncio.gather(*(listener.close(grace_s=grace) for listener in listeners), h3.close(grace_s=grace))
         await pool.close()
         await redis.close()
 

@@ -103,6 +103,17 @@ async def test_h3_request_ending_on_trailers_is_served(listeners):
     assert r.status == 200, r.body
 
 
+async def test_head_is_get_without_a_body(listeners):
+    h1_port, h3_port = listeners
+    async with h3_client("127.0.0.1", h3_port, KEY) as c:
+        get, head = await c.get("/healthz"), await asyncio.wait_for(c.request("HEAD", "/healthz"), 5)
+        assert (await c.get("/healthz")).status == 200  # the connection lives on
+    assert head.status == get.status == 200
+    assert head.body == b"" and head.headers["content-type"] == get.headers["content-type"]
+    reply = await http1(h1_port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\n")  # headers only
+
+
 async def test_h3_concurrent_stream_limit(listeners):
     _, h3_port = listeners
     async with h3_client("127.0.0.1", h3_port, KEY) as c:
@@ -126,29 +137,70 @@ async def test_h3_stream(listeners):
 class SlowCore(FakeUpstream):
     """A core that streams one chunk per 100 ms and notes whether its stream was closed early."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunks: int = 50) -> None:
         super().__init__("zone-a", "core")
+        self.chunks = chunks
         self.sent, self.closed_early = 0, asyncio.Event()
 
     async def generate(self, call, *, timeout):
         try:
-            for i in range(50):
+            for i in range(self.chunks):
                 await asyncio.sleep(0.1)
                 self.sent += 1
-                yield GenerateChunk(f"t{i} ", [i], "length" if i == 49 else None, 3, i + 1)
+                yield GenerateChunk(f"t{i} ", [i], "length" if i == self.chunks - 1 else None, 3, i + 1)
         finally:
-            if self.sent < 50:
+            if self.sent < self.chunks:
                 self.closed_early.set()
 
 
-async def test_h3_client_reset_cancels_its_generation(tmp_path, caplog):
-    core = SlowCore()
+async def slow_h3(tmp_path, core: SlowCore) -> Http3Listener:
     pool = UpstreamPool([FakeUpstream("zone-a", "edge"), core])
     await pool.check_once()
     ensure_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
     h3 = Http3Listener(Gateway(parse_topology(copy.deepcopy(TOPOLOGY)), pool), cert=str(tmp_path / "cert.pem"),
                        key=str(tmp_path / "key.pem"))
     await h3.start("127.0.0.1", 0)
+    return h3
+
+
+async def test_h3_drain_finishes_streams_in_flight_and_refuses_new_ones(tmp_path):
+    core = SlowCore(chunks=8)
+    h3 = await slow_h3(tmp_path, core)
+    async with h3_client("127.0.0.1", h3.port, KEY) as c:
+        body = {"model": "llm", "prompt": "x", "stream": True, "max_tokens": 8}
+        in_flight = asyncio.ensure_future(c.post("/v1/completions", json=body))
+        await asyncio.sleep(0.25)  # a few chunks out
+        closing = asyncio.ensure_future(h3.close(grace_s=5.0))
+        await asyncio.sleep(0.1)
+        late = await c.post("/v1/embeddings", json={"model": "embed", "input": "x"})
+        finished = await in_flight
+        await closing
+    assert late.reset_code == 0x10B  # H3_REQUEST_REJECTED: never processed, safe to send elsewhere
+    assert finished.status == 200 and finished.sse_events()[-1] == "[DONE]"
+    assert core.sent == 8 and not core.closed_early.is_set()
+
+
+async def test_h3_malformed_request_fails_its_stream_not_the_connection(tmp_path):
+    core = SlowCore(chunks=6)
+    h3 = await slow_h3(tmp_path, core)
+    try:
+        async with h3_client("127.0.0.1", h3.port, KEY) as c:
+            body = {"model": "llm", "prompt": "x", "stream": True, "max_tokens": 6}
+            streaming = asyncio.ensure_future(c.post("/v1/completions", json=body))
+            await asyncio.sleep(0.15)
+            bad = await asyncio.wait_for(c.post("/v1/embeddings", body=b'{"model": "embed"}',
+                                                headers={"content-length": "999"}), 5)  # not its DATA's size
+            done = await asyncio.wait_for(streaming, 5)
+            after = await c.post("/v1/embeddings", json={"model": "embed", "input": "x"})
+    finally:
+        await h3.close()
+    assert bad.reset_code == 0x10E  # H3_MESSAGE_ERROR, on that stream alone
+    assert done.sse_events()[-1] == "[DONE]" and after.status == 200
+
+
+async def test_h3_client_reset_cancels_its_generation(tmp_path, caplog):
+    core = SlowCore()
+    h3 = await slow_h3(tmp_path, core)
     try:
         async with h3_client("127.0.0.1", h3.port, KEY) as c:
             body = {"model": "llm", "prompt": "x", "stream": True, "max_tokens": 50}

@@ -75,6 +75,15 @@ async def test_health_needs_no_key_and_readiness_follows_zones(zones):
     assert msgspec.json.decode(r.body)["zones"]["zone-b"] == {"edge": True, "core": False}
 
 
+async def test_readiness_fails_once_draining(zones):
+    gw = await make_gateway(zones)
+    assert (await gw.handle(req("GET", "/readyz", key=None))).status == 200
+    gw.begin_drain()
+    r = await gw.handle(req("GET", "/readyz", key=None))
+    assert r.status == 503 and msgspec.json.decode(r.body)["status"] == "draining"
+    assert (await gw.handle(req("GET", "/healthz", key=None))).status == 200  # still alive
+
+
 @pytest.mark.parametrize("key,status,code", [(None, 401, "missing_api_key"), ("nope", 401, "invalid_api_key"),
                                              ("sk-revoked", 401, "invalid_api_key")])
 async def test_auth_refusals(zones, key, status, code):

@@ -13,7 +13,7 @@ from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import QuicEvent
+from aioquic.quic.events import QuicEvent, StreamReset
 
 
 @dataclass
@@ -22,6 +22,7 @@ class H3Response:
     headers: dict[str, str]
     body: bytes = b""
     chunks: list[bytes] = field(default_factory=list)
+    reset_code: int | None = None  # the server reset the stream with this code
 
     def json(self):
         return msgspec.json.decode(self.body)
@@ -38,6 +39,8 @@ class _Client(QuicConnectionProtocol):
         self._streams: dict[int, asyncio.Queue] = {}
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamReset):  # not an H3 event: passed on as it is
+            self._h3_event(event)
         for h3_event in self.http.handle_event(event):
             self._h3_event(h3_event)
 
@@ -53,7 +56,7 @@ class _Client(QuicConnectionProtocol):
         self._streams[stream_id] = queue
         h = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
              (b":path", path.encode())] + [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        if body:
+        if body and "content-length" not in headers:  # a test may send a wrong one on purpose
             h.append((b"content-length", str(len(body)).encode()))
         self.http.send_headers(stream_id, h, end_stream=not body and not trailers)
         if body:
@@ -65,6 +68,9 @@ class _Client(QuicConnectionProtocol):
         try:
             while True:
                 event = await queue.get()
+                if isinstance(event, StreamReset):
+                    response.reset_code = event.error_code
+                    break
                 if isinstance(event, HeadersReceived):
                     for k, v in event.headers:
                         if k == b":status":
