@@ -235,13 +235,14 @@ class Gateway:
 
         With an `Idempotency-Key` the first answer to that key is replayed ("replay") whatever the
         sampling or the cache settings, and the key may not be reused for a different request."""
-        fingerprint = cache_key(principal.tenant, model.name, version, request.path, body)
         idem = request.headers.get("idempotency-key")
         if idem is not None:
+            fingerprint = cache_key(principal.tenant, model.name, version, request.path, body)
             return await self._idempotent_begin(principal.tenant, request.path, idem, fingerprint)
         control = request.headers.get("cache-control", "")
         if not (self.cache.enabled and deterministic) or "no-cache" in control or "no-store" in control:
             return None, "bypass"
+        fingerprint = cache_key(principal.tenant, model.name, version, request.path, body)
         got = await self.cache.begin(fingerprint)
         if isinstance(got, CachedAnswer):
             return got, "hit"

@@ -23,7 +23,7 @@ import msgspec
 import yaml
 
 from deploy.drills import report as rpt
-from deploy.drills.load import LoadGenerator, Rates, Sample, stream_text
+from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
 from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
 from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
 from deploy.settings import Settings
@@ -253,7 +253,7 @@ async def nearest_zone(base_url: str, api_key: str, fallback: str, n: int = 10) 
     probes = []
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
         for i in range(n):
-            body = {"model": "all-minilm-l6-v2", "input": [f"which zone {i}"]}
+            body = {"model": EMBED_MODEL, "input": [f"which zone {i}"]}  # the load's own embeddings
             async with session.post(base_url + "/v1/embeddings", data=json.dumps(body)) as r:
                 await r.read()
                 probes.append(Sample("embed", 0.0, ok=r.status == 200, zone=r.headers.get("x-meridian-zone", "")))
