@@ -243,11 +243,9 @@ class Gateway:
         if not (self.cache.enabled and deterministic) or "no-cache" in control or "no-store" in control:
             return None, "bypass"
         fingerprint = cache_key(principal.tenant, model.name, version, request.path, body)
-        got = await self.cache.begin(fingerprint)
+        got = await self.cache.begin(fingerprint, request=fingerprint)
         if isinstance(got, CachedAnswer):
             return got, "hit"
-        if isinstance(got, Lease):
-            got.request = fingerprint
         return got, "miss" if got is not None else "bypass"
 
     async def _idempotent_begin(
@@ -257,14 +255,12 @@ class Gateway:
             raise api.bad_request(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
         if not self.cache.reachable:
             return None, "bypass"
-        got = await self.cache.begin(idempotency_key(tenant, route, idem))
+        got = await self.cache.begin(idempotency_key(tenant, route, idem), request=fingerprint)
         if isinstance(got, CachedAnswer):
             if got.request != fingerprint:
                 raise GatewayError(Kind.UNPROCESSABLE, "this Idempotency-Key was used for a different request",
                                    code="idempotency_key_reused")
             return got, "replay"
-        if isinstance(got, Lease):
-            got.request = fingerprint
         return got, "miss" if got is not None else "bypass"
 
     # -- generation ---------------------------------------------------------------------------

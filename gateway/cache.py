@@ -117,8 +117,9 @@ class L2Cache:
         """Whether there is a Redis to keep entries in (idempotency keys need one, not the cache)."""
         return self._link is not None
 
-    async def begin(self, key: str) -> CachedAnswer | Lease | None:
-        """A hit, a Lease to produce the answer (a miss), or None to bypass the cache."""
+    async def begin(self, key: str, request: str = "") -> CachedAnswer | Lease | None:
+        """A hit, a Lease to produce the answer (a miss), or None to bypass the cache. `request` is
+        the request's own cache key, stamped on what the lease stores (CachedAnswer.request)."""
         deadline = time.monotonic() + self._config.wait_s
         try:
             while True:
@@ -130,15 +131,15 @@ class L2Cache:
                     # Someone here is looking it up or producing it: wait, then look again.
                     await asyncio.wait_for(asyncio.shield(local.done), max(0.0, deadline - time.monotonic()))
                     continue
-                got = await self._begin_here(key, deadline)
+                got = await self._begin_here(key, request, deadline)
                 if got is not None:
                     return got
         except (RedisDown, asyncio.TimeoutError):
             return None
 
-    async def _begin_here(self, key: str, deadline: float) -> CachedAnswer | Lease | None:
+    async def _begin_here(self, key: str, request: str, deadline: float) -> CachedAnswer | Lease | None:
         """Look the key up in Redis and take its lock if it is missing; None to look again."""
-        lease = Lease(key, secrets.token_hex(8), self)
+        lease = Lease(key, secrets.token_hex(8), self, request=request)
         self._local[key] = lease
         try:
             hit, locked = await self._lookup_or_lock(lease)

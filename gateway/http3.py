@@ -220,9 +220,7 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         if request.method == "HEAD" and response.stream is None:
             # Headers alone, and without content-length (RFC 9110 lets a HEAD answer omit it):
             # aioquic clients check it against the DATA they get and close the connection.
-            headers = [(b":status", str(response.status).encode())]
-            headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
-            self._http.send_headers(stream_id, headers, end_stream=True)
+            self._send_headers(stream_id, response, head=True)
             self._transmit_soon()
             return
         if response.stream is None:
@@ -243,12 +241,13 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._http.send_data(stream_id, response.body, end_stream=True)
         self._transmit_soon()
 
-    def _send_headers(self, stream_id: int, response: Response) -> None:
+    def _send_headers(self, stream_id: int, response: Response, *, head: bool = False) -> None:
+        """The answer's HEADERS frame; for HEAD (`head`) it also ends the stream."""
         headers = [(b":status", str(response.status).encode())]
         headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
-        if response.stream is None:
+        if response.stream is None and not head:
             headers.append((b"content-length", str(len(response.body)).encode()))
-        self._http.send_headers(stream_id, headers, end_stream=False)
+        self._http.send_headers(stream_id, headers, end_stream=head)
 
     def _cancel(self, stream_id: int) -> None:
         pending = self._pending.pop(stream_id, None)

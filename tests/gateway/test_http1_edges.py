@@ -12,26 +12,12 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import parse_topology
 from gateway.http1 import Http1Listener
-from gateway.upstreams import GenerateChunk, UpstreamPool
+from gateway.upstreams import UpstreamPool
 from tests.gateway.test_pipeline import KEY, TOPOLOGY
-from tests.support.fakes import FakeUpstream
+from tests.support.fakes import FakeUpstream, SlowCore
 
 LIMITS = {"max_headers": 20, "max_header_bytes": 4096, "body_timeout_s": 0.5}  # max_body_bytes is 2048
 EMBED = b'{"model": "embed", "input": "x"}'
-
-
-class SlowCore(FakeUpstream):
-    """A core that streams `chunks` pieces, one per 100 ms."""
-
-    def __init__(self, chunks: int) -> None:
-        super().__init__("zone-a", "core")
-        self.chunks, self.sent = chunks, 0
-
-    async def generate(self, call, *, timeout):
-        for i in range(self.chunks):
-            await asyncio.sleep(0.1)
-            self.sent += 1
-            yield GenerateChunk(f"t{i} ", [i], "length" if i == self.chunks - 1 else None, 3, i + 1)
 
 
 async def start_listener(core: FakeUpstream | None = None) -> Http1Listener:

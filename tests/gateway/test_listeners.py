@@ -14,9 +14,9 @@ from gateway.config import parse_topology
 from gateway.http1 import Http1Listener
 from gateway.http3 import Http3Listener
 from gateway.tls import ensure_self_signed
-from gateway.upstreams import GenerateChunk, UpstreamPool
+from gateway.upstreams import UpstreamPool
 from tests.gateway.test_pipeline import KEY, TOPOLOGY
-from tests.support.fakes import FakeUpstream
+from tests.support.fakes import FakeUpstream, SlowCore
 from tests.support.h3 import h3_client
 
 
@@ -132,25 +132,6 @@ async def test_h3_stream(listeners):
     assert r.status == 200
     assert r.sse_events()[-1] == "[DONE]"
     assert msgspec.json.decode(r.sse_events()[0])["object"] == "text_completion"
-
-
-class SlowCore(FakeUpstream):
-    """A core that streams one chunk per 100 ms and notes whether its stream was closed early."""
-
-    def __init__(self, chunks: int = 50) -> None:
-        super().__init__("zone-a", "core")
-        self.chunks = chunks
-        self.sent, self.closed_early = 0, asyncio.Event()
-
-    async def generate(self, call, *, timeout):
-        try:
-            for i in range(self.chunks):
-                await asyncio.sleep(0.1)
-                self.sent += 1
-                yield GenerateChunk(f"t{i} ", [i], "length" if i == self.chunks - 1 else None, 3, i + 1)
-        finally:
-            if self.sent < self.chunks:
-                self.closed_early.set()
 
 
 async def slow_h3(tmp_path, core: SlowCore) -> Http3Listener:

@@ -45,3 +45,22 @@ class FakeUpstream:
 
     async def close(self):
         pass
+
+
+class SlowCore(FakeUpstream):
+    """A core that streams `chunks` pieces, one per 100 ms, and notes whether its stream was closed early."""
+
+    def __init__(self, chunks: int = 50) -> None:
+        super().__init__("zone-a", "core")
+        self.chunks = chunks
+        self.sent, self.closed_early = 0, asyncio.Event()
+
+    async def generate(self, call, *, timeout):
+        try:
+            for i in range(self.chunks):
+                await asyncio.sleep(0.1)
+                self.sent += 1
+                yield GenerateChunk(f"t{i} ", [i], "length" if i == self.chunks - 1 else None, 3, i + 1)
+        finally:
+            if self.sent < self.chunks:
+                self.closed_early.set()

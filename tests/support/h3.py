@@ -50,7 +50,10 @@ class _Client(QuicConnectionProtocol):
             queue.put_nowait(event)
 
     async def request(self, method: str, path: str, headers: dict[str, str], body: bytes, authority: str,
-                      trailers: dict[str, str] | None = None) -> H3Response:
+                      trailers: dict[str, str] | None = None, cancel_after: int | None = None) -> H3Response:
+        """One request; with `cancel_after`, the answer is read only that many DATA chunks far and then
+        cancelled as a client that goes away does (STOP_SENDING with H3_REQUEST_CANCELLED: the request
+        itself is complete, so there is nothing of ours to reset)."""
         stream_id = self._quic.get_next_available_stream_id()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[stream_id] = queue
@@ -66,7 +69,7 @@ class _Client(QuicConnectionProtocol):
         self.transmit()
         response = H3Response(0, {})
         try:
-            while True:
+            while cancel_after is None or len(response.chunks) < cancel_after:
                 event = await queue.get()
                 if isinstance(event, StreamReset):
                     response.reset_code = event.error_code
@@ -77,43 +80,15 @@ class _Client(QuicConnectionProtocol):
                             response.status = int(v)
                         else:
                             response.headers[k.decode()] = v.decode()
-                elif isinstance(event, DataReceived):
-                    response.chunks.append(event.data)
-                if event.stream_ended:
-                    break
-        finally:
-            del self._streams[stream_id]
-        response.body = b"".join(response.chunks)
-        return response
-
-    async def request_then_reset(self, method: str, path: str, headers: dict[str, str], body: bytes, authority: str,
-                                 chunks: int) -> H3Response:
-        """Send a request, read its headers and `chunks` body chunks, then cancel the answer as a
-        client that goes away does: STOP_SENDING with H3_REQUEST_CANCELLED (the request itself is
-        complete, so there is nothing of ours to reset)."""
-        stream_id = self._quic.get_next_available_stream_id()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[stream_id] = queue
-        h = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
-             (b":path", path.encode()), (b"content-length", str(len(body)).encode())]
-        h += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        self.http.send_headers(stream_id, h)
-        self.http.send_data(stream_id, body, end_stream=True)
-        self.transmit()
-        response = H3Response(0, {})
-        try:
-            while len(response.chunks) < chunks:
-                event = await queue.get()
-                if isinstance(event, HeadersReceived):
-                    response.status = int(dict(event.headers)[b":status"])
                 elif isinstance(event, DataReceived) and event.data:
                     response.chunks.append(event.data)
                 if event.stream_ended:
                     break
         finally:
             del self._streams[stream_id]
-        self._quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
-        self.transmit()
+        if cancel_after is not None:
+            self._quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
+            self.transmit()
         response.body = b"".join(response.chunks)
         return response
 
@@ -126,22 +101,18 @@ class H3Client:
 
     async def request(self, method: str, path: str, *, json=None, body: bytes = b"",
                       headers: dict[str, str] | None = None, auth: bool = True,
-                      trailers: dict[str, str] | None = None) -> H3Response:
+                      trailers: dict[str, str] | None = None, cancel_after: int | None = None) -> H3Response:
         h = dict(headers or {})
         if json is not None:
             body = msgspec.json.encode(json)
             h.setdefault("content-type", "application/json")
         if auth and self._api_key:
             h.setdefault("authorization", f"Bearer {self._api_key}")
-        return await self._protocol.request(method, path, h, body, self._authority, trailers)
+        return await self._protocol.request(method, path, h, body, self._authority, trailers, cancel_after)
 
     async def post_then_reset(self, path: str, *, json, chunks: int = 1) -> H3Response:
         """POST `json`, read `chunks` chunks of the answer, then cancel the stream."""
-        headers = {"content-type": "application/json"}
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
-        return await self._protocol.request_then_reset("POST", path, headers, msgspec.json.encode(json),
-                                                       self._authority, chunks)
+        return await self.request("POST", path, json=json, cancel_after=chunks)
 
     async def get(self, path: str, **kw) -> H3Response:
         return await self.request("GET", path, **kw)
