@@ -75,7 +75,13 @@ class _H3Protocol(QuicConnectionProtocol):
             for stream_id in list(self.streams):
                 self._fail(stream_id, TransportError(self.closed_reason, sent=True))
         elif isinstance(event, StreamReset):
-            self._fail(event.stream_id, TransportError(f"stream reset by server (code {event.error_code})", sent=True))
+            # H3_REQUEST_REJECTED: the server did not process it (a gateway draining after its
+            # GOAWAY), so it is unsent and safe to retry, on another connection than this one.
+            rejected = event.error_code == ErrorCode.H3_REQUEST_REJECTED
+            if rejected:
+                self.closed_reason = self.closed_reason or "the server refuses new requests on this connection"
+            self._fail(event.stream_id, TransportError(f"stream reset by server (code {event.error_code})",
+                                                       sent=not rejected))
         for h3_event in self.http.handle_event(event):
             self._h3_event(h3_event)
 
