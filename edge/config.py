@@ -34,7 +34,7 @@ class EdgeConfig:
     max_input_chars: int = 32_768  # characters in one input (the model reads 256 tokens anyway)
     drain_timeout_s: float = 15.0  # how long SIGTERM waits for in-flight requests
     # After SIGTERM the worker reports NOT_SERVING but keeps answering for this long, so that health
-    # checkers (the gateway probes every 0.5 s) move traffic away before any request is refused.
+    # checkers (the gateway probes every 250 ms) move traffic away before any request is refused.
     drain_grace_s: float = 1.5
     log_level: str = "warning"
     port_file: Path | None = None  # written with the bound port once SERVING, for launchers using port 0

@@ -91,9 +91,11 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Active health checks.
-    probe_interval_s: float = 0.5
-    probe_timeout_s: float = 0.5
+    # Active health checks, each endpoint on its own clock. A zone that falls silent is seen down
+    # within interval + timeout (0.5 s), which is what keeps a blackholed zone's recovery under
+    # 1 s; scale both up for wide-area round trips near the timeout.
+    probe_interval_s: float = 0.25
+    probe_timeout_s: float = 0.25
     # Ranking: distance counts as fibre round trips (about 100 km per millisecond), plus the
     # probe round trip's peak-EWMA, which decays with this time constant.
     km_per_ms: float = 100.0

@@ -152,7 +152,7 @@ class UpstreamPool:
     def __init__(self, upstreams: list[Upstream], config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
         self.endpoints = [Endpoint(u, self.config) for u in upstreams]
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def for_tier(self, tier: Tier) -> list[Endpoint]:
         """The endpoints serving `tier`, in topology order."""
@@ -178,16 +178,24 @@ class UpstreamPool:
         endpoint.record_probe(ok is True, now - started, now)
 
     def start(self) -> None:
-        """Run the health check loop in the background."""
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Run each endpoint's health check in the background, each on its own clock.
 
-    async def _loop(self) -> None:
+        One loop per endpoint: a silent zone's probes, waiting out their timeout, must not delay
+        the next look at the others (a returning zone, the zone taking the load).
+        """
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch(e)) for e in self.endpoints]
+
+    async def _watch(self, endpoint: Endpoint) -> None:
+        # A probe every interval, start to start: a silent endpoint is seen down at most
+        # probe_interval_s + probe_timeout_s after it fell silent.
         while True:
-            await self.check_once()
-            await asyncio.sleep(self.config.probe_interval_s)
+            started = time.monotonic()
+            await self._probe(endpoint)
+            await asyncio.sleep(max(0.0, self.config.probe_interval_s - (time.monotonic() - started)))
 
     async def close(self) -> None:
         """Stop checking and close every upstream's connections."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*(e.upstream.close() for e in self.endpoints), return_exceptions=True)

@@ -38,6 +38,27 @@ def test_peak_ewma_jumps_up_and_decays():
     assert 0.06 < e.value < 0.1
 
 
+async def test_a_silent_zone_is_seen_down_within_interval_plus_timeout_and_others_keep_their_pace():
+    config = RoutingConfig(probe_interval_s=0.1, probe_timeout_s=0.1)
+    silent, other = FakeUpstream("zone-a", "edge"), FakeUpstream("zone-b", "edge")
+    pool = UpstreamPool([silent, other], config)
+    await pool.check_once()
+    pool.start()
+    try:
+        await asyncio.sleep(0.15)
+        silent.silent, since, checks = True, time.monotonic(), other.health_checks
+        while pool.endpoints[0].healthy:
+            await asyncio.sleep(0.005)
+        assert time.monotonic() - since <= config.probe_interval_s + config.probe_timeout_s + 0.05
+        await asyncio.sleep(1.0 - (time.monotonic() - since))
+        # Probed on its own clock, about 10 times a second; waiting on the silent zone's
+        # timeouts would have halved that.
+        assert other.health_checks - checks >= 8
+        assert pool.endpoints[1].healthy
+    finally:
+        await pool.close()
+
+
 async def test_slow_zone_loses_traffic_then_wins_it_back():
     gw, ups = await gateway_with()
     router, pool = gw.router, gw.pool

@@ -18,6 +18,8 @@ class FakeUpstream:
         self.calls: list[GenerateCall] = []
         self.embed_calls = 0
         self.delay = 0.0
+        self.silent = False  # health checks get no answer at all (a blackholed zone)
+        self.health_checks = 0
 
     async def embed(self, model, inputs, *, timeout, traceparent=None):
         self.traceparent = traceparent
@@ -41,6 +43,9 @@ class FakeUpstream:
             yield GenerateChunk(f"t{i} ", [i], "length" if last else None, 3, i + 1)
 
     async def health(self, *, timeout):
+        self.health_checks += 1
+        if self.silent:
+            await asyncio.Event().wait()
         return not self.fail
 
     async def close(self):
