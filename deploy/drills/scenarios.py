@@ -65,9 +65,13 @@ async def set_zone_fault(ctx: Context, fault: Fault) -> None:
         await asyncio.to_thread(set_fault, url, fault)
 
 
+# Process control blocks (a SIGTERM'd Triton may take seconds to exit): it runs off the event loop,
+# which is also the load generator's, so the load keeps its schedule and its clock.
+
+
 async def kill_zone(ctx: Context) -> None:
-    for part in ("edge", "core"):
-        ctx.stack.child(f"{ctx.zone}-{part}").kill()
+    parts = [ctx.stack.child(f"{ctx.zone}-{part}") for part in ("edge", "core")]
+    await asyncio.gather(*(asyncio.to_thread(child.kill) for child in parts))
 
 
 async def restart_zone(ctx: Context) -> None:
@@ -84,12 +88,12 @@ async def _note_return(ctx: Context) -> None:
 
 async def restart_core(ctx: Context) -> None:
     child = ctx.stack.child(f"{ctx.zone}-core")
-    child.stop(timeout=10)
+    await asyncio.to_thread(child.stop, timeout=10)
     child.start()
 
 
 async def kill_redis(ctx: Context) -> None:
-    ctx.stack.child("redis").kill()
+    await asyncio.to_thread(ctx.stack.child("redis").kill)
 
 
 async def start_redis(ctx: Context) -> None:
