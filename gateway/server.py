@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -60,6 +61,11 @@ async def run(topology: Topology, stop: asyncio.Event) -> None:
         https = Http1Listener(gateway, h3_port=h3.port)
         await https.start(cfg.https.host, cfg.https.port, tls=tls)
         listeners.append(https)
+    # What startup made lives as long as the process: frozen out of the collector, a full
+    # collection scans only what serving made since, not the 70k objects of the imports (a 20 ms
+    # pause on the 2-core machines, taken in the middle of whichever requests were in flight).
+    gc.collect()
+    gc.freeze()
     log.warning("gateway listening", extra={"http1": f"{cfg.http1.host}:{h1.port}", "http3": f"{cfg.http3.host}:{h3.port}"})
     try:
         await stop.wait()
