@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -35,22 +35,54 @@ class _Failed:
     error: TransportError
 
 
+class _H3Connection(H3Connection):
+    """aioquic's HTTP/3 connection, telling us that the server sent GOAWAY.
+
+    aioquic 1.7 skips a GOAWAY's payload unread, so the ID it carries is not known: streams the
+    server will not process learn it from their H3_REQUEST_REJECTED reset.
+    """
+
+    def __init__(self, quic: QuicConnection, on_goaway: Callable[[], None]) -> None:
+        super().__init__(quic)
+        self._on_goaway = on_goaway
+
+    def _check_control_frame_type(self, frame_type: int) -> None:
+        super()._check_control_frame_type(frame_type)  # called once per frame, as its header is read
+        if frame_type == FrameType.GOAWAY:
+            self._on_goaway()
+
+
 class _H3Protocol(QuicConnectionProtocol):
     """One QUIC connection: HTTP/3 events sorted into per-stream queues."""
 
     def __init__(self, quic: QuicConnection, stream_handler=None) -> None:
         super().__init__(quic, stream_handler)
-        self.http = H3Connection(quic)
+        self.http = _H3Connection(quic, self._goaway)
         self.streams: dict[int, asyncio.Queue] = {}
         self.handshake: asyncio.Future[bool] = self._loop.create_future()
         self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self.early_streams: set[int] = set()  # request streams whose bytes left before the handshake
         self.closed_reason: str | None = None
+        # The server is shutting down (GOAWAY, or a stream it refused): its streams in flight go on
+        # to their end, new requests go on a new connection, and this one closes once idle.
+        self.going_away = False
 
     @property
     def usable(self) -> bool:
-        """Open, so new requests may go on it."""
-        return self.closed_reason is None
+        """Open and not going away, so new requests may go on it."""
+        return self.closed_reason is None and not self.going_away
+
+    def _goaway(self) -> None:
+        self.going_away = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self.going_away and not self.streams and self.closed_reason is None:
+            self.closed_reason = "closed by client after the server went away"
+            self.close()
+            transport = self._transport
+            if transport is not None:
+                self._loop.call_later(0.05, transport.close)  # let CONNECTION_CLOSE leave
 
     @property
     def can_send_early(self) -> bool:
@@ -78,8 +110,7 @@ class _H3Protocol(QuicConnectionProtocol):
             # H3_REQUEST_REJECTED: the server did not process it (a gateway draining after its
             # GOAWAY), so it is unsent and safe to retry, on another connection than this one.
             rejected = event.error_code == ErrorCode.H3_REQUEST_REJECTED
-            if rejected:
-                self.closed_reason = self.closed_reason or "the server refuses new requests on this connection"
+            self.going_away = self.going_away or rejected
             self._fail(event.stream_id, TransportError(f"stream reset by server (code {event.error_code})",
                                                        sent=not rejected))
         for h3_event in self.http.handle_event(event):
@@ -94,6 +125,13 @@ class _H3Protocol(QuicConnectionProtocol):
         queue = self.streams.get(stream_id)
         if queue is not None:
             queue.put_nowait(_Failed(error))
+
+    def _forget(self, stream_id: int) -> bool:
+        """Done with a stream; False when it was done already."""
+        known = self.streams.pop(stream_id, None) is not None
+        self.early_streams.discard(stream_id)
+        self._close_if_idle()
+        return known
 
     def send_request(self, request: HttpRequest, authority: str) -> tuple[int, bool]:
         """Write the request on a new stream; returns (stream id, whether it went as 0-RTT)."""
@@ -135,23 +173,21 @@ class _H3Protocol(QuicConnectionProtocol):
             if isinstance(event, DataReceived) and event.data:
                 yield event.data
             if event.stream_ended:
-                self.streams.pop(stream_id, None)
-                self.early_streams.discard(stream_id)
+                self._forget(stream_id)
                 return
 
     async def _next(self, stream_id: int) -> H3Event:
         item = await self.streams[stream_id].get()
         if isinstance(item, _Failed):
-            self.streams.pop(stream_id, None)
+            self._forget(stream_id)
             raise item.error
         return item
 
     def cancel(self, stream_id: int) -> None:
         """Abandon a request: reset our side, ask the server to stop sending (so it stops generating)."""
-        if self.streams.pop(stream_id, None) is None:
+        if stream_id not in self.streams:
             return
-        self.early_streams.discard(stream_id)
-        if self.usable:
+        if self.closed_reason is None:
             try:
                 self._quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
             except Exception:  # noqa: BLE001 - the send side may already be finished
@@ -161,6 +197,7 @@ class _H3Protocol(QuicConnectionProtocol):
             except Exception:  # noqa: BLE001 - the receive side may already be finished
                 pass
             self.transmit()
+        self._forget(stream_id)  # last, since it may close a connection going away
 
 
 class H3Transport:
@@ -186,6 +223,7 @@ class H3Transport:
         self._local_ip: str | None = None
         self._files: ThreadPoolExecutor | None = None
         self._early: list[tuple[HttpRequest, asyncio.Future]] = []  # replay-safe requests for the next connection
+        self._retiring: set[_H3Protocol] = set()  # going away, streams still running (close themselves)
         self.handshakes = 0  # connections opened (tests and benchmarks read it)
 
     # -- connection ---------------------------------------------------------------------------
@@ -215,7 +253,7 @@ class H3Transport:
 
     async def _open(self) -> _H3Protocol:
         loop = asyncio.get_running_loop()
-        self._drop()
+        self._retire_or_drop()
         try:
             infos = await _resolve(self.host, self.port)
         except OSError as exc:
@@ -283,20 +321,22 @@ class H3Transport:
                 self._drop()
             raise HandshakeTimeout(f"QUIC handshake with {self.server} took over {self._handshake_timeout:g} s") from None
 
+    def _retire_or_drop(self) -> None:
+        """Make way for a new connection: one the server is draining keeps serving its streams in
+        flight (a long generation) until they end, any other is closed."""
+        self._retiring = {p for p in self._retiring if p.closed_reason is None}
+        proto = self._proto
+        if proto is not None and proto.going_away and proto.closed_reason is None and proto.streams:
+            self._retiring.add(proto)
+            self._proto = self._transport = None
+        else:
+            self._drop()
+
     def _drop(self) -> None:
         """Forget the current connection, closing it."""
         proto, transport = self._proto, self._transport
         self._proto = self._transport = None
-        if proto is not None:
-            if not proto.handshake.done():
-                proto.handshake.set_exception(ConnectError("connection abandoned"))
-            if proto.closed_reason is None:
-                proto.closed_reason = "closed by client"
-                proto.close()
-            for stream_id in list(proto.streams):
-                proto._fail(stream_id, TransportError("connection closed", sent=True))
-        if transport is not None:
-            asyncio.get_running_loop().call_later(0.05, transport.close)  # let CONNECTION_CLOSE leave
+        _close(proto, transport)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -400,13 +440,15 @@ class H3Transport:
             self._local_ip = ip
 
     async def aclose(self) -> None:
-        """Close the connection."""
+        """Close the connection (and any still finishing streams after a GOAWAY)."""
         if self._watcher is not None:
             self._watcher.cancel()
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
         proto, transport = self._proto, self._transport
         self._drop()
+        for retiring in self._retiring:
+            _close(retiring, retiring._transport)
         if proto is not None:
             try:
                 await asyncio.wait_for(proto.wait_closed(), 0.5)
@@ -417,6 +459,20 @@ class H3Transport:
         if self._files is not None:
             self._files.shutdown(wait=True)  # a ticket being written is kept
             self._files = None
+
+
+def _close(proto: _H3Protocol | None, transport: asyncio.DatagramTransport | None) -> None:
+    """Close a connection now; its streams fail as sent (they may have run)."""
+    if proto is not None:
+        if not proto.handshake.done():
+            proto.handshake.set_exception(ConnectError("connection abandoned"))
+        if proto.closed_reason is None:
+            proto.closed_reason = "closed by client"
+            proto.close()
+        for stream_id in list(proto.streams):
+            proto._fail(stream_id, TransportError("connection closed", sent=True))
+    if transport is not None:
+        asyncio.get_running_loop().call_later(0.05, transport.close)  # let CONNECTION_CLOSE leave
 
 
 async def _resolve(host: str, port: int) -> list:
