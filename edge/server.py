@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import os
 import signal
 import socket
@@ -77,6 +78,10 @@ class EdgeServer:
         except BaseException:
             await self._close()
             raise
+        # The loaded models and imports stay for the worker's life: out of the collector's
+        # full passes (about 8 ms each here), which would stall the loop thread mid-batch.
+        gc.collect()
+        gc.freeze()
         self.service.ready(models)
         if self.config.port_file is not None:
             _write_atomically(self.config.port_file, f"{self.port}\n")
