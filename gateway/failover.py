@@ -78,10 +78,12 @@ class Failover:
         queue = _usable(endpoints)
         self.budget.on_request()
         running: dict[asyncio.Task, Endpoint] = {}
+        launched: dict[asyncio.Task, int] = {}  # each try's place in launch order
         last: UpstreamFailure | None = None
 
         def launch(endpoint: Endpoint) -> None:
-            running[asyncio.ensure_future(self._try(endpoint, call))] = endpoint
+            task = asyncio.ensure_future(self._try(endpoint, call))
+            running[task], launched[task] = endpoint, len(launched)
 
         launch(queue.pop(0))
         try:
@@ -109,9 +111,12 @@ class Failover:
                         self.failed(endpoint, failure)
                         continue
                     endpoint.record_success()
-                    for slower in running.values():
-                        # Beaten by its own hedge: count it towards ejection, as a timeout.
-                        self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge", timeout=True))
+                    for other, slower in running.items():
+                        # Beaten by a hedge sent after it: that counts towards ejection, as a
+                        # timeout. A hedge beaten by the try it backed up merely started later.
+                        if launched[other] < launched[task]:
+                            self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge",
+                                                                timeout=True))
                     return endpoint, result
                 if not running and queue and self.budget.try_spend():
                     self.metrics.retries.inc(queue[0].tier)

@@ -113,6 +113,20 @@ async def test_hedged_embedding_answers_from_the_next_zone():
     assert gw.metrics.retries.get("hedge") == 1
 
 
+async def test_a_hedge_that_loses_to_the_first_try_is_not_counted_against_its_zone():
+    # Both zones slow alike (load, not sickness): the first try answers before the hedge sent
+    # 50 ms after it. The backup zone did nothing wrong and must stay in rotation.
+    gw, ups = await gateway_with({"hedge_after_s": 0.05, "retry_budget_min_per_s": 100.0})
+    ups[0].delay = ups[2].delay = 0.15
+    for i in range(4):
+        r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": f"x{i}"}))
+        assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-a"
+    backup = next(e for e in gw.pool.endpoints if e.zone == "zone-b" and e.tier == "edge")
+    assert gw.metrics.retries.get("hedge") == 4
+    assert backup.available() and backup.consecutive_failures == 0
+    assert gw.metrics.ejections.get("zone-b", "edge") == 0
+
+
 async def test_retry_budget_stops_retry_storms():
     budget = RetryBudget(ratio=0.1, min_per_s=0.0, window_s=10)
     spent = sum(budget.try_spend() for _ in range(5))
