@@ -135,6 +135,8 @@ class _H3Protocol(QuicConnectionProtocol):
 
     def send_request(self, request: HttpRequest, authority: str) -> tuple[int, bool]:
         """Write the request on a new stream; returns (stream id, whether it went as 0-RTT)."""
+        if self.closed_reason is not None:  # closed while the request waited for the handshake
+            raise TransportError(f"connection closed before the request left: {self.closed_reason}", sent=False)
         stream_id = self._quic.get_next_available_stream_id()
         early = not self.handshake.done()
         self.streams[stream_id] = asyncio.Queue()
