@@ -91,11 +91,15 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Active health checks, each endpoint on its own clock. A zone that falls silent is seen down
-    # within interval + timeout (0.5 s), which is what keeps a blackholed zone's recovery under
-    # 1 s; scale both up for wide-area round trips near the timeout.
+    # Active health checks, each endpoint on its own clock. A healthy endpoint's probe waits 4x
+    # its round trip (the peak EWMA below), at least probe_timeout_min_s: a nearby zone that falls
+    # silent is seen down within interval + 0.25 s, which keeps a blackholed zone's recovery
+    # under 1 s, while a zone 150 ms away still has 600 ms to answer. A probe of an endpoint that
+    # is down, or not yet measured, waits probe_timeout_s, so a zone that merely got slower is
+    # measured again rather than kept down.
     probe_interval_s: float = 0.25
-    probe_timeout_s: float = 0.25
+    probe_timeout_min_s: float = 0.25
+    probe_timeout_s: float = 1.0
     # Ranking: distance counts as fibre round trips (about 100 km per millisecond), plus the
     # probe round trip's peak-EWMA, which decays with this time constant.
     km_per_ms: float = 100.0

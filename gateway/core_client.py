@@ -74,16 +74,14 @@ class CoreUpstream:
             responses.cancel()
 
     async def health(self, *, timeout: float) -> bool:
-        """Triton's server readiness and the readiness of every model this core serves."""
+        """Triton's server readiness and the readiness of every model this core serves, asked
+        at once (one round trip, not one per question)."""
+        checks = [self._client.is_server_ready(), *(self._client.is_model_ready(m) for m in self._models)]
         try:
-            if not await asyncio.wait_for(self._client.is_server_ready(), timeout):
-                return False
-            for model in self._models:
-                if not await asyncio.wait_for(self._client.is_model_ready(model), timeout):
-                    return False
+            answers = await asyncio.wait_for(asyncio.gather(*checks), timeout)
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
-        return True
+        return all(answers)
 
     async def close(self) -> None:
         """Close the gRPC channel."""

@@ -95,6 +95,14 @@ class Endpoint:
         """Healthy by the last probe and not ejected by outlier detection."""
         return self.healthy and (now if now is not None else time.monotonic()) >= self.ejected_until
 
+    def probe_timeout(self) -> float:
+        """How long the next health check waits: 4x the round trip while healthy (at least the
+        configured minimum), the whole probe_timeout_s otherwise."""
+        cfg = self._config
+        if not self.healthy or not self.rtt.value:
+            return cfg.probe_timeout_s
+        return min(cfg.probe_timeout_s, max(cfg.probe_timeout_min_s, 4 * self.rtt.value))
+
     def saturated(self) -> bool:
         return self.in_flight >= self._config.zone_capacity
 
@@ -167,11 +175,9 @@ class UpstreamPool:
         await asyncio.gather(*(self._probe(e) for e in self.endpoints))
 
     async def _probe(self, endpoint: Endpoint) -> None:
-        started = time.monotonic()
+        started, timeout = time.monotonic(), endpoint.probe_timeout()
         try:
-            ok = await asyncio.wait_for(
-                endpoint.upstream.health(timeout=self.config.probe_timeout_s), self.config.probe_timeout_s
-            )
+            ok = await asyncio.wait_for(endpoint.upstream.health(timeout=timeout), timeout)
         except Exception:  # noqa: BLE001 - a probe that fails in any way says "not healthy"
             ok = False
         now = time.monotonic()
@@ -188,7 +194,7 @@ class UpstreamPool:
 
     async def _watch(self, endpoint: Endpoint) -> None:
         # A probe every interval, start to start: a silent endpoint is seen down at most
-        # probe_interval_s + probe_timeout_s after it fell silent.
+        # probe_interval_s + its probe timeout after it fell silent.
         while True:
             started = time.monotonic()
             await self._probe(endpoint)

@@ -38,8 +38,41 @@ def test_peak_ewma_jumps_up_and_decays():
     assert 0.06 < e.value < 0.1
 
 
+def test_a_probe_waits_four_round_trips_while_healthy_and_the_whole_timeout_otherwise():
+    cfg = RoutingConfig(probe_timeout_min_s=0.25, probe_timeout_s=1.0)
+    e = Endpoint(FakeUpstream("z", "core"), cfg)
+    assert e.probe_timeout() == 1.0  # never measured
+    e.healthy = True
+    e.rtt.observe(0.002, 100.0)
+    assert e.probe_timeout() == 0.25  # nearby: the floor
+    e.rtt.observe(0.15, 100.1)
+    assert e.probe_timeout() == pytest.approx(0.6)  # 150 ms away
+    e.rtt.observe(0.4, 100.2)
+    assert e.probe_timeout() == 1.0  # capped
+    e.healthy = False
+    e.rtt.observe(0.002, 200.0)
+    assert e.probe_timeout() == 1.0  # down: a slower answer must still count
+
+
+async def test_a_distant_zone_stays_healthy_and_a_slowed_one_is_measured_again():
+    config = RoutingConfig(probe_interval_s=0.05, probe_timeout_min_s=0.05, probe_timeout_s=0.5)
+    far, near = FakeUpstream("zone-a", "edge"), FakeUpstream("zone-b", "edge")
+    far.health_delay = 0.1  # over the minimum timeout, under 4 round trips and the cap
+    pool = UpstreamPool([far, near], config)
+    await pool.check_once()
+    pool.start()
+    try:
+        await asyncio.sleep(0.6)
+        assert all(e.healthy for e in pool.endpoints)
+        near.health_delay = 0.1  # slowed: one probe times out, the next (whole timeout) measures it
+        await asyncio.sleep(0.6)
+        assert pool.endpoints[1].healthy and pool.endpoints[1].rtt.value >= 0.1
+    finally:
+        await pool.close()
+
+
 async def test_a_silent_zone_is_seen_down_within_interval_plus_timeout_and_others_keep_their_pace():
-    config = RoutingConfig(probe_interval_s=0.1, probe_timeout_s=0.1)
+    config = RoutingConfig(probe_interval_s=0.1, probe_timeout_min_s=0.1, probe_timeout_s=0.1)
     silent, other = FakeUpstream("zone-a", "edge"), FakeUpstream("zone-b", "edge")
     pool = UpstreamPool([silent, other], config)
     await pool.check_once()

@@ -19,6 +19,7 @@ class FakeUpstream:
         self.embed_calls = 0
         self.delay = 0.0
         self.silent = False  # health checks get no answer at all (a blackholed zone)
+        self.health_delay = 0.0  # a health check's round trip
         self.health_checks = 0
 
     async def embed(self, model, inputs, *, timeout, traceparent=None):
@@ -46,6 +47,7 @@ class FakeUpstream:
         self.health_checks += 1
         if self.silent:
             await asyncio.Event().wait()
+        await asyncio.sleep(self.health_delay)
         return not self.fail
 
     async def close(self):
