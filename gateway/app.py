@@ -35,6 +35,9 @@ access_log = logging.getLogger("meridian.access")
 
 MAX_EMBED_INPUTS = 256
 MAX_IDEMPOTENCY_KEY = 255
+# On a fresh answer: the upstream tries it took (1: the first zone answered; hedges and retries
+# count), as Envoy's x-envoy-attempt-count. Drills tell a failover's slow answers from jitter by it.
+ATTEMPTS = "x-meridian-attempts"
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
@@ -205,7 +208,7 @@ class Gateway:
             timeout = self.topology.routing.try_timeout_s
             traceparent = tracing.current_traceparent(request.headers.get("traceparent"))
             # Embeddings are idempotent: hedged to the next zone when the first is slow.
-            endpoint, result = await self.failover.unary(
+            endpoint, result, tries = await self.failover.unary(
                 endpoints,
                 lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent),
                 hedge=True,
@@ -226,7 +229,7 @@ class Gateway:
                 await got.release()
         # Counted towards tokens_per_minute as generations are (a cache hit costs the tenant none).
         await self.limiter.debit(principal.tenant, result.prompt_tokens)
-        return _stored_response(answer, cache_state)
+        return _stored_response(answer, cache_state, tries)
 
     async def _cache_begin(
         self, request: Request, principal: Principal, model: Model, version: str, body, deterministic: bool
@@ -358,7 +361,7 @@ class Gateway:
                 await finish()
 
         return await _answer(body.stream, fmt, meta, include_usage, chunks(), stream.first_zone, model.tier, cache_state,
-                             resumed=lambda: stream.resumed, on_close=finish)
+                             resumed=lambda: stream.resumed, on_close=finish, tries=lambda: stream.tries)
 
 
 class _Recording:
@@ -403,10 +406,13 @@ async def _nothing() -> None:
 
 
 async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: str, tier: str, cache: str,
-                  resumed=lambda: 0, on_close=_nothing) -> Response:
-    """A streamed answer as SSE (closing it runs `on_close`), or the whole answer gathered from the chunks."""
+                  resumed=lambda: 0, on_close=_nothing, tries=None) -> Response:
+    """A streamed answer as SSE (closing it runs `on_close`), or the whole answer gathered from the chunks.
+    `tries` (a fresh answer): the upstream tries it took so far, sent as x-meridian-attempts."""
     headers = {"x-meridian-zone": zone, "x-meridian-tier": tier, "x-meridian-cache": cache}
     if stream:
+        if tries is not None:  # the tries to open it; resumes after the headers are in the SSE comment
+            headers[ATTEMPTS] = str(tries())
         return Response.event_stream(ClosingStream(_sse(chunks, fmt, meta, include_usage, resumed), on_close), headers)
     text: list[str] = []
     usage = openai_format.Usage()
@@ -418,6 +424,8 @@ async def _answer(stream: bool, fmt, meta, include_usage: bool, chunks, zone: st
             finish = chunk.finish_reason or finish
     finally:
         await chunks.aclose()
+    if tries is not None:
+        headers[ATTEMPTS] = str(tries())
     return Response.json(fmt.whole(meta, "".join(text), finish, usage), headers=headers)
 
 
@@ -458,9 +466,11 @@ def _embedding_body(body: api.EmbeddingRequest, model: Model, vectors: np.ndarra
     return msgspec.json.encode({"object": "list", "data": data, "model": model.name, "usage": usage})
 
 
-def _stored_response(answer: CachedAnswer, cache: str) -> Response:
+def _stored_response(answer: CachedAnswer, cache: str, tries: int | None = None) -> Response:
     headers = {"content-type": "application/json", "x-meridian-zone": answer.zone, "x-meridian-tier": answer.tier,
                "x-meridian-cache": cache}
+    if tries is not None:
+        headers[ATTEMPTS] = str(tries)
     return Response(200, headers, answer.body)
 
 

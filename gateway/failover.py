@@ -73,8 +73,9 @@ class Failover:
 
     async def unary(
         self, endpoints: list[Endpoint], call: Callable[[Endpoint], Awaitable[T]], *, hedge: bool = False
-    ) -> tuple[Endpoint, T]:
-        """The first successful answer; hedges idempotent calls to the next zone after a delay."""
+    ) -> tuple[Endpoint, T, int]:
+        """(endpoint, the first successful answer, tries made); hedges idempotent calls to the next
+        zone after a delay."""
         queue = _usable(endpoints)
         self.budget.on_request()
         running: dict[asyncio.Task, Endpoint] = {}
@@ -117,7 +118,7 @@ class Failover:
                         if launched[other] < launched[task]:
                             self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge",
                                                                 timeout=True))
-                    return endpoint, result
+                    return endpoint, result, len(launched)
                 if not running and queue and self.budget.try_spend():
                     self.metrics.retries.inc(queue[0].tier)
                     launch(queue.pop(0))
@@ -158,6 +159,7 @@ class ResumableStream:
         self._watch = True
         self.first_zone: str = ""
         self.resumed = 0
+        self.tries = 0  # endpoints asked so far, resumes included
 
     async def start(self) -> None:
         """Open the stream in the first zone that yields a chunk."""
@@ -171,6 +173,7 @@ class ResumableStream:
             if attempt and not self._failover.budget.try_spend():
                 break
             attempt += 1
+            self.tries += 1
             endpoint = self._queue.pop(0)
             call = self._call
             if self._tokens:

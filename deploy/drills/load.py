@@ -32,6 +32,7 @@ class Sample:
     body: dict = field(default_factory=dict)
     streaming: bool = False  # a stream that has received text and not finished yet
     resumed: int = 0  # zones the gateway moved this stream through (its SSE comment says)
+    attempts: int = 1  # upstream tries the gateway made before the answer began (x-meridian-attempts)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class LoadGenerator:
         async with session.post(self.base_url + path, data=json.dumps(sample.body)) as r:
             sample.status = r.status
             sample.zone = r.headers.get("x-meridian-zone", "")
+            sample.attempts = int(r.headers.get("x-meridian-attempts", "1"))
             text = await r.text()
             sample.ok = r.status == 200
             if not sample.ok:
@@ -127,6 +129,7 @@ async def stream_text(session: aiohttp.ClientSession, base_url: str, sample: Sam
     async with session.post(base_url + "/v1/completions", data=json.dumps(sample.body), headers=headers) as r:
         sample.status = r.status
         sample.zone = r.headers.get("x-meridian-zone", "")
+        sample.attempts = int(r.headers.get("x-meridian-attempts", "1"))
         if r.status != 200:
             sample.error = (await r.text())[:300]
             return

@@ -86,13 +86,16 @@ def baselines(samples: list[Sample], fault_at: float) -> dict[str, float]:
 
 
 def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, float],
-                     fault_end: float | None = None) -> float:
+                     fault_end: float | None = None, zone: str = "") -> float:
     """Time from the fault to the end of the last window whose p99 is over 2x baseline (or that failed).
 
     Latencies are taken relative to each kind's baseline p99, so embeddings and streams count alike,
     and within DEGRADED_MIN_EXTRA_S of it they count as unchanged.
     Only requests that started while the fault held count: the fault's end (a zone coming back) is
     an event of its own, measured by the zone-returns drill.
+    A window's only slow answer does not count when the fault never touched it (`touched`): on two
+    shared cores any process can stall one answer for tens of ms, whereas the fault's own cost
+    falls on the requests that met the struck `zone`, and overload of the zones left slows many.
     """
     # Requests in flight when the fault hit count from the fault's moment.
     until = fault_end if fault_end is not None else float("inf")
@@ -105,11 +108,28 @@ def recovery_seconds(samples: list[Sample], fault_at: float, base: dict[str, flo
     t = fault_at
     while t <= end:
         window = [s for at, s in after if t <= at < t + WINDOW_S]
-        ratios = [_slowdown(s, base.get(s.kind, 1.0)) for s in window if s.ok]
-        if any(not s.ok for s in window) or (ratios and percentile(ratios, 99) > 2.0):
+        if _degraded(window, base, fault_at, zone):
             last_bad = min(t + WINDOW_S, end)
         t += STEP_S
     return max(0.0, last_bad - fault_at)
+
+
+def _degraded(window: list[Sample], base: dict[str, float], fault_at: float, zone: str) -> bool:
+    if any(not s.ok for s in window):
+        return True
+    ratios = [(_slowdown(s, base.get(s.kind, 1.0)), s) for s in window]
+    if not ratios or percentile([r for r, _ in ratios], 99) <= 2.0:
+        return False
+    slow = [s for r, s in ratios if r > 2.0]
+    return len(slow) >= 2 or any(touched(s, fault_at, zone) for s in slow)
+
+
+def touched(sample: Sample, fault_at: float, zone: str) -> bool:
+    """Whether the fault could have slowed this request itself: it was in flight when the fault
+    hit, was answered by the struck zone, took more than one try (a hedge, a retry) or was resumed.
+    Every request, for a fault that struck no zone (Redis)."""
+    return (not zone or sample.started < fault_at or sample.zone == zone
+            or sample.attempts > 1 or sample.resumed > 0)
 
 
 # A request counts as slowed by the fault only when it is over 2x its kind's baseline

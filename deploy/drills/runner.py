@@ -155,6 +155,7 @@ def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: fl
               before: dict, after: dict, identical: bool, compared: int) -> rpt.DrillReport:
     """The report's numbers from the samples and the gateway's counters."""
     base = rpt.baselines(samples, fault_at)
+    struck = zone if scenario.hits_zone else ""  # Redis: every request met the fault
     end = max((s.started for s in samples), default=fault_end) + 1
     failures = [s for s in samples if not s.ok]
     r = rpt.DrillReport(
@@ -163,7 +164,7 @@ def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: fl
         fault_end=round(fault_end, 3),
         client_failures=len(failures),
         requests=len(samples),
-        recovery_seconds=round(rpt.recovery_seconds(samples, fault_at, base, fault_end), 3),
+        recovery_seconds=round(rpt.recovery_seconds(samples, fault_at, base, fault_end, struck), 3),
         p50_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 50),
         p99_ms_before=rpt.percentile(rpt.phase(samples, 0, fault_at), 99),
         p50_ms_during=rpt.percentile(rpt.phase(samples, fault_at, fault_end), 50),

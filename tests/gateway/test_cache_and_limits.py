@@ -68,6 +68,7 @@ async def test_deterministic_answers_are_cached_per_tenant(flushed):
     again = await gw.handle(post("/v1/completions", body))
     other = await gw.handle(post("/v1/completions", body, key="sk-b"))
     assert [r.headers["x-meridian-cache"] for r in (first, again, other)] == ["miss", "hit", "miss"]
+    assert [r.headers.get("x-meridian-attempts") for r in (first, again, other)] == ["1", None, "1"]  # a hit asks no zone
     assert first.body == again.body.replace(msgspec.json.decode(again.body)["id"].encode(),
                                             msgspec.json.decode(first.body)["id"].encode()).replace(
         str(msgspec.json.decode(again.body)["created"]).encode(), str(msgspec.json.decode(first.body)["created"]).encode())

@@ -142,6 +142,7 @@ async def test_hedged_embedding_answers_from_the_next_zone():
     started = time.perf_counter()
     r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
     assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    assert r.headers["x-meridian-attempts"] == "2"  # the first try and its hedge
     assert time.perf_counter() - started < 0.5
     assert gw.metrics.retries.get("hedge") == 1
 
@@ -154,6 +155,7 @@ async def test_a_hedge_that_loses_to_the_first_try_is_not_counted_against_its_zo
     for i in range(4):
         r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": f"x{i}"}))
         assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-a"
+        assert r.headers["x-meridian-attempts"] == "2"
     backup = next(e for e in gw.pool.endpoints if e.zone == "zone-b" and e.tier == "edge")
     assert gw.metrics.retries.get("hedge") == 4
     assert backup.available() and backup.consecutive_failures == 0
@@ -182,11 +184,16 @@ async def test_stalled_stream_resumes_elsewhere():
     ups[1].generate = stalls
     body = {"model": "llm", "prompt": "p", "stream": True, "max_tokens": 6, "seed": 1}
     r = await gw.handle(req("POST", "/v1/completions", body))
+    assert r.headers["x-meridian-attempts"] == "1"  # opened on the first try; the resume comes later
     raw = b"".join([c async for c in r.stream]).decode()
     events = [msgspec.json.decode(e.removeprefix("data: ")) for e in raw.split("\n\n") if e.startswith("data: {")]
     assert "".join(e["choices"][0]["text"] for e in events) == "t0 t1 t2 t3 t4 t5 "
+    assert ": meridian-resumed 1" in raw
     assert ups[3].calls[0].prefix_token_ids == (0, 1, 2)
     assert gw.metrics.resumed.get("core") == 1
+    # The same, not streamed: the header is written once the whole answer is in, resumes counted.
+    unstreamed = await gw.handle(req("POST", "/v1/completions", {**body, "stream": False, "seed": 2}))
+    assert unstreamed.status == 200 and unstreamed.headers["x-meridian-attempts"] == "2"
 
 
 def test_canary_weights():
@@ -201,9 +208,10 @@ def test_canary_weights():
 async def test_unavailable_zone_fails_no_request_when_another_is_healthy():
     gw, ups = await gateway_with()
     ups[0].fail = ups[1].fail = True
-    statuses = [(await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": str(i)}))).status
-                for i in range(20)]
-    assert statuses == [200] * 20
+    replies = [await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": str(i)})) for i in range(20)]
+    assert [r.status for r in replies] == [200] * 20
+    # Tried zone-a and retried in zone-b until zone-a was ejected, then straight to zone-b.
+    assert replies[0].headers["x-meridian-attempts"] == "2" and replies[-1].headers["x-meridian-attempts"] == "1"
 
 
 async def test_panic_routing_when_every_probe_fails_but_zones_answer():
