@@ -64,3 +64,30 @@ def test_container_arguments_are_valid_cli(manifests, monkeypatch):
         elif args[0] == "gateway":
             parsed = gateway_server.parser().parse_args(args[1:])  # an unknown flag is SystemExit
             assert parsed.region in {r.name for r in configmap_topology(manifests).regions}
+
+
+def _pre_stop_seconds(container: dict) -> float:
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return float(command[1]) if command[:1] == ["sleep"] else 0.0
+
+
+def test_grace_periods_outlast_preStop_and_the_drain(manifests):
+    # SIGKILL at the end of the grace period must not cut what the drain is still finishing.
+    from edge.server import parse_args as edge_args
+
+    topo = configmap_topology(manifests)
+    for m in manifests:
+        if m["kind"] != "Deployment":
+            continue
+        spec = m["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        args = container["args"]
+        if args[0] == "gateway":
+            drain = topo.gateway.drain_timeout_s
+        elif args[0] == "edge":
+            config = edge_args(args[1:])
+            drain = config.drain_grace_s + config.drain_timeout_s
+        else:
+            continue
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        assert grace > _pre_stop_seconds(container) + drain, m["metadata"]["name"]
