@@ -78,10 +78,6 @@ class EdgeServer:
         except BaseException:
             await self._close()
             raise
-        # The loaded models and imports stay for the worker's life: out of the collector's
-        # full passes (about 8 ms each here), which would stall the loop thread mid-batch.
-        gc.collect()
-        gc.freeze()
         self.service.ready(models)
         if self.config.port_file is not None:
             _write_atomically(self.config.port_file, f"{self.port}\n")
@@ -136,6 +132,11 @@ async def serve(config: EdgeConfig, stop: asyncio.Event | None = None) -> None:
     server = EdgeServer(config)
     try:
         await server.start()
+        # The loaded models and imports stay for the worker's life: out of the collector's full
+        # passes (about 8 ms each here), which would stall the loop thread mid-batch. Here, not in
+        # start(): a process that embeds the server keeps its own collector as it was.
+        gc.collect()
+        gc.freeze()
         await stop.wait()
         await server.stop()
     finally:
