@@ -78,11 +78,7 @@ class _H3Protocol(QuicConnectionProtocol):
 
     def _close_if_idle(self) -> None:
         if self.going_away and not self.streams and self.closed_reason is None:
-            self.closed_reason = "closed by client after the server went away"
-            self.close()
-            transport = self._transport
-            if transport is not None:
-                self._loop.call_later(0.05, transport.close)  # let CONNECTION_CLOSE leave
+            _close(self, self._transport)
 
     @property
     def can_send_early(self) -> bool:

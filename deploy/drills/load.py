@@ -115,21 +115,24 @@ class LoadGenerator:
 
     async def _unary(self, session, path: str, sample: Sample) -> None:
         async with session.post(self.base_url + path, data=json.dumps(sample.body)) as r:
-            sample.status = r.status
-            sample.zone = r.headers.get("x-meridian-zone", "")
-            sample.attempts = int(r.headers.get("x-meridian-attempts", "1"))
+            _note_answer(sample, r)
             text = await r.text()
             sample.ok = r.status == 200
             if not sample.ok:
                 sample.error = text[:300]
 
 
+def _note_answer(sample: Sample, r: aiohttp.ClientResponse) -> None:
+    """What the answer's status line and headers say: its status, the zone that served it, the tries."""
+    sample.status = r.status
+    sample.zone = r.headers.get("x-meridian-zone", "")
+    sample.attempts = int(r.headers.get("x-meridian-attempts", "1"))
+
+
 async def stream_text(session: aiohttp.ClientSession, base_url: str, sample: Sample, headers: dict | None = None) -> None:
     """Read a completion stream to its end; an error event or a missing [DONE] is a failure."""
     async with session.post(base_url + "/v1/completions", data=json.dumps(sample.body), headers=headers) as r:
-        sample.status = r.status
-        sample.zone = r.headers.get("x-meridian-zone", "")
-        sample.attempts = int(r.headers.get("x-meridian-attempts", "1"))
+        _note_answer(sample, r)
         if r.status != 200:
             sample.error = (await r.text())[:300]
             return
