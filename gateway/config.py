@@ -123,6 +123,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # queues while this many RPCs are out leaves together, up to this many inputs per RPC.
     embed_rpcs_in_flight: int = 2
     embed_inputs_per_rpc: int = 64
+    # An edge named by a DNS name (a Kubernetes headless Service) is every address the name
+    # resolves to, looked up again this often; requests are balanced over them (gateway/replicas.py).
+    resolve_interval_s: float = 5.0
 
 
 class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -150,7 +153,8 @@ class Region(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: int = 50051
-    # Where the gateway reaches it when not on the zone's address (a Kubernetes Service name).
+    # Where the gateway reaches it when not on the zone's address: on Kubernetes a headless
+    # Service's name, which resolves to every ready worker of the zone.
     host: str = ""
     threads: int = 1  # ONNX Runtime threads per session
     workers: int = 1  # inference threads, each with its own session: batches running side by side

@@ -17,6 +17,7 @@ from edge.api.edge_grpc import EdgeStub
 from gateway.coalescer import Coalescer, EmbedReply
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.replicas import Replica, ReplicaSet, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # Refusals of the request itself: another zone would refuse it too.
@@ -28,22 +29,20 @@ _CLIENT_ERRORS = {
 }
 
 
-class EdgeUpstream:
-    """One zone's edge worker."""
+class EdgeChannel:
+    """One edge worker's address: its gRPC channel, and the RPCs that share it."""
 
-    tier: Tier = "edge"
-
-    def __init__(self, zone: str, host: str, port: int, *, max_in_flight: int = 2, max_inputs: int = 64) -> None:
-        self.zone = zone
+    def __init__(self, host: str, port: int, *, max_in_flight: int, max_inputs: int) -> None:
         self._channel = Channel(host, port)
         self._stub = EdgeStub(self._channel)
         self._health = HealthStub(self._channel)
         self.coalescer = Coalescer(self._embed_rpc, max_inputs=max_inputs, max_in_flight=max_in_flight)
+        self.closed = False
 
     async def embed(
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult:
-        """Embed `inputs` with `model` on this edge (in one RPC with other requests, under load)."""
+        """Embed `inputs` with `model` (in one RPC with other requests, under load)."""
         return await self.coalescer.embed(model, inputs, timeout=timeout, traceparent=traceparent)
 
     async def _embed_rpc(self, model: str, inputs: list[str], timeout: float, traceparent: str | None) -> EmbedReply:
@@ -98,7 +97,101 @@ class EdgeUpstream:
 
     async def close(self) -> None:
         """Close the channel."""
+        self.closed = True
         self._channel.close()
+
+
+class EdgeUpstream:
+    """One zone's edge: every worker its name resolves to (`gateway/replicas.py`), balanced per request.
+
+    A request that finds its worker gone or refusing (draining, loading) before anything came back
+    is sent to another serving worker of the zone: a rolling restart of a zone's pods stays inside
+    the zone. Any other failure goes to the zone's failover as it is.
+    """
+
+    tier: Tier = "edge"
+
+    def __init__(
+        self,
+        zone: str,
+        host: str,
+        port: int,
+        *,
+        max_in_flight: int = 2,
+        max_inputs: int = 64,
+        resolve_interval_s: float = 5.0,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.zone = zone
+        self.replicas: ReplicaSet[EdgeChannel] = ReplicaSet(
+            host, port,
+            connect=lambda h, p: EdgeChannel(h, p, max_in_flight=max_in_flight, max_inputs=max_inputs),
+            close=EdgeChannel.close,
+            resolve_interval_s=resolve_interval_s,
+            resolver=resolver,
+        )
+
+    @property
+    def rpcs(self) -> int:
+        """Embed RPCs sent through the zone's current replicas."""
+        return sum(r.conn.coalescer.rpcs for r in self.replicas.replicas)
+
+    async def embed(
+        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
+    ) -> EmbedResult:
+        """Embed `inputs` with `model` on one of this zone's edge workers."""
+        tried: tuple[Replica[EdgeChannel], ...] = ()
+        while True:
+            replica = await self._pick(tried)
+            with self.replicas.lease(replica) as channel:
+                try:
+                    return await channel.embed(model, inputs, timeout=timeout, traceparent=traceparent)
+                except UpstreamFailure as failure:
+                    tried = self._another_or_raise(replica, tried, failure)
+
+    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
+        """Stream generated text from the small LM of one of this zone's edge workers."""
+        tried: tuple[Replica[EdgeChannel], ...] = ()
+        while True:
+            replica = await self._pick(tried)
+            started = False
+            with self.replicas.lease(replica) as channel:
+                try:
+                    async for chunk in channel.generate(call, timeout=timeout):
+                        started = True
+                        yield chunk
+                    return
+                except UpstreamFailure as failure:
+                    if started:
+                        raise
+                    tried = self._another_or_raise(replica, tried, failure)
+
+    async def _pick(self, tried: tuple[Replica[EdgeChannel], ...]) -> Replica[EdgeChannel]:
+        await self.replicas.ready()
+        replica = self.replicas.pick(tried)
+        if replica is None:
+            raise UpstreamFailure(f"edge {self.replicas.host}:{self.replicas.port} resolves to no address", hard=True)
+        return replica
+
+    def _another_or_raise(
+        self, replica: Replica[EdgeChannel], tried: tuple[Replica[EdgeChannel], ...], failure: UpstreamFailure
+    ) -> tuple[Replica[EdgeChannel], ...]:
+        """The replicas tried so far, when `failure` lets the request go to another serving one."""
+        if not (failure.hard or failure.refused):
+            raise failure
+        self.replicas.mark_down(replica)
+        tried = (*tried, replica)
+        if self.replicas.pick(tried, serving_only=True) is None:
+            raise failure
+        return tried
+
+    async def health(self, *, timeout: float) -> bool:
+        """SERVING (grpc.health.v1) on at least one of the zone's workers."""
+        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout))
+
+    async def close(self) -> None:
+        """Close every worker's channel."""
+        await self.replicas.close()
 
 
 def _floats(embedding: edge_pb2.Embedding) -> np.ndarray:
@@ -129,6 +222,8 @@ def _classify(exc: BaseException) -> Exception:
             return GatewayError(kind, exc.message or exc.status.name)
         if exc.status == Status.DEADLINE_EXCEEDED:
             return UpstreamFailure(f"edge timed out: {exc.message}", timeout=True)
+        if exc.status == Status.UNAVAILABLE:  # draining or loading: it did none of the work
+            return UpstreamFailure(f"edge refused: {exc.message or 'unavailable'}", refused=True)
         return UpstreamFailure(f"edge failed: {exc.status.name} {exc.message or ''}".strip())
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamFailure("edge timed out", timeout=True)

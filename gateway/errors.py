@@ -71,9 +71,13 @@ class UpstreamFailure(Exception):
     so that failover does not carry a bad request from zone to zone.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True, timeout: bool = False, hard: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = True, timeout: bool = False, hard: bool = False, refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.timeout = timeout
         # The process is gone (connection refused or reset), not merely slow or erring.
         self.hard = hard
+        # The upstream turned the request away before starting it (draining, still loading).
+        self.refused = refused

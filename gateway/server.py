@@ -35,6 +35,7 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
             upstreams.append(EdgeUpstream(
                 zone.name, zone.edge.host or zone.address, zone.edge.port,
                 max_in_flight=topology.routing.embed_rpcs_in_flight, max_inputs=topology.routing.embed_inputs_per_rpc,
+                resolve_interval_s=topology.routing.resolve_interval_s,
             ))
         if zone.core is not None:
             upstreams.append(CoreUpstream(zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models))

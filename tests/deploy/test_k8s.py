@@ -91,3 +91,17 @@ def test_grace_periods_outlast_preStop_and_the_drain(manifests):
             continue
         grace = spec.get("terminationGracePeriodSeconds", 30)
         assert grace > _pre_stop_seconds(container) + drain, m["metadata"]["name"]
+
+
+def test_every_replicated_edge_is_reached_by_a_headless_service(manifests):
+    # A gateway holds one HTTP/2 connection per address: behind a cluster IP, all of its requests
+    # for a zone would go to one pod. Headless, the name resolves to every ready pod.
+    services = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Service"}
+    deployments = [m for m in manifests if m["kind"] == "Deployment"]
+    for zone in configmap_topology(manifests).zones:
+        service = services[zone.edge.host]
+        selector = service["spec"]["selector"]
+        pods = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods and pods[0]["spec"]["replicas"] > 1
+        assert service["spec"].get("clusterIP") == "None", zone.edge.host
+        assert not service["spec"].get("publishNotReadyAddresses"), "a pod that is not ready must not be resolved"

@@ -48,9 +48,9 @@ async def test_concurrent_requests_share_rpcs_and_keep_their_own_answers(edge):
     upstream = EdgeUpstream("z", "127.0.0.1", edge.port, max_in_flight=1, max_inputs=32)
     try:
         await upstream.embed(MODEL, ["warm up"], timeout=30)
-        before = upstream.coalescer.rpcs
+        before = upstream.rpcs
         got = await asyncio.gather(*(upstream.embed(MODEL, [t], timeout=30) for t in texts))
-        rpcs = upstream.coalescer.rpcs - before
+        rpcs = upstream.rpcs - before
     finally:
         await upstream.close()
     assert rpcs < len(texts) / 4, rpcs

@@ -1,0 +1,214 @@
+"""A zone's replicas behind one name: every address the name resolves to, each on its own connection.
+
+A Kubernetes Service with a cluster IP balances connections, not requests, and a gRPC client keeps
+one HTTP/2 connection: all of a gateway's requests for a zone would land on one pod, and when that
+pod drained, the zone's traffic would leave the zone rather than move to its other pods. So a
+zone's edge is named by a headless Service, whose name resolves to every ready pod, and the
+gateway balances over the addresses itself, as gRPC's client-side balancing and Envoy's
+STRICT_DNS clusters do:
+
+- the name is resolved again every `resolve_interval_s`; a failed or empty lookup keeps the last
+  answer (DNS trouble must not empty a zone that is serving);
+- each address has its own connection; an address that leaves the answer takes no new requests
+  and is closed once its last request has finished;
+- a request goes to the less loaded of two serving replicas picked at random (power of two
+  choices), so a slow replica, whose requests pile up, gets fewer;
+- the zone's health check asks every replica and says healthy as soon as one serves; a replica
+  whose answer is still outstanding is not asked again until it answers (or times out).
+
+An IP address is its own answer: a single replica, never looked up again (the local stack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+C = TypeVar("C")
+Address = tuple[str, int]
+Resolver = Callable[[str, int], Awaitable[list[Address]]]
+
+log = logging.getLogger("meridian.gateway.replicas")
+
+
+async def resolve(host: str, port: int) -> list[Address]:
+    """Every TCP address `host` resolves to, in the resolver's order, without repeats."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(eq=False, slots=True)
+class Replica(Generic[C]):
+    """One address of the zone, its connection, and what the gateway knows of it."""
+
+    address: Address
+    conn: C
+    # Optimistic until the first probe: a headless Service lists only ready pods.
+    serving: bool = True
+    outstanding: int = 0
+    retired: bool = False
+    probe: asyncio.Task | None = None
+
+
+class ReplicaSet(Generic[C]):
+    """The replicas of one name, kept in step with what the name resolves to."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect: Callable[[str, int], C],
+        close: Callable[[C], Awaitable[None]],
+        resolve_interval_s: float = 5.0,
+        resolver: Resolver = resolve,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self._connect, self._close = connect, close
+        self._interval = resolve_interval_s
+        self._resolver = resolver
+        self._rng = rng or random.Random()
+        self.replicas: list[Replica[C]] = []
+        self._retired: set[Replica[C]] = set()
+        self._closing: set[asyncio.Task] = set()
+        self._resolved_at: float | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._lookup_failed = False
+        if _is_ip(host):
+            self._update([(host, port)])
+
+    async def ready(self) -> None:
+        """Resolve the name if it never has been (the first request or probe waits for it)."""
+        if self._resolved_at is None:
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Look the name up again and bring the replicas in step with the answer."""
+        try:
+            addresses = await self._resolver(self.host, self.port)
+        except OSError as exc:  # socket.gaierror included: keep the last answer
+            addresses, error = [], str(exc)
+        else:
+            error = "" if addresses else "no addresses"
+        if error:
+            if not self._lookup_failed:
+                log.warning("edge name did not resolve; keeping the last answer",
+                            extra={"host": self.host, "error": error, "replicas": len(self.replicas)})
+            self._lookup_failed = True
+            self._resolved_at = time.monotonic()
+            return
+        self._lookup_failed = False
+        self._update(addresses)
+
+    def _update(self, addresses: list[Address]) -> None:
+        self._resolved_at = time.monotonic()
+        known = {r.address: r for r in self.replicas}
+        wanted = set(addresses)
+        for replica in self.replicas:
+            if replica.address not in wanted:
+                self._retire(replica)
+        self.replicas = [known.get(a) or Replica(a, self._connect(*a)) for a in addresses]
+        if len(self.replicas) > 1 or set(known) != wanted:
+            log.info("edge replicas", extra={"host": self.host, "addresses": [f"{h}:{p}" for h, p in addresses]})
+
+    def _retire(self, replica: Replica[C]) -> None:
+        replica.retired = True
+        if replica.probe is not None:
+            replica.probe.cancel()
+        if replica.outstanding:
+            self._retired.add(replica)  # closed when its last request ends (`lease`)
+        else:
+            self._close_later(replica)
+
+    def _close_later(self, replica: Replica[C]) -> None:
+        task = asyncio.ensure_future(self._close(replica.conn))
+        self._closing.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._closing.discard)
+
+    def pick(self, exclude: tuple[Replica[C], ...] = (), *, serving_only: bool = False) -> Replica[C] | None:
+        """The less loaded of two serving replicas picked at random; with none serving, any replica
+        (unless `serving_only`): the caller's failure then tells the zone's failover what happened."""
+        candidates = [r for r in self.replicas if r.serving and r not in exclude]
+        if not candidates and not serving_only:
+            candidates = [r for r in self.replicas if r not in exclude]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        a, b = self._rng.sample(candidates, 2)
+        return a if a.outstanding <= b.outstanding else b
+
+    @contextlib.contextmanager
+    def lease(self, replica: Replica[C]) -> Iterator[C]:
+        """Count a request on `replica` while it runs."""
+        replica.outstanding += 1
+        try:
+            yield replica.conn
+        finally:
+            replica.outstanding -= 1
+            if replica.retired and not replica.outstanding and replica in self._retired:
+                self._retired.discard(replica)
+                self._close_later(replica)
+
+    @staticmethod
+    def mark_down(replica: Replica[C]) -> None:
+        """A request found the replica gone or refusing: no more requests until a probe says it serves."""
+        replica.serving = False
+
+    async def probe(self, check: Callable[[C], Awaitable[bool]]) -> bool:
+        """Ask every replica whether it serves; True as soon as one does."""
+        self._refresh_if_due()
+        await self.ready()
+        for replica in self.replicas:
+            if replica.probe is None or replica.probe.done():
+                replica.probe = asyncio.ensure_future(self._probe_one(replica, check))
+        # Waiting does not cancel the probes: one that outlives this call still records its answer.
+        pending = {r.probe for r in self.replicas if r.probe is not None}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.result() for t in done):
+                return True
+        return False
+
+    @staticmethod
+    async def _probe_one(replica: Replica[C], check: Callable[[C], Awaitable[bool]]) -> bool:
+        try:
+            ok = await check(replica.conn) is True
+        except Exception:  # noqa: BLE001 - a probe that fails in any way says "not serving"
+            ok = False
+        replica.serving = ok
+        return ok
+
+    def _refresh_if_due(self) -> None:
+        if self._resolved_at is None or _is_ip(self.host):
+            return
+        # An empty set (the name never resolved) is looked up again at the probes' pace.
+        due = not self.replicas or time.monotonic() - self._resolved_at >= self._interval
+        if due and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.ensure_future(self.refresh())
+
+    async def close(self) -> None:
+        """Close every connection, the retired ones' included."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        everything = [*self.replicas, *self._retired]
+        for replica in everything:
+            if replica.probe is not None:
+                replica.probe.cancel()
+        self.replicas, self._retired = [], set()
+        await asyncio.gather(*(self._close(r.conn) for r in everything), return_exceptions=True)

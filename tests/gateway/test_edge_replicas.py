@@ -1,0 +1,190 @@
+"""A zone whose edge is several workers behind one name (a Kubernetes headless Service): the
+gateway's edge client balances over real workers, passes over one that is gone or draining, and
+follows the name through a rolling restart without failing a request.
+
+The name's answers come from a resolver the test controls (the workers listen on loopback ports);
+everything else is real: worker processes' servers, gRPC, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.config import EdgeConfig
+from edge.export import build_embedding_model
+from edge.lm_export import build_small_lm
+from edge.server import EdgeServer
+from gateway.config import RoutingConfig
+from gateway.edge_client import EdgeUpstream
+from gateway.upstreams import GenerateCall, UpstreamPool
+
+EMBED, LM = "all-minilm-l6-v2", "edge-small"
+
+
+@pytest.fixture(scope="module")
+def models(cache_dir: Path) -> dict[str, Path]:
+    return {EMBED: build_embedding_model(cache_dir / "edge" / EMBED), LM: build_small_lm(cache_dir / "edge" / LM)}
+
+
+async def start_worker(models: dict[str, Path], zone: str = "zone-a") -> EdgeServer:
+    # No grace: a stopping worker refuses new requests at once, the hardest case for the client.
+    server = EdgeServer(EdgeConfig(host="127.0.0.1", port=0, zone=zone, models=models,
+                                   drain_grace_s=0.0, drain_timeout_s=10.0))
+    await server.start()
+    return server
+
+
+class Name:
+    """What the zone's name resolves to, as the test says."""
+
+    def __init__(self, *ports: int) -> None:
+        self.ports = list(ports)
+
+    async def __call__(self, host: str, port: int) -> list[tuple[str, int]]:
+        return [("127.0.0.1", p) for p in self.ports]
+
+
+def zone_edge(name: Name) -> EdgeUpstream:
+    return EdgeUpstream("zone-a", "edge-zone-a", 50051, max_in_flight=2, resolver=name)
+
+
+def served(upstream: EdgeUpstream) -> dict[int, int]:
+    """Embed RPCs per worker port."""
+    return {r.address[1]: r.conn.coalescer.rpcs for r in upstream.replicas.replicas}
+
+
+async def stream_text(upstream: EdgeUpstream, prompt: str) -> str:
+    call = GenerateCall(model=LM, prompt=prompt, max_tokens=8, temperature=0.0)
+    chunks = [c async for c in upstream.generate(call, timeout=30)]
+    assert chunks[-1].finish_reason in ("stop", "length")
+    return "".join(c.text for c in chunks)
+
+
+@pytest.fixture(scope="module")
+async def pair(models) -> AsyncIterator[tuple[EdgeServer, EdgeServer]]:
+    a, b = await start_worker(models), await start_worker(models)
+    yield a, b
+    await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_requests_spread_over_the_zone_s_workers_with_the_same_answers(pair):
+    a, b = pair
+    texts = [f"sentence {i} about {'rivers' if i % 3 else 'mountains'}" for i in range(48)]
+    alone = EdgeUpstream("zone-a", "127.0.0.1", a.port)
+    upstream = zone_edge(Name(a.port, b.port))
+    try:
+        expected = [await alone.embed(EMBED, [t], timeout=30) for t in texts[:8]]
+        got = []
+        for i in range(0, len(texts), 8):
+            got += await asyncio.gather(*(upstream.embed(EMBED, [t], timeout=30) for t in texts[i:i + 8]))
+        counts = served(upstream)
+    finally:
+        await asyncio.gather(alone.close(), upstream.close())
+    assert set(counts) == {a.port, b.port}
+    assert min(counts.values()) >= 0.2 * sum(counts.values()), counts
+    for mine, reference in zip(got, expected):
+        np.testing.assert_allclose(mine.vectors, reference.vectors, atol=1e-5)
+        assert mine.prompt_tokens == reference.prompt_tokens
+
+
+async def test_a_worker_that_is_gone_or_draining_is_passed_over_inside_the_zone(pair, models):
+    _, b = pair
+    draining = await start_worker(models)
+    draining.service.begin_drain()  # refuses every request with UNAVAILABLE, health NOT_SERVING
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    gone_port = gone.getsockname()[1]
+    gone.close()  # connection refused from now on
+    upstream = zone_edge(Name(gone_port, draining.port, b.port))
+    try:
+        embeds = asyncio.gather(*(upstream.embed(EMBED, [f"text {i}"], timeout=30) for i in range(12)))
+        streams = asyncio.gather(*(stream_text(upstream, f"Prompt {i}") for i in range(4)))
+        vectors, texts = await asyncio.wait_for(asyncio.gather(embeds, streams), 60)
+        reference = zone_edge(Name(b.port))
+        try:
+            assert texts == [await stream_text(reference, f"Prompt {i}") for i in range(4)]
+        finally:
+            await reference.close()
+        by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+        assert all(v.vectors.shape == (1, 384) for v in vectors)
+        assert not by_port[gone_port].serving and not by_port[draining.port].serving
+        assert await upstream.health(timeout=1.0)  # b serves
+        assert [p for p, r in by_port.items() if r.serving] == [b.port]
+    finally:
+        await upstream.close()
+        await draining.stop()
+
+
+async def test_a_rolling_restart_of_the_zone_s_workers_fails_no_request(models):
+    olds = [await start_worker(models), await start_worker(models)]
+    name = Name(*(w.port for w in olds))
+    upstream = zone_edge(name)
+    pool = UpstreamPool([upstream], RoutingConfig())
+    await pool.check_once()
+    retired = list(upstream.replicas.replicas)
+    pool.start()
+    failures: list[BaseException] = []
+    answered = {"embed": 0, "stream": 0}
+    unhealthy_seen = 0
+    stop = asyncio.Event()
+
+    async def embed_load(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                await upstream.embed(EMBED, [f"load {i} {n}"], timeout=10)
+                answered["embed"] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
+                failures.append(exc)
+
+    async def stream_load() -> None:
+        while not stop.is_set():
+            try:
+                await stream_text(upstream, "Rolling restarts")
+                answered["stream"] += 1
+            except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
+
+    async def watch_health() -> None:
+        nonlocal unhealthy_seen
+        while not stop.is_set():
+            unhealthy_seen += not pool.endpoints[0].available()
+            await asyncio.sleep(0.05)
+
+    load = [asyncio.create_task(embed_load(i)) for i in range(6)]
+    load += [asyncio.create_task(stream_load()), asyncio.create_task(watch_health())]
+    news = []
+    try:
+        await asyncio.sleep(0.5)
+        for old in olds:  # as a Deployment rolls with maxSurge 1, maxUnavailable 0
+            new = await start_worker(models)
+            news.append(new)
+            name.ports.append(new.port)
+            await upstream.replicas.refresh()
+            await asyncio.sleep(0.3)
+            name.ports.remove(old.port)  # leaves the Service as its SIGTERM arrives
+            stopping = asyncio.create_task(old.stop())
+            await asyncio.sleep(0.1)
+            await upstream.replicas.refresh()
+            await stopping
+            await asyncio.sleep(0.5)
+        before = dict(answered)
+        await asyncio.sleep(0.5)
+        replicas = list(upstream.replicas.replicas)
+    finally:
+        stop.set()
+        await asyncio.gather(*load)
+        await pool.close()
+        await asyncio.gather(*(w.stop() for w in news))
+    assert not failures, failures[:3]
+    assert unhealthy_seen == 0
+    assert answered["embed"] > before["embed"] and answered["stream"] > before["stream"] > 0
+    assert [r.address[1] for r in replicas] == name.ports and len(name.ports) == 2
+    assert all(r.conn.closed for r in replicas)  # pool.close closed them
+    assert all(r.conn.closed for r in retired)  # the old workers' channels, once idle

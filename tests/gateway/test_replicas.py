@@ -1,0 +1,142 @@
+"""The replica set's pure logic (gateway/replicas.py): picking, probing, following the name.
+The edge client over real workers is in test_edge_replicas.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+from gateway.replicas import ReplicaSet, resolve
+
+
+class Conn:
+    def __init__(self, host: str, port: int) -> None:
+        self.address = (host, port)
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def replica_set(answer: list, **kw) -> ReplicaSet[Conn]:
+    async def resolver(host, port):
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return list(answer[0])
+
+    return ReplicaSet("edge.zone-a", 50051, connect=Conn, close=Conn.close, resolver=resolver,
+                      rng=random.Random(0), **kw)
+
+
+async def test_an_ip_address_is_one_replica_without_a_lookup():
+    async def resolver(host, port):
+        raise AssertionError("an IP address is never looked up")
+
+    rs = ReplicaSet("127.0.0.1", 7, connect=Conn, close=Conn.close, resolver=resolver)
+    await rs.ready()
+    assert [r.address for r in rs.replicas] == [("127.0.0.1", 7)]
+
+
+async def test_the_system_resolver_answers_for_localhost():
+    assert ("127.0.0.1", 9) in await resolve("localhost", 9)
+
+
+async def test_the_less_loaded_of_two_serving_replicas_takes_the_request():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)]])
+    await rs.ready()
+    busy, down, idle = rs.replicas
+    busy.outstanding, down.serving = 5, False
+    picks = [rs.pick() for _ in range(200)]
+    assert down not in picks
+    assert picks.count(idle) == 200  # of {busy, idle}, idle always wins
+    busy.outstanding = 0
+    picks = [rs.pick() for _ in range(400)]
+    assert 140 < picks.count(busy) < 260  # ties split at random
+
+
+async def test_with_no_replica_serving_any_is_picked_unless_only_serving_ones_will_do():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]])
+    await rs.ready()
+    a, b = rs.replicas
+    a.serving = b.serving = False
+    assert rs.pick() in (a, b)
+    assert rs.pick(serving_only=True) is None
+    assert rs.pick((a, b)) is None
+
+
+async def test_the_zone_is_healthy_as_soon_as_one_replica_serves_and_a_silent_one_is_not_asked_twice():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]])
+    await rs.ready()
+    silent, fine = rs.replicas
+    asked = {silent.address: 0, fine.address: 0}
+
+    async def check(conn: Conn) -> bool:
+        asked[conn.address] += 1
+        if conn.address == silent.address:
+            await asyncio.Event().wait()
+        return True
+
+    assert await asyncio.wait_for(rs.probe(check), 0.5)
+    assert await asyncio.wait_for(rs.probe(check), 0.5)
+    assert asked == {silent.address: 1, fine.address: 2}
+    assert fine.serving and silent.serving  # unknown until its probe answers
+    await rs.close()
+
+
+async def test_a_replica_that_answers_not_serving_is_out_and_the_zone_down_when_none_serves():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]])
+    await rs.ready()
+    a, b = rs.replicas
+
+    async def check(conn: Conn) -> bool:
+        if conn.address == b.address:
+            raise ConnectionRefusedError
+        return conn.address == a.address and serving_a
+
+    serving_a = True
+    assert await rs.probe(check)
+    await asyncio.sleep(0)
+    assert a.serving and not b.serving
+    serving_a = False
+    assert not await rs.probe(check)
+    assert not a.serving
+
+
+async def test_the_replicas_follow_the_name_and_a_failed_lookup_keeps_the_last_answer():
+    answer = [[("10.0.0.1", 1)]]
+    rs = replica_set(answer)
+    await rs.ready()
+    (first,) = rs.replicas
+    answer[0] = [("10.0.0.1", 1), ("10.0.0.2", 1)]
+    await rs.refresh()
+    assert [r.address for r in rs.replicas] == [("10.0.0.1", 1), ("10.0.0.2", 1)]
+    assert rs.replicas[0] is first  # kept, with its connection
+
+    with rs.lease(first):
+        answer[0] = [("10.0.0.2", 1)]
+        await rs.refresh()
+        assert first not in rs.replicas and first.retired
+        assert rs.pick() is rs.replicas[0]
+        await asyncio.sleep(0)
+        assert not first.conn.closed  # its request is still running
+    await asyncio.sleep(0)
+    assert first.conn.closed
+
+    for failure in (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), None):
+        answer[0] = failure or []
+        await rs.refresh()
+        assert [r.address for r in rs.replicas] == [("10.0.0.2", 1)]
+
+
+async def test_a_name_that_never_resolved_is_tried_again_at_the_probes_pace():
+    answer: list = [socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")]
+    rs = replica_set(answer, resolve_interval_s=60)
+    assert not await rs.probe(lambda conn: asyncio.sleep(0, True))
+    assert rs.pick() is None
+    answer[0] = [("10.0.0.9", 1)]
+    await rs.probe(lambda conn: asyncio.sleep(0, True))  # starts the lookup
+    await asyncio.sleep(0.01)
+    assert await rs.probe(lambda conn: asyncio.sleep(0, True))
+    assert [r.address for r in rs.replicas] == [("10.0.0.9", 1)]
+    await rs.close()
