@@ -163,6 +163,7 @@ class Gateway:
         """Prometheus metrics."""
         for e in self.pool.endpoints:
             self.metrics.upstream_healthy.set(e.zone, e.tier, value=1.0 if e.healthy else 0.0)
+            self.metrics.upstream_replicas.set(e.zone, e.tier, value=float(e.upstream.serving_replicas))
         return Response(200, {"content-type": "text/plain; version=0.0.4"}, self.metrics.render())
 
     # -- models -------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # probe round trip's peak-EWMA, which decays with this time constant.
     km_per_ms: float = 100.0
     rtt_decay_s: float = 1.0
-    # Locality spill-over: a zone with this many requests in flight is saturated.
+    # Locality spill-over: a zone with this many requests in flight per serving replica is saturated.
     zone_capacity: int = 32
     # Outlier detection: consecutive failures eject an endpoint for a growing interval.
     consecutive_failures: int = 2

@@ -25,6 +25,7 @@ class CoreUpstream:
     """One zone's Triton server."""
 
     tier: Tier = "core"
+    serving_replicas: int = 1
 
     def __init__(self, zone: str, host: str, grpc_port: int, models: list[str]) -> None:
         self.zone = zone

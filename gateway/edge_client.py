@@ -132,6 +132,11 @@ class EdgeUpstream:
         )
 
     @property
+    def serving_replicas(self) -> int:
+        """The zone's serving workers."""
+        return self.replicas.serving
+
+    @property
     def rpcs(self) -> int:
         """Embed RPCs sent through the zone's current replicas."""
         return sum(r.conn.coalescer.rpcs for r in self.replicas.replicas)

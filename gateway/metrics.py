@@ -108,6 +108,7 @@ class Metrics:
         self.rate_limited = Counter("meridian_rate_limited_total", "Requests refused by a tenant limit.", ("tenant", "limit"))
         self.limiter_fallback = Gauge("meridian_ratelimit_local_fallback", "1 while Redis is unreachable and limits are local.")
         self.upstream_healthy = Gauge("meridian_upstream_healthy", "1 when the endpoint passed its last check.", ("zone", "tier"))
+        self.upstream_replicas = Gauge("meridian_upstream_serving_replicas", "The endpoint's serving replicas.", ("zone", "tier"))
         self._all = [v for v in vars(self).values() if isinstance(v, _Metric)]
 
     def render(self) -> bytes:

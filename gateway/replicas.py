@@ -97,7 +97,10 @@ class ReplicaSet(Generic[C]):
     async def ready(self) -> None:
         """Resolve the name if it never has been (the first request or probe waits for it)."""
         if self._resolved_at is None:
-            await self.refresh()
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self.refresh())
+            # One lookup for every waiter; a waiter that gives up does not cancel it for the rest.
+            await asyncio.shield(self._refreshing)
 
     async def refresh(self) -> None:
         """Look the name up again and bring the replicas in step with the answer."""
@@ -109,7 +112,7 @@ class ReplicaSet(Generic[C]):
             error = "" if addresses else "no addresses"
         if error:
             if not self._lookup_failed:
-                log.warning("edge name did not resolve; keeping the last answer",
+                log.warning("name did not resolve; keeping the last answer",
                             extra={"host": self.host, "error": error, "replicas": len(self.replicas)})
             self._lookup_failed = True
             self._resolved_at = time.monotonic()
@@ -125,8 +128,8 @@ class ReplicaSet(Generic[C]):
             if replica.address not in wanted:
                 self._retire(replica)
         self.replicas = [known.get(a) or Replica(a, self._connect(*a)) for a in addresses]
-        if len(self.replicas) > 1 or set(known) != wanted:
-            log.info("edge replicas", extra={"host": self.host, "addresses": [f"{h}:{p}" for h, p in addresses]})
+        if set(known) != wanted:
+            log.info("replicas changed", extra={"host": self.host, "addresses": [f"{h}:{p}" for h, p in addresses]})
 
     def _retire(self, replica: Replica[C]) -> None:
         replica.retired = True
@@ -141,6 +144,11 @@ class ReplicaSet(Generic[C]):
         task = asyncio.ensure_future(self._close(replica.conn))
         self._closing.add(task)  # held until done: the loop keeps only weak references to tasks
         task.add_done_callback(self._closing.discard)
+
+    @property
+    def serving(self) -> int:
+        """How many replicas serve, by the last word on each."""
+        return sum(r.serving for r in self.replicas)
 
     def pick(self, exclude: tuple[Replica[C], ...] = (), *, serving_only: bool = False) -> Replica[C] | None:
         """The less loaded of two serving replicas picked at random; with none serving, any replica

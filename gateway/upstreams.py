@@ -58,6 +58,11 @@ class Upstream(Protocol):
     zone: str
     tier: Tier
 
+    @property
+    def serving_replicas(self) -> int:
+        """The serving replicas behind it (a zone's edge may be several workers): its capacity scales with them."""
+        ...
+
     async def embed(
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult: ...
@@ -104,7 +109,7 @@ class Endpoint:
         return min(cfg.probe_timeout_s, max(cfg.probe_timeout_min_s, 4 * self.rtt.value))
 
     def saturated(self) -> bool:
-        return self.in_flight >= self._config.zone_capacity
+        return self.in_flight >= self._config.zone_capacity * max(1, self.upstream.serving_replicas)
 
     def record_success(self) -> None:
         """A call answered: the failure streak ends (the ejection count decays on probes)."""

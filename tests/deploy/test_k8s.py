@@ -103,5 +103,8 @@ def test_every_replicated_edge_is_reached_by_a_headless_service(manifests):
         selector = service["spec"]["selector"]
         pods = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
         assert pods and pods[0]["spec"]["replicas"] > 1
+        # Gateways must know a new pod before the rollout stops an old one (CoreDNS caches 5 s).
+        topo = configmap_topology(manifests)
+        assert pods[0]["spec"].get("minReadySeconds", 0) > topo.routing.resolve_interval_s + 5
         assert service["spec"].get("clusterIP") == "None", zone.edge.host
         assert not service["spec"].get("publishNotReadyAddresses"), "a pod that is not ready must not be resolved"

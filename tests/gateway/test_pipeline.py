@@ -84,6 +84,17 @@ async def test_readiness_fails_once_draining(zones):
     assert (await gw.handle(req("GET", "/healthz", key=None))).status == 200  # still alive
 
 
+async def test_metrics_show_each_endpoint_s_health_and_serving_replicas(zones):
+    gw = await make_gateway(zones)
+    zones[2].fail = True
+    zones[0].serving_replicas = 3
+    await gw.pool.check_once()
+    text = (await gw.handle(req("GET", "/metrics", key=None))).body.decode()
+    assert 'meridian_upstream_healthy{zone="zone-b",tier="edge"} 0' in text
+    assert 'meridian_upstream_healthy{zone="zone-a",tier="edge"} 1' in text
+    assert 'meridian_upstream_serving_replicas{zone="zone-a",tier="edge"} 3' in text
+
+
 @pytest.mark.parametrize("key,status,code", [(None, 401, "missing_api_key"), ("nope", 401, "invalid_api_key"),
                                              ("sk-revoked", 401, "invalid_api_key")])
 async def test_auth_refusals(zones, key, status, code):

@@ -113,6 +113,11 @@ async def test_saturated_nearest_zone_spills_over():
     assert gw.router.rank("edge", west)[0].zone == "zone-b"
     gw.pool.endpoints[0].in_flight = 1
     assert gw.router.rank("edge", west)[0].zone == "zone-a"
+    ups[0].serving_replicas = 2  # the capacity is per serving worker
+    gw.pool.endpoints[0].in_flight = 3
+    assert gw.router.rank("edge", west)[0].zone == "zone-a"
+    gw.pool.endpoints[0].in_flight = 4
+    assert gw.router.rank("edge", west)[0].zone == "zone-b"
 
 
 def test_ejection_interval_doubles_and_hard_failures_eject_at_once():

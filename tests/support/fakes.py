@@ -11,6 +11,8 @@ from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 class FakeUpstream:
     """An in-process upstream: scripted answers and failures."""
 
+    serving_replicas = 1
+
     def __init__(self, zone: str, tier: str, *, fail: bool = False, fail_after: int | None = None) -> None:
         self.zone, self.tier = zone, tier
         self.fail = fail
