@@ -123,8 +123,8 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # queues while this many RPCs are out leaves together, up to this many inputs per RPC.
     embed_rpcs_in_flight: int = 2
     embed_inputs_per_rpc: int = 64
-    # An edge named by a DNS name (a Kubernetes headless Service) is every address the name
-    # resolves to, looked up again this often; requests are balanced over them (gateway/replicas.py).
+    # An edge or core named by a DNS name (a Kubernetes headless Service) is every address the
+    # name resolves to, looked up again this often; requests are balanced over them (gateway/replicas.py).
     resolve_interval_s: float = 5.0
 
 
@@ -167,6 +167,7 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class CoreEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grpc_port: int = 8001
+    # As the edge's: a name that resolves to several Triton servers is balanced over them.
     host: str = ""
     http_port: int = 8000
     metrics_port: int = 8002

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.replicas import ReplicaSet, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # The core marks refusals of the request itself with this prefix (the stream protocol carries
@@ -21,22 +23,13 @@ INVALID_REQUEST_PREFIX = "bad input:"
 _OUTPUTS = ("text_output", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
-class CoreUpstream:
-    """One zone's Triton server."""
+class CoreChannel:
+    """One Triton server's address: its gRPC client."""
 
-    tier: Tier = "core"
-    serving_replicas: int = 1
-
-    def __init__(self, zone: str, host: str, grpc_port: int, models: list[str]) -> None:
-        self.zone = zone
-        self._client = InferenceServerClient(url=f"{host}:{grpc_port}")
+    def __init__(self, host: str, grpc_port: int, models: list[str]) -> None:
+        address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        self._client = InferenceServerClient(url=f"{address}:{grpc_port}")
         self._models = models
-
-    async def embed(
-        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
-    ) -> EmbedResult:
-        """The core serves no embedding models."""
-        raise GatewayError(Kind.BAD_REQUEST, f"model {model!r} does not produce embeddings")
 
     async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
         """Stream a generation from the decoupled model through `stream_infer`."""
@@ -87,6 +80,57 @@ class CoreUpstream:
     async def close(self) -> None:
         """Close the gRPC channel."""
         await self._client.close()
+
+
+class CoreUpstream:
+    """One zone's core: every Triton server its name resolves to, balanced per request
+    (`gateway/replicas.py`; one server per zone in the shipped manifests)."""
+
+    tier: Tier = "core"
+
+    def __init__(
+        self,
+        zone: str,
+        host: str,
+        grpc_port: int,
+        models: list[str],
+        *,
+        resolve_interval_s: float = 5.0,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.zone = zone
+        self.replicas: ReplicaSet[CoreChannel] = ReplicaSet(
+            host, grpc_port,
+            connect=lambda h, p: CoreChannel(h, p, models),
+            close=CoreChannel.close,
+            resolve_interval_s=resolve_interval_s,
+            resolver=resolver,
+        )
+
+    @property
+    def serving_replicas(self) -> int:
+        """The zone's serving Triton servers."""
+        return self.replicas.serving
+
+    async def embed(
+        self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
+    ) -> EmbedResult:
+        """The core serves no embedding models."""
+        raise GatewayError(Kind.BAD_REQUEST, f"model {model!r} does not produce embeddings")
+
+    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
+        """Stream a generation from one of this zone's Triton servers."""
+        async with contextlib.aclosing(self.replicas.stream(lambda ch: ch.generate(call, timeout=timeout))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def health(self, *, timeout: float) -> bool:
+        """Ready (server and models) on at least one of the zone's Triton servers."""
+        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout))
+
+    async def close(self) -> None:
+        """Close every server's channel."""
+        await self.replicas.close()
 
 
 def _inputs(call: GenerateCall) -> list[InferInput]:

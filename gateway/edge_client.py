@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -17,7 +18,7 @@ from edge.api.edge_grpc import EdgeStub
 from gateway.coalescer import Coalescer, EmbedReply
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
-from gateway.replicas import Replica, ReplicaSet, Resolver, resolve
+from gateway.replicas import ReplicaSet, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # Refusals of the request itself: another zone would refuse it too.
@@ -102,12 +103,7 @@ class EdgeChannel:
 
 
 class EdgeUpstream:
-    """One zone's edge: every worker its name resolves to (`gateway/replicas.py`), balanced per request.
-
-    A request that finds its worker gone or refusing (draining, loading) before anything came back
-    is sent to another serving worker of the zone: a rolling restart of a zone's pods stays inside
-    the zone. Any other failure goes to the zone's failover as it is.
-    """
+    """One zone's edge: every worker its name resolves to, balanced per request (`gateway/replicas.py`)."""
 
     tier: Tier = "edge"
 
@@ -145,50 +141,13 @@ class EdgeUpstream:
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult:
         """Embed `inputs` with `model` on one of this zone's edge workers."""
-        tried: tuple[Replica[EdgeChannel], ...] = ()
-        while True:
-            replica = await self._pick(tried)
-            with self.replicas.lease(replica) as channel:
-                try:
-                    return await channel.embed(model, inputs, timeout=timeout, traceparent=traceparent)
-                except UpstreamFailure as failure:
-                    tried = self._another_or_raise(replica, tried, failure)
+        return await self.replicas.call(lambda ch: ch.embed(model, inputs, timeout=timeout, traceparent=traceparent))
 
     async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
         """Stream generated text from the small LM of one of this zone's edge workers."""
-        tried: tuple[Replica[EdgeChannel], ...] = ()
-        while True:
-            replica = await self._pick(tried)
-            started = False
-            with self.replicas.lease(replica) as channel:
-                try:
-                    async for chunk in channel.generate(call, timeout=timeout):
-                        started = True
-                        yield chunk
-                    return
-                except UpstreamFailure as failure:
-                    if started:
-                        raise
-                    tried = self._another_or_raise(replica, tried, failure)
-
-    async def _pick(self, tried: tuple[Replica[EdgeChannel], ...]) -> Replica[EdgeChannel]:
-        await self.replicas.ready()
-        replica = self.replicas.pick(tried)
-        if replica is None:
-            raise UpstreamFailure(f"edge {self.replicas.host}:{self.replicas.port} resolves to no address", hard=True)
-        return replica
-
-    def _another_or_raise(
-        self, replica: Replica[EdgeChannel], tried: tuple[Replica[EdgeChannel], ...], failure: UpstreamFailure
-    ) -> tuple[Replica[EdgeChannel], ...]:
-        """The replicas tried so far, when `failure` lets the request go to another serving one."""
-        if not (failure.hard or failure.refused):
-            raise failure
-        self.replicas.mark_down(replica)
-        tried = (*tried, replica)
-        if self.replicas.pick(tried, serving_only=True) is None:
-            raise failure
-        return tried
+        async with contextlib.aclosing(self.replicas.stream(lambda ch: ch.generate(call, timeout=timeout))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def health(self, *, timeout: float) -> bool:
         """SERVING (grpc.health.v1) on at least one of the zone's workers."""

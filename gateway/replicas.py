@@ -14,7 +14,10 @@ STRICT_DNS clusters do:
 - a request goes to the less loaded of two serving replicas picked at random (power of two
   choices), so a slow replica, whose requests pile up, gets fewer;
 - the zone's health check asks every replica and says healthy as soon as one serves; a replica
-  whose answer is still outstanding is not asked again until it answers (or times out).
+  whose answer is still outstanding is not asked again until it answers (or times out);
+- a request that finds its replica gone or refusing (draining, loading) before anything came back
+  goes to another serving replica: a rolling restart of a zone's pods keeps its traffic in the
+  zone. Any other failure goes to the zone's failover as it is.
 
 An IP address is its own answer: a single replica, never looked up again (the local stack).
 """
@@ -28,11 +31,14 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.errors import UpstreamFailure
+
 C = TypeVar("C")
+T = TypeVar("T")
 Address = tuple[str, int]
 Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
@@ -177,6 +183,57 @@ class ReplicaSet(Generic[C]):
     def mark_down(replica: Replica[C]) -> None:
         """A request found the replica gone or refusing: no more requests until a probe says it serves."""
         replica.serving = False
+
+    async def call(self, request: Callable[[C], Awaitable[T]]) -> T:
+        """`request` on one replica, and on another serving one if that one was gone or refused it."""
+        tried: tuple[Replica[C], ...] = ()
+        while True:
+            replica = await self._pick_for_request(tried)
+            with self.lease(replica) as conn:
+                try:
+                    return await request(conn)
+                except UpstreamFailure as failure:
+                    tried = self._another_or_raise(replica, tried, failure)
+
+    async def stream(self, request: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """The items of `request` from one replica; sent to another serving one if that one was
+        gone or refused it before the first item (after that, the failure is the caller's)."""
+        tried: tuple[Replica[C], ...] = ()
+        while True:
+            replica = await self._pick_for_request(tried)
+            started = False
+            with self.lease(replica) as conn:
+                try:
+                    # Closed with this generator, not whenever the collector gets to it: closing
+                    # is what ends the call upstream and frees the replica.
+                    async with contextlib.aclosing(request(conn)) as items:
+                        async for item in items:
+                            started = True
+                            yield item
+                    return
+                except UpstreamFailure as failure:
+                    if started:
+                        raise
+                    tried = self._another_or_raise(replica, tried, failure)
+
+    async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
+        await self.ready()
+        replica = self.pick(tried)
+        if replica is None:
+            raise UpstreamFailure(f"{self.host}:{self.port} resolves to no address", hard=True)
+        return replica
+
+    def _another_or_raise(
+        self, replica: Replica[C], tried: tuple[Replica[C], ...], failure: UpstreamFailure
+    ) -> tuple[Replica[C], ...]:
+        """The replicas tried so far, when `failure` lets the request go to another serving one."""
+        if not (failure.hard or failure.refused):
+            raise failure
+        self.mark_down(replica)
+        tried = (*tried, replica)
+        if self.pick(tried, serving_only=True) is None:
+            raise failure
+        return tried
 
     async def probe(self, check: Callable[[C], Awaitable[bool]]) -> bool:
         """Ask every replica whether it serves; True as soon as one does."""

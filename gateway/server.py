@@ -38,7 +38,10 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
                 resolve_interval_s=topology.routing.resolve_interval_s,
             ))
         if zone.core is not None:
-            upstreams.append(CoreUpstream(zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models))
+            upstreams.append(CoreUpstream(
+                zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models,
+                resolve_interval_s=topology.routing.resolve_interval_s,
+            ))
     return upstreams
 
 

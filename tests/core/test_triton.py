@@ -274,3 +274,36 @@ async def test_cancelled_grpc_stream_frees_its_kv_blocks(server, client):
     assert gauge(server, "running") == 0
     (ok,) = await infer(client, inputs(max_tokens=3))
     assert ok["completion_tokens"] == 3 or ok["finish_reason"] == "stop"
+
+
+async def test_the_gateway_passes_over_a_core_address_that_refuses_inside_the_zone(server, local_engine):
+    # A zone's core name resolving to a server that is gone and to this one: the request is
+    # answered here, and the gone one is out until a probe says otherwise.
+    from gateway.core_client import CoreUpstream
+    from gateway.upstreams import GenerateCall
+
+    (gone,) = free_ports(1)
+    port = int(server.grpc.rsplit(":", 1)[1])
+
+    async def name(host, _port):
+        return [("127.0.0.1", gone), ("127.0.0.1", port)]
+
+    upstream = CoreUpstream("zone-a", "core-zone-a", 8001, [MODEL_NAME], resolver=name)
+    await upstream.replicas.ready()
+    live = next(r for r in upstream.replicas.replicas if r.address[1] == port)
+    live.outstanding += 1  # looks busier: the first request is sent to the gone address
+    try:
+        for i in range(3):
+            if i == 1:
+                live.outstanding -= 1
+            call = GenerateCall(model=MODEL_NAME, prompt="Tell me about the sea.", max_tokens=20, temperature=0.0)
+            chunks = [c async for c in upstream.generate(call, timeout=60)]
+            ids = local_engine.tokenizer.encode("Tell me about the sea.")
+            local = local_engine.generate(GenerationRequest("local", ids, max_tokens=20, temperature=0.0))
+            assert [t for c in chunks for t in c.token_ids] == local.token_ids
+        assert await upstream.health(timeout=5.0)
+        await asyncio.sleep(0.2)  # the gone address's probe answers too
+        assert {r.address[1]: r.serving for r in upstream.replicas.replicas} == {gone: False, port: True}
+        assert upstream.serving_replicas == 1
+    finally:
+        await upstream.close()

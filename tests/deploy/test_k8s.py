@@ -93,18 +93,19 @@ def test_grace_periods_outlast_preStop_and_the_drain(manifests):
         assert grace > _pre_stop_seconds(container) + drain, m["metadata"]["name"]
 
 
-def test_every_replicated_edge_is_reached_by_a_headless_service(manifests):
+def test_gateways_reach_every_pod_of_a_zone_through_a_headless_service(manifests):
     # A gateway holds one HTTP/2 connection per address: behind a cluster IP, all of its requests
     # for a zone would go to one pod. Headless, the name resolves to every ready pod.
+    topo = configmap_topology(manifests)
     services = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "Service"}
     deployments = [m for m in manifests if m["kind"] == "Deployment"]
-    for zone in configmap_topology(manifests).zones:
-        service = services[zone.edge.host]
-        selector = service["spec"]["selector"]
-        pods = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-        assert pods and pods[0]["spec"]["replicas"] > 1
-        # Gateways must know a new pod before the rollout stops an old one (CoreDNS caches 5 s).
-        topo = configmap_topology(manifests)
-        assert pods[0]["spec"].get("minReadySeconds", 0) > topo.routing.resolve_interval_s + 5
-        assert service["spec"].get("clusterIP") == "None", zone.edge.host
-        assert not service["spec"].get("publishNotReadyAddresses"), "a pod that is not ready must not be resolved"
+    for zone in topo.zones:
+        for tier, host in (("edge", zone.edge.host), ("core", zone.core.host)):
+            spec = services[host]["spec"]
+            assert spec.get("clusterIP") == "None", host
+            assert not spec.get("publishNotReadyAddresses"), "a pod that is not ready must not be resolved"
+            (pods,) = [d for d in deployments if spec["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            if tier == "edge":
+                assert pods["spec"]["replicas"] > 1
+                # Gateways must know a new pod before the rollout stops an old one (CoreDNS caches 5 s).
+                assert pods["spec"].get("minReadySeconds", 0) > topo.routing.resolve_interval_s + 5

@@ -92,6 +92,19 @@ async def test_requests_spread_over_the_zone_s_workers_with_the_same_answers(pai
         assert mine.prompt_tokens == reference.prompt_tokens
 
 
+async def test_a_stream_closed_early_frees_its_worker_at_once(pair):
+    a, b = pair
+    upstream = zone_edge(Name(a.port, b.port))
+    try:
+        stream = upstream.generate(GenerateCall(model=LM, prompt="A long story", max_tokens=200), timeout=30)
+        await anext(stream)
+        assert sum(r.outstanding for r in upstream.replicas.replicas) == 1
+        await stream.aclose()
+        assert sum(r.outstanding for r in upstream.replicas.replicas) == 0
+    finally:
+        await upstream.close()
+
+
 async def test_a_worker_that_is_gone_or_draining_is_passed_over_inside_the_zone(pair, models):
     _, b = pair
     draining = await start_worker(models)
