@@ -69,13 +69,9 @@ class CoreChannel:
 
     async def health(self, *, timeout: float) -> bool:
         """Triton's server readiness and the readiness of every model this core serves, asked
-        at once (one round trip, not one per question)."""
+        at once (one round trip, not one per question); raises when the server does not answer."""
         checks = [self._client.is_server_ready(), *(self._client.is_model_ready(m) for m in self._models)]
-        try:
-            answers = await asyncio.wait_for(asyncio.gather(*checks), timeout)
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
-        return all(answers)
+        return all(await asyncio.wait_for(asyncio.gather(*checks), timeout))
 
     async def close(self) -> None:
         """Close the gRPC channel."""

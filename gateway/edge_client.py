@@ -89,11 +89,8 @@ class EdgeChannel:
             raise _classify(exc) from exc
 
     async def health(self, *, timeout: float) -> bool:
-        """grpc.health.v1: SERVING for the whole server."""
-        try:
-            reply = await self._health.Check(HealthCheckRequest(service=""), timeout=timeout)
-        except Exception:  # noqa: BLE001 - any failure means not healthy
-            return False
+        """grpc.health.v1: SERVING for the whole server (raises when the worker does not answer)."""
+        reply = await self._health.Check(HealthCheckRequest(service=""), timeout=timeout)
         return reply.status == HealthCheckResponse.SERVING
 
     async def close(self) -> None:

@@ -79,5 +79,6 @@ class UpstreamFailure(Exception):
         self.timeout = timeout
         # The process is gone (connection refused or reset), not merely slow or erring.
         self.hard = hard
-        # The upstream turned the request away before starting it (draining, still loading).
+        # Nothing came back, and nothing will: the upstream turned the request away (draining,
+        # still loading) or went down before answering. Sending it elsewhere is safe, streams included.
         self.refused = refused

@@ -230,6 +230,9 @@ class ResumableStream:
         finally:
             if not pending.done():
                 pending.cancel()
+                # Ended before the caller closes the stream: closing a generator that is still
+                # running fails, and the upstream call would only end when the collector got to it.
+                await asyncio.wait({pending})
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""

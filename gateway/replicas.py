@@ -43,6 +43,7 @@ Address = tuple[str, int]
 Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
 log = logging.getLogger("meridian.gateway.replicas")
+WATCH_S = 0.05  # how often a stream waiting for its first item looks at its replica's health
 
 
 async def resolve(host: str, port: int) -> list[Address]:
@@ -67,6 +68,8 @@ class Replica(Generic[C]):
     conn: C
     # Optimistic until the first probe: a headless Service lists only ready pods.
     serving: bool = True
+    # Its last probe got an answer, whatever the answer said (a draining replica answers).
+    answering: bool = True
     outstanding: int = 0
     retired: bool = False
     probe: asyncio.Task | None = None
@@ -207,14 +210,38 @@ class ReplicaSet(Generic[C]):
                     # Closed with this generator, not whenever the collector gets to it: closing
                     # is what ends the call upstream and frees the replica.
                     async with contextlib.aclosing(request(conn)) as items:
+                        try:
+                            first = await self._first(items, replica)
+                        except StopAsyncIteration:
+                            return
+                        started = True
+                        yield first
                         async for item in items:
-                            started = True
                             yield item
                     return
                 except UpstreamFailure as failure:
                     if started:
                         raise
                     tried = self._another_or_raise(replica, tried, failure)
+
+    async def _first(self, items: AsyncIterator[T], replica: Replica[C]) -> T:
+        """The first item, unless the replica's probe gets no answer meanwhile. A silent replica
+        keeps its connection open, and the zone stays healthy on its other replicas, so nothing else
+        would end the wait before the first-chunk timeout (30 s: the core may queue a long prefill).
+        A replica that answers NOT_SERVING is draining: what it has started, it finishes."""
+        pending = asyncio.ensure_future(anext(items))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=WATCH_S)
+                if done:
+                    return pending.result()
+                if not replica.answering:
+                    host, port = replica.address
+                    raise UpstreamFailure(f"{host}:{port} went down before answering", timeout=True, refused=True)
+        finally:
+            if not pending.done():
+                pending.cancel()
+                await asyncio.wait({pending})  # ended, so that the generator can be closed
 
     async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
         await self.ready()
@@ -252,10 +279,12 @@ class ReplicaSet(Generic[C]):
 
     @staticmethod
     async def _probe_one(replica: Replica[C], check: Callable[[C], Awaitable[bool]]) -> bool:
+        """`check` answers whether the replica serves, and raises when it got no answer."""
         try:
             ok = await check(replica.conn) is True
-        except Exception:  # noqa: BLE001 - a probe that fails in any way says "not serving"
-            ok = False
+            replica.answering = True
+        except Exception:  # noqa: BLE001 - no answer at all: silent, refusing connections, or broken
+            ok = replica.answering = False
         replica.serving = ok
         return ok
 

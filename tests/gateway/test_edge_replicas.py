@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -131,6 +132,45 @@ async def test_a_worker_that_is_gone_or_draining_is_passed_over_inside_the_zone(
     finally:
         await upstream.close()
         await draining.stop()
+
+
+async def test_a_stream_waiting_on_a_silent_worker_moves_to_the_zone_s_other_worker(pair):
+    # A worker that accepts connections and never answers (a hung process, a partitioned pod):
+    # the zone stays healthy on its other worker, so only the silent one's own probe can end the
+    # stream's wait for a first chunk, long before the 30 s first-chunk timeout.
+    _, b = pair
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hang, "127.0.0.1", 0)
+    silent_port = silent.sockets[0].getsockname()[1]
+    upstream = zone_edge(Name(silent_port, b.port))
+    pool = UpstreamPool([upstream], RoutingConfig())
+    try:
+        await upstream.replicas.ready()
+        live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
+        live.outstanding += 1  # looks busier: the stream is sent to the silent worker
+        pool.start()
+        started = time.monotonic()
+        text = await asyncio.wait_for(stream_text(upstream, "Prompt 0"), 10)
+        waited = time.monotonic() - started
+        live.outstanding -= 1
+        reference = zone_edge(Name(b.port))
+        try:
+            assert text == await stream_text(reference, "Prompt 0")
+        finally:
+            await reference.close()
+        assert waited < 2.5, waited  # one probe timeout (1 s while unmeasured) and change
+        assert pool.endpoints[0].available()
+        by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+        assert not by_port[silent_port].answering and by_port[b.port].answering
+    finally:
+        await pool.close()
+        silent.close()
+        for writer in held:
+            writer.close()
 
 
 async def test_a_rolling_restart_of_the_zone_s_workers_fails_no_request(models):

@@ -12,9 +12,9 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import Model, ModelVersion, RoutingConfig, parse_topology
 from gateway.errors import UpstreamFailure
-from gateway.failover import RetryBudget
+from gateway.failover import ResumableStream, RetryBudget
 from gateway.routing import Router
-from gateway.upstreams import Endpoint, PeakEwma, UpstreamPool
+from gateway.upstreams import Endpoint, GenerateChunk, PeakEwma, UpstreamPool
 from tests.gateway.test_pipeline import TOPOLOGY, error_of, req
 from tests.support.fakes import FakeUpstream
 
@@ -280,3 +280,24 @@ async def test_a_streamed_answer_closed_unread_frees_its_upstream():
     assert r.status == 200 and in_flight(gw)[1] == 1
     await r.stream.aclose()
     assert in_flight(gw) == [0, 0, 0, 0]
+
+
+async def test_a_stalled_upstream_stream_can_be_closed_at_once():
+    # The stall ends the wait for the next chunk; closing the upstream stream must then work at
+    # once (it ends the call upstream), not fail because the abandoned wait still runs it.
+    closed = asyncio.Event()
+
+    async def stalls():
+        try:
+            yield GenerateChunk("a", [1])
+            await asyncio.Event().wait()
+        finally:
+            closed.set()
+
+    stream = stalls()
+    endpoint = Endpoint(FakeUpstream("z", "core"), RoutingConfig())
+    await anext(stream)
+    with pytest.raises(UpstreamFailure, match="stalled"):
+        await ResumableStream._next(stream, 0.1, endpoint, watch=False)
+    await stream.aclose()
+    assert closed.is_set()
