@@ -183,8 +183,10 @@ class ReplicaSet(Generic[C]):
                 self._close_later(replica)
 
     @staticmethod
-    def mark_down(replica: Replica[C]) -> None:
+    def _mark_down(replica: Replica[C], failure: UpstreamFailure) -> None:
         """A request found the replica gone or refusing: no more requests until a probe says it serves."""
+        if replica.serving:
+            log.warning("replica not serving", extra={"address": "%s:%d" % replica.address, "error": str(failure)})
         replica.serving = False
 
     async def call(self, request: Callable[[C], Awaitable[T]]) -> T:
@@ -256,7 +258,7 @@ class ReplicaSet(Generic[C]):
         """The replicas tried so far, when `failure` lets the request go to another serving one."""
         if not (failure.hard or failure.refused):
             raise failure
-        self.mark_down(replica)
+        self._mark_down(replica, failure)
         tried = (*tried, replica)
         if self.pick(tried, serving_only=True) is None:
             raise failure
@@ -282,10 +284,13 @@ class ReplicaSet(Generic[C]):
         """`check` answers whether the replica serves, and raises when it got no answer."""
         try:
             ok = await check(replica.conn) is True
-            replica.answering = True
+            answering = True
         except Exception:  # noqa: BLE001 - no answer at all: silent, refusing connections, or broken
-            ok = replica.answering = False
-        replica.serving = ok
+            ok = answering = False
+        if ok != replica.serving:
+            state = "serving" if ok else ("not serving" if answering else "not answering")
+            log.warning(f"replica {state}", extra={"address": "%s:%d" % replica.address})
+        replica.serving, replica.answering = ok, answering
         return ok
 
     def _refresh_if_due(self) -> None:

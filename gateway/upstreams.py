@@ -7,6 +7,7 @@ an in-process upstream. `UpstreamPool` holds every zone's upstreams and their he
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from gateway.config import RoutingConfig, Tier
+
+log = logging.getLogger("meridian.gateway.health")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,11 @@ class Endpoint:
         return True
 
     def record_probe(self, ok: bool, rtt_s: float, now: float) -> None:
-        """An active health check's answer."""
+        """An active health check's answer; a change of state is logged."""
+        first = not self.last_checked
+        if (ok != self.healthy and not first) or (first and not ok):
+            log.warning("endpoint healthy" if ok else "endpoint failed its health check",
+                        extra={"zone": self.zone, "tier": self.tier})
         self.healthy = ok
         self.last_checked = now
         if ok:

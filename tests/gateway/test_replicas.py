@@ -4,6 +4,7 @@ The edge client over real workers is in test_edge_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 
@@ -139,4 +140,41 @@ async def test_a_name_that_never_resolved_is_tried_again_at_the_probes_pace():
     await asyncio.sleep(0.01)
     assert await rs.probe(lambda conn: asyncio.sleep(0, True))
     assert [r.address for r in rs.replicas] == [("10.0.0.9", 1)]
+    await rs.close()
+
+
+class Records(logging.Handler):
+    """The messages a logger emits (whatever the process's log configuration did to propagation)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Records:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
+
+async def test_a_replica_s_changes_of_state_are_logged_once_each():
+    rs = replica_set([[("10.0.0.1", 1)]])
+    await rs.ready()
+    state = {"answer": True}
+
+    async def check(conn: Conn) -> bool:
+        if state["answer"] is None:
+            raise TimeoutError
+        return state["answer"]
+
+    with Records("meridian.gateway.replicas") as logs:
+        for answer in (True, None, None, False, True, True):
+            state["answer"] = answer
+            await rs.probe(check)
+    assert logs.messages == ["replica not answering", "replica serving"]
     await rs.close()

@@ -301,3 +301,18 @@ async def test_a_stalled_upstream_stream_can_be_closed_at_once():
         await ResumableStream._next(stream, 0.1, endpoint, watch=False)
     await stream.aclose()
     assert closed.is_set()
+
+
+def test_an_endpoint_s_changes_of_health_are_logged_once_each():
+    from tests.gateway.test_replicas import Records
+
+    e = Endpoint(FakeUpstream("zone-a", "edge"), RoutingConfig())
+    with Records("meridian.gateway.health") as logs:
+        for t, ok in enumerate((True, True, False, False, True)):
+            e.record_probe(ok, 0.001, 100.0 + t)
+    assert logs.messages == ["endpoint failed its health check", "endpoint healthy"]
+    down_at_start = Endpoint(FakeUpstream("zone-b", "edge"), RoutingConfig())
+    with Records("meridian.gateway.health") as logs:
+        down_at_start.record_probe(False, 0.0, 100.0)
+        down_at_start.record_probe(False, 0.0, 100.5)
+    assert logs.messages == ["endpoint failed its health check"]
