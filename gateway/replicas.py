@@ -52,6 +52,11 @@ async def resolve(host: str, port: int) -> list[Address]:
     return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
 
 
+def _where(replica: Replica) -> str:
+    host, port = replica.address
+    return f"{host}:{port}"
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -186,7 +191,7 @@ class ReplicaSet(Generic[C]):
     def _mark_down(replica: Replica[C], failure: UpstreamFailure) -> None:
         """A request found the replica gone or refusing: no more requests until a probe says it serves."""
         if replica.serving:
-            log.warning("replica not serving", extra={"address": "%s:%d" % replica.address, "error": str(failure)})
+            log.warning("replica not serving", extra={"address": _where(replica), "error": str(failure)})
         replica.serving = False
 
     async def call(self, request: Callable[[C], Awaitable[T]]) -> T:
@@ -238,8 +243,7 @@ class ReplicaSet(Generic[C]):
                 if done:
                     return pending.result()
                 if not replica.answering:
-                    host, port = replica.address
-                    raise UpstreamFailure(f"{host}:{port} went down before answering", timeout=True, refused=True)
+                    raise UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
         finally:
             if not pending.done():
                 pending.cancel()
@@ -289,7 +293,7 @@ class ReplicaSet(Generic[C]):
             ok = answering = False
         if ok != replica.serving:
             state = "serving" if ok else ("not serving" if answering else "not answering")
-            log.warning(f"replica {state}", extra={"address": "%s:%d" % replica.address})
+            log.warning(f"replica {state}", extra={"address": _where(replica)})
         replica.serving, replica.answering = ok, answering
         return ok
 
