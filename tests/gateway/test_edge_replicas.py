@@ -173,6 +173,32 @@ async def test_a_stream_waiting_on_a_silent_worker_moves_to_the_zone_s_other_wor
             writer.close()
 
 
+async def test_the_health_checks_keep_the_zone_in_step_with_its_name(pair):
+    a, b = pair
+    name = Name(a.port)
+    upstream = EdgeUpstream("zone-a", "edge-zone-a", 50051, resolver=name, resolve_interval_s=0.1)
+    pool = UpstreamPool([upstream], RoutingConfig())
+    await pool.check_once()
+    pool.start()
+    try:
+        name.ports = [a.port, b.port]
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if upstream.serving_replicas == 2:
+                break
+        assert [r.address[1] for r in upstream.replicas.replicas] == [a.port, b.port]
+        assert upstream.serving_replicas == 2
+        first = upstream.replicas.replicas[0]
+        name.ports = [b.port]
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if first.conn.closed:
+                break
+        assert first.conn.closed and upstream.serving_replicas == 1
+    finally:
+        await pool.close()
+
+
 async def test_a_rolling_restart_of_the_zone_s_workers_fails_no_request(models):
     olds = [await start_worker(models), await start_worker(models)]
     name = Name(*(w.port for w in olds))
