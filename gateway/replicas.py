@@ -17,7 +17,9 @@ STRICT_DNS clusters do:
   whose answer is still outstanding is not asked again until it answers (or times out);
 - a request that finds its replica gone or refusing (draining, loading) before anything came back
   goes to another serving replica: a rolling restart of a zone's pods keeps its traffic in the
-  zone. Any other failure goes to the zone's failover as it is.
+  zone. So does a stream still waiting for its first item when its replica's probe gets no answer
+  (a silent replica: the zone, healthy on its others, would not end that wait). Any other failure
+  goes to the zone's failover as it is.
 
 An IP address is its own answer: a single replica, never looked up again (the local stack).
 """
@@ -187,11 +189,10 @@ class ReplicaSet(Generic[C]):
                 self._retired.discard(replica)
                 self._close_later(replica)
 
-    @staticmethod
-    def _mark_down(replica: Replica[C], failure: UpstreamFailure) -> None:
+    def _mark_down(self, replica: Replica[C], failure: UpstreamFailure) -> None:
         """A request found the replica gone or refusing: no more requests until a probe says it serves."""
         if replica.serving:
-            log.warning("replica not serving", extra={"address": _where(replica), "error": str(failure)})
+            log.warning("replica not serving", extra={"host": self.host, "address": _where(replica), "error": str(failure)})
         replica.serving = False
 
     async def call(self, request: Callable[[C], Awaitable[T]]) -> T:
@@ -283,8 +284,7 @@ class ReplicaSet(Generic[C]):
                 return True
         return False
 
-    @staticmethod
-    async def _probe_one(replica: Replica[C], check: Callable[[C], Awaitable[bool]]) -> bool:
+    async def _probe_one(self, replica: Replica[C], check: Callable[[C], Awaitable[bool]]) -> bool:
         """`check` answers whether the replica serves, and raises when it got no answer."""
         try:
             ok = await check(replica.conn) is True
@@ -293,7 +293,7 @@ class ReplicaSet(Generic[C]):
             ok = answering = False
         if ok != replica.serving:
             state = "serving" if ok else ("not serving" if answering else "not answering")
-            log.warning(f"replica {state}", extra={"address": _where(replica)})
+            log.warning(f"replica {state}", extra={"host": self.host, "address": _where(replica)})
         replica.serving, replica.answering = ok, answering
         return ok
 
