@@ -122,7 +122,7 @@ class CoreUpstream:
 
     async def health(self, *, timeout: float) -> bool:
         """Ready (server and models) on at least one of the zone's Triton servers."""
-        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout))
+        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout), timeout)
 
     async def close(self) -> None:
         """Close every server's channel."""

@@ -148,7 +148,7 @@ class EdgeUpstream:
 
     async def health(self, *, timeout: float) -> bool:
         """SERVING (grpc.health.v1) on at least one of the zone's workers."""
-        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout))
+        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout), timeout)
 
     async def close(self) -> None:
         """Close every worker's channel."""

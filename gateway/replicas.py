@@ -269,13 +269,13 @@ class ReplicaSet(Generic[C]):
             raise failure
         return tried
 
-    async def probe(self, check: Callable[[C], Awaitable[bool]]) -> bool:
-        """Ask every replica whether it serves; True as soon as one does."""
+    async def probe(self, check: Callable[[C], Awaitable[bool]], timeout: float) -> bool:
+        """Ask every replica whether it serves, each given `timeout` to answer; True as soon as one does."""
         self._refresh_if_due()
         await self.ready()
         for replica in self.replicas:
             if replica.probe is None or replica.probe.done():
-                replica.probe = asyncio.ensure_future(self._probe_one(replica, check))
+                replica.probe = asyncio.ensure_future(self._probe_one(replica, check, timeout))
         # Waiting does not cancel the probes: one that outlives this call still records its answer.
         pending = {r.probe for r in self.replicas if r.probe is not None}
         while pending:
@@ -284,10 +284,11 @@ class ReplicaSet(Generic[C]):
                 return True
         return False
 
-    async def _probe_one(self, replica: Replica[C], check: Callable[[C], Awaitable[bool]]) -> bool:
-        """`check` answers whether the replica serves, and raises when it got no answer."""
+    async def _probe_one(self, replica: Replica[C], check: Callable[[C], Awaitable[bool]], timeout: float) -> bool:
+        """`check` answers whether the replica serves, and raises when it got no answer. Bounded
+        here too: a check that outlived its own timeout would keep the replica from being asked again."""
         try:
-            ok = await check(replica.conn) is True
+            ok = await asyncio.wait_for(check(replica.conn), timeout) is True
             answering = True
         except Exception:  # noqa: BLE001 - no answer at all: silent, refusing connections, or broken
             ok = answering = False

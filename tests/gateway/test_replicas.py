@@ -78,11 +78,24 @@ async def test_the_zone_is_healthy_as_soon_as_one_replica_serves_and_a_silent_on
             await asyncio.Event().wait()
         return True
 
-    assert await asyncio.wait_for(rs.probe(check), 0.5)
-    assert await asyncio.wait_for(rs.probe(check), 0.5)
+    assert await asyncio.wait_for(rs.probe(check, 5.0), 0.5)
+    assert await asyncio.wait_for(rs.probe(check, 5.0), 0.5)
     assert asked == {silent.address: 1, fine.address: 2}
     assert fine.serving and silent.serving  # unknown until its probe answers
     await rs.close()
+
+
+async def test_a_check_that_never_returns_still_ends_at_the_probe_timeout():
+    rs = replica_set([[("10.0.0.1", 1)]])
+    await rs.ready()
+    (stuck,) = rs.replicas
+
+    async def check(conn: Conn) -> bool:  # ignores any timeout of its own
+        await asyncio.Event().wait()
+        return True
+
+    assert not await asyncio.wait_for(rs.probe(check, 0.1), 1.0)
+    assert not stuck.answering and not stuck.serving and stuck.probe.done()
 
 
 async def test_a_replica_that_answers_not_serving_is_out_and_the_zone_down_when_none_serves():
@@ -96,11 +109,11 @@ async def test_a_replica_that_answers_not_serving_is_out_and_the_zone_down_when_
         return conn.address == a.address and serving_a
 
     serving_a = True
-    assert await rs.probe(check)
+    assert await rs.probe(check, 1.0)
     await asyncio.sleep(0)
     assert a.serving and not b.serving
     serving_a = False
-    assert not await rs.probe(check)
+    assert not await rs.probe(check, 1.0)
     assert not a.serving
 
 
@@ -133,12 +146,12 @@ async def test_the_replicas_follow_the_name_and_a_failed_lookup_keeps_the_last_a
 async def test_a_name_that_never_resolved_is_tried_again_at_the_probes_pace():
     answer: list = [socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")]
     rs = replica_set(answer, resolve_interval_s=60)
-    assert not await rs.probe(lambda conn: asyncio.sleep(0, True))
+    assert not await rs.probe(lambda conn: asyncio.sleep(0, True), 1.0)
     assert rs.pick() is None
     answer[0] = [("10.0.0.9", 1)]
-    await rs.probe(lambda conn: asyncio.sleep(0, True))  # starts the lookup
+    await rs.probe(lambda conn: asyncio.sleep(0, True), 1.0)  # starts the lookup
     await asyncio.sleep(0.01)
-    assert await rs.probe(lambda conn: asyncio.sleep(0, True))
+    assert await rs.probe(lambda conn: asyncio.sleep(0, True), 1.0)
     assert [r.address for r in rs.replicas] == [("10.0.0.9", 1)]
     await rs.close()
 
@@ -175,6 +188,6 @@ async def test_a_replica_s_changes_of_state_are_logged_once_each():
     with Records("meridian.gateway.replicas") as logs:
         for answer in (True, None, None, False, True, True):
             state["answer"] = answer
-            await rs.probe(check)
+            await rs.probe(check, 1.0)
     assert logs.messages == ["replica not answering", "replica serving"]
     await rs.close()
