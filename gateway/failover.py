@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from gateway.aio import end_task
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, Kind, UpstreamFailure
 from gateway.metrics import Metrics
@@ -228,11 +229,9 @@ class ResumableStream:
         except StopAsyncIteration:
             raise UpstreamFailure("stream ended without a finish reason") from None
         finally:
-            if not pending.done():
-                pending.cancel()
-                # Ended before the caller closes the stream: closing a generator that is still
-                # running fails, and the upstream call would only end when the collector got to it.
-                await asyncio.wait({pending})
+            # Ended before the caller closes the stream: closing a generator that is still
+            # running fails, and the upstream call would only end when the collector got to it.
+            await end_task(pending)
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""

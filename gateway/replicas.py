@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.aio import end_task
 from gateway.errors import UpstreamFailure
 
 C = TypeVar("C")
@@ -122,8 +123,8 @@ class ReplicaSet(Generic[C]):
         """Look the name up again and bring the replicas in step with the answer."""
         try:
             addresses = await self._resolver(self.host, self.port)
-        except OSError as exc:  # socket.gaierror included: keep the last answer
-            addresses, error = [], str(exc)
+        except Exception as exc:  # noqa: BLE001 - socket.gaierror, or a broken resolver: keep the last answer
+            addresses, error = [], str(exc) or type(exc).__name__
         else:
             error = "" if addresses else "no addresses"
         if error:
@@ -159,7 +160,12 @@ class ReplicaSet(Generic[C]):
     def _close_later(self, replica: Replica[C]) -> None:
         task = asyncio.ensure_future(self._close(replica.conn))
         self._closing.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("closing a replica's connection failed", extra={"host": self.host, "error": str(task.exception())})
 
     @property
     def serving(self) -> int:
@@ -246,9 +252,7 @@ class ReplicaSet(Generic[C]):
                 if not replica.answering:
                     raise UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
         finally:
-            if not pending.done():
-                pending.cancel()
-                await asyncio.wait({pending})  # ended, so that the generator can be closed
+            await end_task(pending)
 
     async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
         await self.ready()
@@ -288,7 +292,9 @@ class ReplicaSet(Generic[C]):
         """`check` answers whether the replica serves, and raises when it got no answer. Bounded
         here too: a check that outlived its own timeout would keep the replica from being asked again."""
         try:
-            ok = await asyncio.wait_for(check(replica.conn), timeout) is True
+            # A timeout scope, not wait_for: no inner task whose late failure nobody would retrieve.
+            async with asyncio.timeout(timeout):
+                ok = await check(replica.conn) is True
             answering = True
         except Exception:  # noqa: BLE001 - no answer at all: silent, refusing connections, or broken
             ok = answering = False

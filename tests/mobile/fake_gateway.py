@@ -133,15 +133,18 @@ class FakeGateway:
                 if reply.delay_s:
                     await asyncio.sleep(reply.delay_s)
                 headers = [(b":status", str(reply.status).encode())] + [(k.encode(), v.encode()) for k, v in reply.headers.items()]
-                self.http.send_headers(stream_id, headers)
-                for chunk in reply.chunks:
-                    if reply.chunk_delay_s:
-                        self.transmit()
-                        await asyncio.sleep(reply.chunk_delay_s)
-                    if (id(self._quic), stream_id) in gw.cancelled:
-                        return  # the client left: a real gateway stops generating here
-                    self.http.send_data(stream_id, chunk, end_stream=False)
-                self.http.send_data(stream_id, b"", end_stream=True)
+                try:
+                    self.http.send_headers(stream_id, headers)
+                    for chunk in reply.chunks:
+                        if reply.chunk_delay_s:
+                            self.transmit()
+                            await asyncio.sleep(reply.chunk_delay_s)
+                        if (id(self._quic), stream_id) in gw.cancelled:
+                            return  # the client left: a real gateway stops generating here
+                        self.http.send_data(stream_id, chunk, end_stream=False)
+                    self.http.send_data(stream_id, b"", end_stream=True)
+                except (ValueError, RuntimeError):  # aioquic: the client reset or closed the stream meanwhile
+                    return
                 self.transmit()
 
         port = _free(socket.SOCK_DGRAM)
