@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
-from gateway.replicas import ReplicaSet, Resolver, resolve
+from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # The core marks refusals of the request itself with this prefix (the stream protocol carries
@@ -61,7 +60,7 @@ class CoreChannel:
             raise
         except GeneratorExit:
             raise
-        except Exception as exc:  # noqa: BLE001 - transport failures
+        except Exception as exc:
             raise _classify_transport(exc) from exc
         finally:
             # Ends the call on Triton's side too, so a client that went away frees the engine.
@@ -78,7 +77,7 @@ class CoreChannel:
         await self._client.close()
 
 
-class CoreUpstream:
+class CoreUpstream(ReplicatedUpstream[CoreChannel]):
     """One zone's core: every Triton server its name resolves to, balanced per request
     (`gateway/replicas.py`; one server per zone in the shipped manifests)."""
 
@@ -94,39 +93,16 @@ class CoreUpstream:
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve,
     ) -> None:
-        self.zone = zone
-        self.replicas: ReplicaSet[CoreChannel] = ReplicaSet(
-            host, grpc_port,
-            connect=lambda h, p: CoreChannel(h, p, models),
-            close=CoreChannel.close,
-            resolve_interval_s=resolve_interval_s,
-            resolver=resolver,
+        super().__init__(
+            zone, host, grpc_port, lambda h, p: CoreChannel(h, p, models),
+            resolve_interval_s=resolve_interval_s, resolver=resolver,
         )
-
-    @property
-    def serving_replicas(self) -> int:
-        """The zone's serving Triton servers."""
-        return self.replicas.serving
 
     async def embed(
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult:
         """The core serves no embedding models."""
         raise GatewayError(Kind.BAD_REQUEST, f"model {model!r} does not produce embeddings")
-
-    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
-        """Stream a generation from one of this zone's Triton servers."""
-        async with contextlib.aclosing(self.replicas.stream(lambda ch: ch.generate(call, timeout=timeout))) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def health(self, *, timeout: float) -> bool:
-        """Ready (server and models) on at least one of the zone's Triton servers."""
-        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout), timeout)
-
-    async def close(self) -> None:
-        """Close every server's channel."""
-        await self.replicas.close()
 
 
 def _inputs(call: GenerateCall) -> list[InferInput]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -18,7 +17,7 @@ from edge.api.edge_grpc import EdgeStub
 from gateway.coalescer import Coalescer, EmbedReply
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
-from gateway.replicas import ReplicaSet, Resolver, resolve
+from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
 # Refusals of the request itself: another zone would refuse it too.
@@ -51,7 +50,7 @@ class EdgeChannel:
         metadata = {"traceparent": traceparent} if traceparent else None
         try:
             reply = await self._stub.Embed(request, timeout=timeout, metadata=metadata)
-        except Exception as exc:  # noqa: BLE001 - every transport failure is classified below
+        except Exception as exc:
             raise _classify(exc) from exc
         if len(reply.embeddings) != len(inputs):
             raise UpstreamFailure(f"edge answered {len(reply.embeddings)} vectors for {len(inputs)} inputs")
@@ -85,7 +84,7 @@ class EdgeChannel:
                     )
         except (GatewayError, asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _classify(exc) from exc
 
     async def health(self, *, timeout: float) -> bool:
@@ -99,7 +98,7 @@ class EdgeChannel:
         self._channel.close()
 
 
-class EdgeUpstream:
+class EdgeUpstream(ReplicatedUpstream[EdgeChannel]):
     """One zone's edge: every worker its name resolves to, balanced per request (`gateway/replicas.py`)."""
 
     tier: Tier = "edge"
@@ -115,19 +114,10 @@ class EdgeUpstream:
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve,
     ) -> None:
-        self.zone = zone
-        self.replicas: ReplicaSet[EdgeChannel] = ReplicaSet(
-            host, port,
-            connect=lambda h, p: EdgeChannel(h, p, max_in_flight=max_in_flight, max_inputs=max_inputs),
-            close=EdgeChannel.close,
-            resolve_interval_s=resolve_interval_s,
-            resolver=resolver,
+        super().__init__(
+            zone, host, port, lambda h, p: EdgeChannel(h, p, max_in_flight=max_in_flight, max_inputs=max_inputs),
+            resolve_interval_s=resolve_interval_s, resolver=resolver,
         )
-
-    @property
-    def serving_replicas(self) -> int:
-        """The zone's serving workers."""
-        return self.replicas.serving
 
     @property
     def rpcs(self) -> int:
@@ -139,20 +129,6 @@ class EdgeUpstream:
     ) -> EmbedResult:
         """Embed `inputs` with `model` on one of this zone's edge workers."""
         return await self.replicas.call(lambda ch: ch.embed(model, inputs, timeout=timeout, traceparent=traceparent))
-
-    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
-        """Stream generated text from the small LM of one of this zone's edge workers."""
-        async with contextlib.aclosing(self.replicas.stream(lambda ch: ch.generate(call, timeout=timeout))) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def health(self, *, timeout: float) -> bool:
-        """SERVING (grpc.health.v1) on at least one of the zone's workers."""
-        return await self.replicas.probe(lambda channel: channel.health(timeout=timeout), timeout)
-
-    async def close(self) -> None:
-        """Close every worker's channel."""
-        await self.replicas.close()
 
 
 def _floats(embedding: edge_pb2.Embedding) -> np.ndarray:

@@ -35,10 +35,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from gateway.aio import end_task
 from gateway.errors import UpstreamFailure
+from gateway.upstreams import GenerateCall, GenerateChunk
 
 C = TypeVar("C")
 T = TypeVar("T")
@@ -322,3 +323,56 @@ class ReplicaSet(Generic[C]):
                 replica.probe.cancel()
         self.replicas, self._retired = [], set()
         await asyncio.gather(*(self._close(r.conn) for r in everything), return_exceptions=True)
+
+
+class Channel(Protocol):
+    """One address's connection, as `ReplicatedUpstream` uses it."""
+
+    def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]: ...
+
+    async def health(self, *, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+Ch = TypeVar("Ch", bound=Channel)
+
+
+class ReplicatedUpstream(Generic[Ch]):
+    """The Upstream calls common to a zone's replicas of any tier: generation streams, health and
+    closing, over a ReplicaSet of channels (subclasses add `embed` and name their tier)."""
+
+    def __init__(
+        self,
+        zone: str,
+        host: str,
+        port: int,
+        connect: Callable[[str, int], Ch],
+        *,
+        resolve_interval_s: float,
+        resolver: Resolver,
+    ) -> None:
+        self.zone = zone
+        self.replicas: ReplicaSet[Ch] = ReplicaSet(
+            host, port, connect=connect, close=lambda ch: ch.close(),
+            resolve_interval_s=resolve_interval_s, resolver=resolver,
+        )
+
+    @property
+    def serving_replicas(self) -> int:
+        """The zone's serving replicas."""
+        return self.replicas.serving
+
+    async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
+        """Stream a generation from one of the zone's replicas."""
+        async with contextlib.aclosing(self.replicas.stream(lambda ch: ch.generate(call, timeout=timeout))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def health(self, *, timeout: float) -> bool:
+        """Whether at least one of the zone's replicas serves."""
+        return await self.replicas.probe(lambda ch: ch.health(timeout=timeout), timeout)
+
+    async def close(self) -> None:
+        """Close every replica's connection."""
+        await self.replicas.close()
