@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from grpclib.health.service import Health
-from grpclib.server import Server
 
 from edge.batcher import BatchPolicy
 from edge.config import LOG_LEVELS, EdgeConfig
 from edge.embedder import Embedder
+from edge.grpc_server import Server
 from edge.l1cache import L1Cache
 from edge.logs import configure_logging, get_logger
 from edge.registry import load_models
