@@ -15,14 +15,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from gateway.aio import end_task
+from gateway.aio import next_watched
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, Kind, UpstreamFailure
 from gateway.metrics import Metrics
 from gateway.upstreams import Endpoint, GenerateCall, GenerateChunk
 
 T = TypeVar("T")
-_WATCH_S = 0.05  # how often a waiting stream looks at its endpoint's health
 log = logging.getLogger("meridian.gateway.failover")
 
 
@@ -210,28 +209,20 @@ class ResumableStream:
     async def _next(
         stream: AsyncIterator[GenerateChunk], timeout: float, endpoint: Endpoint, watch: bool
     ) -> GenerateChunk:
-        """The next chunk; a stall, or (`watch`) the endpoint going down meanwhile, is a failure.
+        """The next chunk; a stall, or (`watch`) the endpoint going down meanwhile, is a failure
+        (a blackholed zone keeps its connection open and silent: `next_watched`)."""
 
-        Watching the endpoint matters for a blackholed zone: the connection stays open and silent,
-        and the health checks notice well before any per-chunk timeout would.
-        """
-        pending = asyncio.ensure_future(anext(stream))
-        deadline = time.monotonic() + timeout
+        def down() -> UpstreamFailure | None:
+            if watch and not endpoint.available():
+                return UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} went down mid-stream", timeout=True)
+            return None
+
         try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=min(_WATCH_S, max(0.0, deadline - time.monotonic())))
-                if done:
-                    return pending.result()
-                if watch and not endpoint.available():
-                    raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} went down mid-stream", timeout=True)
-                if time.monotonic() >= deadline:
-                    raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True)
+            return await next_watched(stream, down, timeout=timeout)
         except StopAsyncIteration:
             raise UpstreamFailure("stream ended without a finish reason") from None
-        finally:
-            # Ended before the caller closes the stream: closing a generator that is still
-            # running fails, and the upstream call would only end when the collector got to it.
-            await end_task(pending)
+        except TimeoutError:
+            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True) from None
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from gateway.aio import end_task
+from gateway.aio import next_watched
 from gateway.errors import UpstreamFailure
 from gateway.upstreams import GenerateCall, GenerateChunk
 
@@ -47,7 +47,6 @@ Address = tuple[str, int]
 Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
 log = logging.getLogger("meridian.gateway.replicas")
-WATCH_S = 0.05  # how often a stream waiting for its first item looks at its replica's health
 
 
 async def resolve(host: str, port: int) -> list[Address]:
@@ -244,16 +243,12 @@ class ReplicaSet(Generic[C]):
         keeps its connection open, and the zone stays healthy on its other replicas, so nothing else
         would end the wait before the first-chunk timeout (30 s: the core may queue a long prefill).
         A replica that answers NOT_SERVING is draining: what it has started, it finishes."""
-        pending = asyncio.ensure_future(anext(items))
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=WATCH_S)
-                if done:
-                    return pending.result()
-                if not replica.answering:
-                    raise UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
-        finally:
-            await end_task(pending)
+        def silent() -> UpstreamFailure | None:
+            if replica.answering:
+                return None
+            return UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
+
+        return await next_watched(items, silent)
 
     async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
         await self.ready()
