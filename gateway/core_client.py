@@ -69,8 +69,15 @@ class CoreChannel:
     async def health(self, *, timeout: float) -> bool:
         """Triton's server readiness and the readiness of every model this core serves, asked
         at once (one round trip, not one per question); raises when the server does not answer."""
-        checks = [self._client.is_server_ready(), *(self._client.is_model_ready(m) for m in self._models)]
-        return all(await asyncio.wait_for(asyncio.gather(*checks), timeout))
+        # gRPC deadlines, not a wait_for around the gather: a wait_for cancelled by the caller's own
+        # timeout at the same instant left the gather's failure unretrieved.
+        checks = [self._client.is_server_ready(client_timeout=timeout),
+                  *(self._client.is_model_ready(m, client_timeout=timeout) for m in self._models)]
+        answers = await asyncio.gather(*checks, return_exceptions=True)  # every call's end is read
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return all(answers)
 
     async def close(self) -> None:
         """Close the gRPC channel."""
