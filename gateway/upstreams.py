@@ -7,6 +7,7 @@ an in-process upstream. `UpstreamPool` holds every zone's upstreams and their he
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -192,6 +193,14 @@ class UpstreamPool:
             ok = await asyncio.wait_for(endpoint.upstream.health(timeout=timeout), timeout)
         except Exception:  # noqa: BLE001 - a probe that fails in any way says "not healthy"
             ok = False
+        except asyncio.CancelledError:
+            # A client library's own CancelledError (grpc.aio raises one for a call it cancelled
+            # itself) is a failed probe too; only the check loop's own cancellation stops it.
+            # Otherwise the loop would end and freeze the endpoint at its last answer.
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise
+            ok = False
         now = time.monotonic()
         endpoint.record_probe(ok is True, now - started, now)
 
@@ -203,6 +212,8 @@ class UpstreamPool:
         """
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(e)) for e in self.endpoints]
+        for task, endpoint in zip(self._tasks, self.endpoints, strict=True):
+            task.add_done_callback(functools.partial(_watch_ended, endpoint))
 
     async def _watch(self, endpoint: Endpoint) -> None:
         # A probe every interval, start to start: a silent endpoint is seen down at most
@@ -217,3 +228,11 @@ class UpstreamPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*(e.upstream.close() for e in self.endpoints), return_exceptions=True)
+
+
+def _watch_ended(endpoint: Endpoint, task: asyncio.Task) -> None:
+    """A health-check loop ends only when the pool closes; any other end freezes the endpoint's
+    health at its last answer, so it must not pass in silence."""
+    if not task.cancelled():
+        log.error("health checks stopped", exc_info=task.exception(),
+                  extra={"zone": endpoint.zone, "tier": endpoint.tier})

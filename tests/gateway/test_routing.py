@@ -92,6 +92,40 @@ async def test_a_silent_zone_is_seen_down_within_interval_plus_timeout_and_other
         await pool.close()
 
 
+class _SelfCancellingHealth(FakeUpstream):
+    """Health checks that raise CancelledError of their own, as grpc.aio does for a call it cancelled."""
+
+    def __init__(self, zone: str, tier: str) -> None:
+        super().__init__(zone, tier)
+        self.cancelling_checks = 0
+
+    async def health(self, *, timeout):
+        if self.cancelling_checks:
+            self.cancelling_checks -= 1
+            self.health_checks += 1
+            raise asyncio.CancelledError
+        return await super().health(timeout=timeout)
+
+
+async def test_a_probe_that_raises_cancelled_error_fails_and_the_checks_go_on():
+    config = RoutingConfig(probe_interval_s=0.05, probe_timeout_min_s=0.05, probe_timeout_s=0.2)
+    flaky = _SelfCancellingHealth("zone-a", "core")
+    pool = UpstreamPool([flaky], config)
+    await pool.check_once()
+    pool.start()
+    try:
+        flaky.cancelling_checks, checks = 3, flaky.health_checks
+        await asyncio.sleep(0.12)
+        assert flaky.health_checks - checks >= 2 and not pool.endpoints[0].healthy
+        checks = flaky.health_checks
+        await asyncio.sleep(0.3)
+        assert flaky.health_checks - checks >= 3  # still checked on its clock
+        assert pool.endpoints[0].healthy
+    finally:
+        await pool.close()
+    assert all(t.cancelled() for t in pool._tasks)  # the loop ends by its own cancellation only
+
+
 async def test_slow_zone_loses_traffic_then_wins_it_back():
     gw, ups = await gateway_with()
     router, pool = gw.router, gw.pool
