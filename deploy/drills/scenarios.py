@@ -140,12 +140,14 @@ SCENARIOS = {
 async def wait_ready(stack: LocalStack, timeout: float) -> None:
     """Until the gateway's /readyz is 200."""
     deadline = time.monotonic() + timeout
+    body = ""
     while time.monotonic() < deadline:
-        status, _ = await asyncio.to_thread(http_get, f"{stack.http_url}/readyz")
+        status, body = await asyncio.to_thread(http_get, f"{stack.http_url}/readyz")
         if status == 200:
             return
         await asyncio.sleep(0.25)
-    raise TimeoutError(f"the stack was not ready again within {timeout:.0f}s")
+    last = f"/readyz said {body}" if body else "/readyz did not answer"
+    raise TimeoutError(f"the stack was not ready again within {timeout:.0f}s ({last})")
 
 
 async def wait_gateway_sees(ctx: Context, *, healthy: bool, timeout: float = 30) -> None:

@@ -19,7 +19,7 @@ def drills(tmp_path_factory) -> tuple[int, list[str], Path]:
     # One stack, four faults; kill-zone last (nothing to restart after it).
     result = meridian("drill", "blackhole-zone", "slow-zone", "kill-redis", "kill-zone", "--out", str(out),
                       "--before", "3", "--during", "4", "--after", "3", timeout=900)
-    sys.stdout.write(result.stdout[-4000:] + result.stderr[-4000:])
+    sys.stdout.write(result.stdout[-12000:] + result.stderr[-4000:])  # a broken drill prints the gateway log tail
     return result.returncode, (result.stdout + result.stderr[-3000:]).strip().splitlines() if result.returncode \
         else result.stdout.strip().splitlines(), out
 
