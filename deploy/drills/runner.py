@@ -8,11 +8,14 @@ JSON report (of the summary when several scenarios ran).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -26,7 +29,7 @@ import yaml
 from deploy.drills import report as rpt
 from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
 from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
-from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
+from deploy.launcher import LocalStack, StackError, StartupAborted, free_port, resolve_topology
 from deploy.settings import Settings
 from gateway.config import ConfigError, load_topology
 
@@ -82,9 +85,13 @@ async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rat
         raise DrillError(f"{settings.topology}: no core model to drill")
     print(f"starting a drill stack ({len(topology.zones)} zones behind fault proxies) ...", flush=True)
     reports = []
+    interrupted = _stop_on_signals()
+    starting = None
     try:
         # Inside the try: a part that started before another failed must be stopped too.
-        await asyncio.to_thread(stack.start, 240.0, lambda m: print(m, flush=True))
+        starting = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(stack.start, 240.0, lambda m: print(m, flush=True), should_stop=interrupted.is_set))
+        await asyncio.shield(starting)  # a cancel must not mark it done while its thread still starts things
         await warm_up(stack.http_url, settings.api_key, core_model, [r.name for r in topology.regions])
         target = await nearest_zone(stack.http_url, settings.api_key, topology.zones[0].name)
         print(f"faults hit {target}, the zone serving the load", flush=True)
@@ -103,8 +110,26 @@ async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rat
             reports.append(report)
             await scenario.restore(ctx)
     finally:
+        if starting is not None:
+            await asyncio.wait({starting})  # a start cut short by a signal ends first: nothing starts after the stop
+            if not starting.cancelled():
+                starting.exception()  # read: a start aborted by the signal is no error to report
         await asyncio.to_thread(stack.stop)
     return reports
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGINT or SIGTERM cancels the drills, whose `finally` stops the stack (its Tritons' stubs
+    included, which no parent-death signal reaches); the event stops a startup in progress."""
+    interrupted, task, loop = threading.Event(), asyncio.current_task(), asyncio.get_running_loop()
+
+    def stop() -> None:
+        interrupted.set()
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    return interrupted
 
 
 def _print_log_tail(path: Path, lines: int = 40) -> None:
@@ -347,6 +372,9 @@ def main(names: list[str], out: str | None, timing: Timing, rates: Rates, topolo
     except (DrillError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (asyncio.CancelledError, StartupAborted):
+        print("interrupted: the drill stack was stopped", file=sys.stderr)
+        return 130
     if len(reports) == 1:
         path = out_dir / f"{reports[0].scenario}.json"
     else:
