@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,16 @@ from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h3_load import UNIQUE  # noqa: E402  (bench/ is the script's own folder)
+import private_stack  # noqa: E402  (bench/ is the script's own folder)
+from h3_load import UNIQUE  # noqa: E402
 from process_cpu import process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
-from deploy.launcher import LocalStack, free_port, resolve_topology  # noqa: E402
-from deploy.settings import DEFAULT_TOPOLOGY, Settings  # noqa: E402
+from deploy.launcher import LocalStack, free_port  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
 
@@ -59,25 +57,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def start_stack(var: Path) -> tuple[LocalStack, dict]:
-    """Redis, one edge-only zone and the gateway, on private ports."""
-    raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
-    raw["gateway"]["http1"]["port"] = free_port()
-    raw["gateway"]["http3"]["port"] = free_port(socket.SOCK_DGRAM)
-    raw["gateway"]["https"] = {"host": "127.0.0.1", "port": 0}
-    raw["redis"]["port"] = free_port()
-    zone = raw["zones"][0]
-    zone.update({"address": "127.0.61.1", "core": None})
-    raw["zones"] = [zone]
-    raw["models"] = [m for m in raw["models"] if m["name"] == MODEL]
-    # A limit far above the load: every request pays for the shared rate limiter's Redis round trip,
-    # as a deployment with tenant limits does, without ever being refused.
-    raw["limits"] = {"default": {"requests_per_second": 1_000_000}}
-    path = var / "topology.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    settings = Settings.resolve(topology=str(path), var_dir=str(var))
-    stack = LocalStack(settings, resolve_topology(settings))
-    stack.start(progress=log)
-    return stack, raw
+    """Redis, one edge-only zone serving the embedding model, and the gateway, on private ports."""
+    return private_stack.start_stack(var, (MODEL,), log)
 
 
 # -- 1. cache hits ------------------------------------------------------------------------------
