@@ -194,9 +194,9 @@ class UpstreamPool:
         except Exception:  # noqa: BLE001 - a probe that fails in any way says "not healthy"
             ok = False
         except asyncio.CancelledError:
-            # A client library's own CancelledError (grpc.aio raises one for a call it cancelled
-            # itself) is a failed probe too; only the check loop's own cancellation stops it.
-            # Otherwise the loop would end and freeze the endpoint at its last answer.
+            # A client library's own CancelledError (grpc.aio raises one for a call cancelled under
+            # it, as a closing channel does) is a failed probe too: only the check loop's own
+            # cancellation may end the loop, which would otherwise freeze the endpoint's health.
             current = asyncio.current_task()
             if current is None or current.cancelling():
                 raise

@@ -29,7 +29,7 @@ import yaml
 from deploy.drills import report as rpt
 from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
 from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
-from deploy.launcher import LocalStack, StackError, StartupAborted, free_port, resolve_topology
+from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
 from deploy.settings import Settings
 from gateway.config import ConfigError, load_topology
 
@@ -372,7 +372,7 @@ def main(names: list[str], out: str | None, timing: Timing, rates: Rates, topolo
     except (DrillError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (asyncio.CancelledError, StartupAborted):
+    except asyncio.CancelledError:  # SIGINT or SIGTERM (`_stop_on_signals`)
         print("interrupted: the drill stack was stopped", file=sys.stderr)
         return 130
     if len(reports) == 1:
