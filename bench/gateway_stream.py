@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import private_stack  # noqa: E402  (bench/ is the script's own folder)
+from machine import machine  # noqa: E402
 from process_cpu import process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
@@ -169,9 +169,8 @@ was tried and moved nothing measurable (runs of the same code differed by up to 
 
 
 def section(text: str, res: dict, n: int) -> str:
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
     return (f"## Gateway streams (`bench/gateway_stream.py`)\n\n`.venv/bin/python bench/gateway_stream.py --streams {n}` "
-            f"on {machine}, {time.strftime('%Y-%m-%d')}, load average {res['load'][0]:.1f} at the start and "
+            f"on {machine()}, {time.strftime('%Y-%m-%d')}, load average {res['load'][0]:.1f} at the start and "
             f"{res['load'][1]:.1f} at the end. `{LM}` streams of up to {MAX_TOKENS} tokens, sampled at "
             f"temperature {TEMPERATURE} with one seed per stream shared by both paths (the same tokens on both), one "
             f"stream at a time, in four interleaved rounds. A chunk is one server-sent event, or one Generate "

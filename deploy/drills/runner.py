@@ -104,7 +104,9 @@ async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rat
                 # The drill's own machinery broke (not the stack under test): say so, loudly.
                 traceback.print_exc()
                 print(f"drill {name}: ERROR in the drill itself (traceback above)", flush=True)
-                _print_log_tail(stack.child("gateway").log_path)
+                # CI keeps no stack files: the gateway's last words go with the error.
+                gateway = stack.child("gateway")
+                print(f"the end of {gateway.log_path}:", gateway.log_tail(40), sep="\n", flush=True)
                 raise
             print(report.to_text(), flush=True)
             reports.append(report)
@@ -130,15 +132,6 @@ def _stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     return interrupted
-
-
-def _print_log_tail(path: Path, lines: int = 40) -> None:
-    """The gateway's last words, for a drill that broke where its stack's files are not kept (CI)."""
-    try:
-        tail = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return
-    print(f"last {len(tail)} lines of {path}:", *tail, sep="\n", flush=True)
 
 
 async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates, core_model: str,
