@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,8 +28,17 @@ async def next_watched(
     """The next item of `items`, unless `stop()`, asked every WATCH_S while waiting, returns an
     error (raised) or `timeout` passes (`TimeoutError`). A silent upstream keeps its connection
     open: the health checks notice it well before a per-item timeout would. `StopAsyncIteration`
-    passes through. The abandoned wait is ended (`end_task`) before this returns."""
-    pending = asyncio.ensure_future(anext(items))
+    passes through."""
+    return await watched(anext(items), stop, timeout=timeout)
+
+
+async def watched(
+    awaitable: Awaitable[T], stop: Callable[[], BaseException | None], *, timeout: float | None = None
+) -> T:
+    """What `awaitable` returns, unless `stop()`, asked every WATCH_S while waiting, returns an
+    error (raised) or `timeout` passes (`TimeoutError`). The abandoned wait is ended (`end_task`)
+    before this returns."""
+    pending = asyncio.ensure_future(awaitable)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:

@@ -160,6 +160,8 @@ class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
             raise bad_request("token-id inputs are not supported; send strings", "input")
         if len(inputs) > max_inputs:
             raise bad_request(f"at most {max_inputs} inputs per request", "input")
+        if "" in inputs:  # as OpenAI refuses it: an empty string has no text to embed
+            raise bad_request(f"input[{inputs.index('')}] is an empty string", "input")
         return list(inputs)  # type: ignore[arg-type]
 
 

@@ -19,6 +19,7 @@ from gateway.aio import next_watched
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, Kind, UpstreamFailure
 from gateway.metrics import Metrics
+from gateway.replicas import distinct_replicas
 from gateway.upstreams import Endpoint, GenerateCall, GenerateChunk
 
 T = TypeVar("T")
@@ -74,58 +75,82 @@ class Failover:
     async def unary(
         self, endpoints: list[Endpoint], call: Callable[[Endpoint], Awaitable[T]], *, hedge: bool = False
     ) -> tuple[Endpoint, T, int]:
-        """(endpoint, the first successful answer, tries made); hedges idempotent calls to the next
-        zone after a delay."""
+        """(endpoint, the first successful answer, tries made). An idempotent call (`hedge`) still
+        unanswered after `hedge_after_s` is sent again: first to another replica of its zone, while
+        the zone has one serving, then to the next zone."""
         queue = _usable(endpoints)
         self.budget.on_request()
         running: dict[asyncio.Task, Endpoint] = {}
         launched: dict[asyncio.Task, int] = {}  # each try's place in launch order
         last: UpstreamFailure | None = None
+        first = queue[0]
+        hedged_in_zone = False
 
         def launch(endpoint: Endpoint) -> None:
             task = asyncio.ensure_future(self._try(endpoint, call))
             running[task], launched[task] = endpoint, len(launched)
 
-        launch(queue.pop(0))
-        try:
-            while running:
-                can_hedge = hedge and self.config.hedge_after_s > 0 and queue
-                done, _ = await asyncio.wait(
-                    running, timeout=self.config.hedge_after_s if can_hedge else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not done:
-                    if self.budget.try_spend():
-                        self.metrics.retries.inc("hedge")
-                        launch(queue.pop(0))
-                    else:
-                        hedge = False
-                    continue
-                for task in done:
-                    endpoint = running.pop(task)
-                    try:
-                        result = task.result()
-                    except UpstreamFailure as failure:
-                        last = failure
-                        if not failure.retryable:
-                            raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
-                        self.failed(endpoint, failure)
+        def hedge_target() -> Endpoint | None:
+            if not hedge or self.config.hedge_after_s <= 0:
+                return None
+            if not hedged_in_zone and first.upstream.serving_replicas > 1 and first in running.values():
+                return first
+            return queue[0] if queue else None
+
+        # The tries of this request go to different replicas (a hedge within the zone included).
+        with distinct_replicas():
+            launch(queue.pop(0))
+            try:
+                while running:
+                    target = hedge_target()
+                    done, _ = await asyncio.wait(
+                        running, timeout=self.config.hedge_after_s if target else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        if not self.budget.try_spend():
+                            hedge = False
+                        elif target is first and not hedged_in_zone:
+                            hedged_in_zone = True
+                            self.metrics.retries.inc("hedge_in_zone")
+                            launch(first)
+                        else:
+                            self.metrics.retries.inc("hedge")
+                            launch(queue.pop(0))
                         continue
-                    endpoint.record_success()
-                    for other, slower in running.items():
-                        # Beaten by a hedge sent after it: that counts towards ejection, as a
-                        # timeout. A hedge beaten by the try it backed up merely started later.
-                        if launched[other] < launched[task]:
-                            self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge",
-                                                                timeout=True))
-                    return endpoint, result, len(launched)
-                if not running and queue and self.budget.try_spend():
-                    self.metrics.retries.inc(queue[0].tier)
-                    launch(queue.pop(0))
-        finally:
-            for task in running:
-                task.cancel()
+                    for task in done:
+                        endpoint = running.pop(task)
+                        try:
+                            result = task.result()
+                        except UpstreamFailure as failure:
+                            last = failure
+                            if not failure.retryable:
+                                raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
+                            self.failed(endpoint, failure)
+                            continue
+                        endpoint.record_success()
+                        self._charge_beaten(running, launched, task, endpoint)
+                        return endpoint, result, len(launched)
+                    if not running and queue and self.budget.try_spend():
+                        self.metrics.retries.inc(queue[0].tier)
+                        launch(queue.pop(0))
+            finally:
+                for task in running:
+                    task.cancel()
         raise _exhausted(last)
+
+    def _charge_beaten(
+        self, running: dict[asyncio.Task, Endpoint], launched: dict[asyncio.Task, int],
+        winner: asyncio.Task, zone: Endpoint,
+    ) -> None:
+        """Tries beaten by a hedge sent after them count towards ejection, as timeouts, once per
+        endpoint. A hedge beaten by the try it backed up merely started later; a try beaten within
+        its own zone is a matter for that replica's probes, not for the zone."""
+        charged = {zone}
+        for task, slower in running.items():
+            if launched[task] < launched[winner] and slower not in charged:
+                charged.add(slower)
+                self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge", timeout=True))
 
     async def _try(self, endpoint: Endpoint, call: Callable[[Endpoint], Awaitable[T]]) -> T:
         endpoint.in_flight += 1

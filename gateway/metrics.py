@@ -102,7 +102,12 @@ class Metrics:
         self.latency = Histogram("meridian_request_seconds", "Time to the answer's headers.", ("route", "tier", "zone"))
         self.cache = Counter("meridian_cache_total", "L2 cache lookups by result.", ("result",))
         self.upstream_errors = Counter("meridian_upstream_errors_total", "Failed upstream calls.", ("zone", "tier"))
-        self.retries = Counter("meridian_retries_total", "Calls retried in another zone.", ("tier",))
+        self.retries = Counter(
+            "meridian_retries_total",
+            "Calls sent again: retried in another zone (by tier), or hedged (hedge: the next zone, hedge_in_zone: "
+            "another replica of the zone).",
+            ("tier",),
+        )
         self.resumed = Counter("meridian_streams_resumed_total", "Streams resumed in another zone.", ("tier",))
         self.ejections = Counter("meridian_ejections_total", "Endpoints ejected by outlier detection.", ("zone", "tier"))
         self.rate_limited = Counter("meridian_rate_limited_total", "Requests refused by a tenant limit.", ("tenant", "limit"))

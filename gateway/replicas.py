@@ -17,9 +17,11 @@ STRICT_DNS clusters do:
   whose answer is still outstanding is not asked again until it answers (or times out);
 - a request that finds its replica gone or refusing (draining, loading) before anything came back
   goes to another serving replica: a rolling restart of a zone's pods keeps its traffic in the
-  zone. So does a stream still waiting for its first item when its replica's probe gets no answer
-  (a silent replica: the zone, healthy on its others, would not end that wait). Any other failure
-  goes to the zone's failover as it is.
+  zone. So does a call, or a stream still waiting for its first item, when its replica's probe
+  gets no answer (a silent replica: the zone, healthy on its others, would not end that wait).
+  Any other failure goes to the zone's failover as it is;
+- the tries of one request made under `distinct_replicas()` (a hedge sent within the zone) go to
+  different replicas while the zone has any other serving one.
 
 An IP address is its own answer: a single replica, never looked up again (the local stack).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import logging
 import random
@@ -37,7 +40,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from gateway.aio import next_watched
+from gateway.aio import next_watched, watched
 from gateway.errors import UpstreamFailure
 from gateway.upstreams import GenerateCall, GenerateChunk
 
@@ -53,6 +56,22 @@ async def resolve(host: str, port: int) -> list[Address]:
     """Every TCP address `host` resolves to, in the resolver's order, without repeats."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+
+
+# The replicas that the tries of the current request hold (`distinct_replicas`); None outside one.
+_held: contextvars.ContextVar[set | None] = contextvars.ContextVar("meridian_replicas_held", default=None)
+
+
+@contextlib.contextmanager
+def distinct_replicas() -> Iterator[None]:
+    """Within this block, and in tasks started from it, each try of the request avoids the replicas
+    its other tries hold (when another replica serves), so that a hedge within a zone goes to a
+    different replica rather than back to the slow one."""
+    token = _held.set(set())
+    try:
+        yield
+    finally:
+        _held.reset(token)
 
 
 def _where(replica: Replica) -> str:
@@ -185,12 +204,17 @@ class ReplicaSet(Generic[C]):
 
     @contextlib.contextmanager
     def lease(self, replica: Replica[C]) -> Iterator[C]:
-        """Count a request on `replica` while it runs."""
+        """Count a request on `replica` while it runs (and hold it for the request's other tries)."""
+        held = _held.get()
+        if held is not None:
+            held.add(replica)
         replica.outstanding += 1
         try:
             yield replica.conn
         finally:
             replica.outstanding -= 1
+            if held is not None:
+                held.discard(replica)
             if replica.retired and not replica.outstanding and replica in self._retired:
                 self._retired.discard(replica)
                 self._close_later(replica)
@@ -208,7 +232,9 @@ class ReplicaSet(Generic[C]):
             replica = await self._pick_for_request(tried)
             with self.lease(replica) as conn:
                 try:
-                    return await request(conn)
+                    if len(self.replicas) < 2:  # nowhere else in the zone to go: no watching
+                        return await request(conn)
+                    return await watched(request(conn), self._silence(replica))
                 except UpstreamFailure as failure:
                     tried = self._another_or_raise(replica, tried, failure)
 
@@ -239,20 +265,27 @@ class ReplicaSet(Generic[C]):
                     tried = self._another_or_raise(replica, tried, failure)
 
     async def _first(self, items: AsyncIterator[T], replica: Replica[C]) -> T:
-        """The first item, unless the replica's probe gets no answer meanwhile. A silent replica
-        keeps its connection open, and the zone stays healthy on its other replicas, so nothing else
-        would end the wait before the first-chunk timeout (30 s: the core may queue a long prefill).
+        """The first item, unless the replica's probe gets no answer meanwhile (`_silence`)."""
+        return await next_watched(items, self._silence(replica))
+
+    @staticmethod
+    def _silence(replica: Replica[C]) -> Callable[[], UpstreamFailure | None]:
+        """A failure once the replica's probe gets no answer. A silent replica keeps its connection
+        open, and the zone stays healthy on its other replicas, so nothing else would end a wait
+        for its answer before the call's own timeout (30 s: the core may queue a long prefill).
         A replica that answers NOT_SERVING is draining: what it has started, it finishes."""
         def silent() -> UpstreamFailure | None:
             if replica.answering:
                 return None
             return UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
 
-        return await next_watched(items, silent)
+        return silent
 
     async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
         await self.ready()
-        replica = self.pick(tried)
+        held = _held.get()
+        replica = self.pick((*tried, *held), serving_only=True) if held else None
+        replica = replica or self.pick(tried)
         if replica is None:
             raise UpstreamFailure(f"{self.host}:{self.port} resolves to no address", hard=True)
         return replica

@@ -22,6 +22,8 @@ from edge.lm_export import build_small_lm
 from edge.server import EdgeServer
 from gateway.config import RoutingConfig
 from gateway.edge_client import EdgeUpstream
+from gateway.failover import Failover
+from gateway.metrics import Metrics
 from gateway.upstreams import GenerateCall, UpstreamPool
 
 EMBED, LM = "all-minilm-l6-v2", "edge-small"
@@ -171,6 +173,80 @@ async def test_a_stream_waiting_on_a_silent_worker_moves_to_the_zone_s_other_wor
         silent.close()
         for writer in held:
             writer.close()
+
+
+class SilentWorker:
+    """A worker that accepts connections and never answers (a hung process, a partitioned pod)."""
+
+    def __init__(self) -> None:
+        self.held: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> int:
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.held.append(writer)
+
+        self.server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for writer in self.held:
+            writer.close()
+
+
+async def test_an_embedding_waiting_on_a_silent_worker_moves_to_the_zone_s_other_worker(pair):
+    # No hedge: only the silent worker's own probe can end the wait, long before the try timeout.
+    _, b = pair
+    async with SilentWorker() as silent_port:
+        upstream = zone_edge(Name(silent_port, b.port))
+        pool = UpstreamPool([upstream], RoutingConfig())
+        try:
+            await upstream.replicas.ready()
+            live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
+            live.outstanding += 1  # looks busier: the call is sent to the silent worker
+            pool.start()
+            started = time.monotonic()
+            got = await asyncio.wait_for(upstream.embed(EMBED, ["a river in spring"], timeout=30), 10)
+            waited = time.monotonic() - started
+            live.outstanding -= 1
+            reference = zone_edge(Name(b.port))
+            try:
+                expected = await reference.embed(EMBED, ["a river in spring"], timeout=30)
+            finally:
+                await reference.close()
+            np.testing.assert_allclose(got.vectors, expected.vectors, atol=1e-6)
+            assert waited < 2.5, waited  # one probe timeout (1 s while unmeasured) and change
+            by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+            assert not by_port[silent_port].answering and by_port[b.port].serving
+        finally:
+            await pool.close()
+
+
+async def test_a_hedged_embedding_goes_to_the_zone_s_other_worker_not_back_to_the_silent_one(pair):
+    # Two workers, the silent one made to look idle: the request goes to it, and its hedge must go
+    # to the live worker (the less loaded pick would send it back to the silent one), in the zone.
+    _, b = pair
+    async with SilentWorker() as silent_port:
+        upstream = zone_edge(Name(silent_port, b.port))
+        config = RoutingConfig(hedge_after_s=0.1)
+        pool = UpstreamPool([upstream], config)
+        failover = Failover(config, Metrics())
+        try:
+            await pool.check_once()
+            by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+            by_port[silent_port].serving = True  # not yet found out: its probe is still waiting
+            by_port[b.port].outstanding += 5  # so that the less loaded pick is the silent one
+            started = time.monotonic()
+            endpoint, got, tries = await failover.unary(
+                pool.for_tier("edge"), lambda e: e.upstream.embed(EMBED, ["hedged"], timeout=30), hedge=True
+            )
+            assert time.monotonic() - started < 0.6
+            assert tries == 2 and failover.metrics.retries.get("hedge_in_zone") == 1
+            assert got.vectors.shape == (1, 384)
+            assert endpoint.consecutive_failures == 0
+            by_port[b.port].outstanding -= 5
+        finally:
+            await pool.close()
 
 
 async def test_the_health_checks_keep_the_zone_in_step_with_its_name(pair):

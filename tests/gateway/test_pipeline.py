@@ -121,6 +121,8 @@ async def test_scope_refusal_is_403(zones):
     ({"model": "embed"}, 400, "input"),
     ({"model": "embed", "input": 5}, 400, "input"),
     ({"model": "embed", "input": []}, 400, "empty"),
+    ({"model": "embed", "input": ""}, 400, "input[0] is an empty string"),
+    ({"model": "embed", "input": ["a", ""]}, 400, "input[1] is an empty string"),
     ({"model": "embed", "input": [[1, 2]]}, 400, "token-id"),
     ({"model": "nope", "input": "x"}, 404, "does not exist"),
     ({"model": "llm", "input": "x"}, 400, "does not produce embeddings"),

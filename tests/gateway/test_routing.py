@@ -186,6 +186,43 @@ async def test_hedged_embedding_answers_from_the_next_zone():
     assert gw.metrics.retries.get("hedge") == 1
 
 
+async def test_a_zone_with_another_serving_replica_takes_the_hedge_itself_and_is_not_charged():
+    # The first try's replica is slow; the zone has another that serves: the hedge stays in the
+    # zone (no cross-region trip) and the zone, which answered, is not charged for its slow replica.
+    gw, ups = await gateway_with({"hedge_after_s": 0.05, "retry_budget_min_per_s": 100.0})
+    zone_a = ups[0]
+    zone_a.serving_replicas = 2
+    delays = iter([1.0, 0.0] * 4)  # each request: a slow replica, then a quick one
+    answer = FakeUpstream.embed
+
+    async def embed(model, inputs, **kw):
+        zone_a.delay = next(delays)
+        return await answer(zone_a, model, inputs, **kw)
+
+    zone_a.embed = embed
+    for i in range(4):
+        started = time.perf_counter()
+        r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": f"x{i}"}))
+        assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-a"
+        assert r.headers["x-meridian-attempts"] == "2"
+        assert time.perf_counter() - started < 0.5
+    assert ups[2].embed_calls == 0
+    assert gw.metrics.retries.get("hedge_in_zone") == 4 and gw.metrics.retries.get("hedge") == 0
+    home = next(e for e in gw.pool.endpoints if e.zone == "zone-a" and e.tier == "edge")
+    assert home.available() and home.consecutive_failures == 0
+
+
+async def test_a_slow_zone_is_charged_once_for_a_request_its_two_replicas_both_lost():
+    gw, ups = await gateway_with({"hedge_after_s": 0.05, "retry_budget_min_per_s": 100.0})
+    ups[0].serving_replicas, ups[0].delay = 2, 1.0  # both replicas slow: zone-b answers the third try
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    assert r.headers["x-meridian-attempts"] == "3"
+    assert gw.metrics.retries.get("hedge_in_zone") == 1 and gw.metrics.retries.get("hedge") == 1
+    home = next(e for e in gw.pool.endpoints if e.zone == "zone-a" and e.tier == "edge")
+    assert home.consecutive_failures == 1 and home.available()  # one failure, not an ejection
+
+
 async def test_a_hedge_that_loses_to_the_first_try_is_not_counted_against_its_zone():
     # Both zones slow alike (load, not sickness): the first try answers before the hedge sent
     # 50 ms after it. The backup zone did nothing wrong and must stay in rotation.
