@@ -73,9 +73,10 @@ class LoadGenerator:
             await asyncio.gather(*tasks)
         return self.samples
 
-    def streams_in_flight(self) -> int:
-        """Streams that have sent some text and not finished: the ones a fault must resume."""
-        return sum(1 for s in self.samples if s.streaming)
+    def streams_in_flight(self, zone: str | None = None) -> int:
+        """Streams that have sent some text and not finished (served by `zone`, if given): the ones
+        a fault must resume."""
+        return sum(1 for s in self.samples if s.streaming and zone in (None, s.zone))
 
     def now(self) -> float:
         """Seconds since the load began."""
