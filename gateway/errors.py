@@ -72,7 +72,8 @@ class UpstreamFailure(Exception):
     """
 
     def __init__(
-        self, message: str, *, retryable: bool = True, timeout: bool = False, hard: bool = False, refused: bool = False
+        self, message: str, *, retryable: bool = True, timeout: bool = False, hard: bool = False, refused: bool = False,
+        in_zone: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
@@ -82,3 +83,5 @@ class UpstreamFailure(Exception):
         # Nothing came back, and nothing will: the upstream turned the request away (draining,
         # still loading) or went down before answering. Sending it elsewhere is safe, streams included.
         self.refused = refused
+        # One replica's failure, in a zone whose other replicas serve: go on in the same zone.
+        self.in_zone = in_zone

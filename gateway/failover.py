@@ -266,8 +266,13 @@ class ResumableStream:
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
                 failed = self._endpoint
-                log.warning("resuming stream in the next zone", extra={"zone": failed.zone, "error": str(failure)})
-                self._failover.failed(failed, failure)
+                if failure.in_zone and failed.available():
+                    # One replica went away; its zone serves on the others: go on there, uncharged.
+                    log.warning("resuming stream in the same zone", extra={"zone": failed.zone, "error": str(failure)})
+                    self._queue.insert(0, failed)
+                else:
+                    log.warning("resuming stream in the next zone", extra={"zone": failed.zone, "error": str(failure)})
+                    self._failover.failed(failed, failure)
                 await self._release()
                 self.resumed += 1
                 self._failover.metrics.resumed.inc(failed.tier)

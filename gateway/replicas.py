@@ -19,7 +19,8 @@ STRICT_DNS clusters do:
   goes to another serving replica: a rolling restart of a zone's pods keeps its traffic in the
   zone. So does a call, or a stream still waiting for its first item, when its replica's probe
   gets no answer (a silent replica: the zone, healthy on its others, would not end that wait).
-  Any other failure goes to the zone's failover as it is;
+  A replica gone mid-stream is its own failure while another serves: the stream resumes in the
+  zone. Any other failure goes to the zone's failover as it is;
 - the tries of one request made under `distinct_replicas()` (a hedge sent within the zone) go to
   different replicas while the zone has any other serving one.
 
@@ -240,7 +241,8 @@ class ReplicaSet(Generic[C]):
 
     async def stream(self, request: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
         """The items of `request` from one replica; sent to another serving one if that one was
-        gone or refused it before the first item (after that, the failure is the caller's)."""
+        gone or refused it before the first item (after that, the failure is the caller's to
+        resume, marked `in_zone` when the replica is gone and the zone has another)."""
         tried: tuple[Replica[C], ...] = ()
         while True:
             replica = await self._pick_for_request(tried)
@@ -260,9 +262,25 @@ class ReplicaSet(Generic[C]):
                             yield item
                     return
                 except UpstreamFailure as failure:
-                    if started:
+                    if not started:
+                        tried = self._another_or_raise(replica, tried, failure)
+                        continue
+                    moved = self._gone_mid_stream(replica, failure)
+                    if moved is None:
                         raise
-                    tried = self._another_or_raise(replica, tried, failure)
+                    raise moved from failure
+
+    def _gone_mid_stream(self, replica: Replica[C], failure: UpstreamFailure) -> UpstreamFailure | None:
+        """A stream broke after its first item: its caller resumes it. When the replica is gone
+        (connection refused or reset) and another one serves, that is the replica's failure, not
+        the zone's: the failure returned says so (`in_zone`), so the stream goes on in the zone
+        and the zone is not ejected for one lost pod. None: `failure` stands as it is."""
+        if not failure.hard:
+            return None
+        self._mark_down(replica, failure)
+        if self.pick((replica,), serving_only=True) is None:
+            return None
+        return UpstreamFailure(f"{failure}; another replica serves", timeout=failure.timeout, in_zone=True)
 
     async def _first(self, items: AsyncIterator[T], replica: Replica[C]) -> T:
         """The first item, unless the replica's probe gets no answer meanwhile (`_silence`)."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.drills.faults import Fault
+from deploy.drills.proxy import FaultState, Forward, start_forwards
 from edge.config import EdgeConfig
 from edge.export import build_embedding_model
 from edge.lm_export import build_small_lm
@@ -247,6 +249,41 @@ async def test_a_hedged_embedding_goes_to_the_zone_s_other_worker_not_back_to_th
             by_port[b.port].outstanding -= 5
         finally:
             await pool.close()
+
+
+async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_other_worker(pair):
+    # The worker's connection is reset after the first chunks (a pod killed, not drained): the
+    # stream resumes on the zone's other worker, token for token, and the zone is not ejected.
+    a, b = pair
+    state = FaultState()
+    (proxy,) = await start_forwards(state, [Forward("tcp", ("127.0.0.1", 0), ("127.0.0.1", a.port))])
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    upstream = zone_edge(Name(proxy_port, b.port))
+    config = RoutingConfig()
+    pool = UpstreamPool([upstream], config)
+    failover = Failover(config, Metrics())
+    call = GenerateCall(model=LM, prompt="Once upon a time", max_tokens=48, temperature=0.8, seed=7)
+    try:
+        await pool.check_once()
+        live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
+        live.outstanding += 1  # so that the stream starts on the worker behind the proxy
+        stream = failover.stream(pool.for_tier("edge"), call)
+        await stream.start()
+        live.outstanding -= 1
+        chunks = stream.chunks()
+        got = [await anext(chunks) for _ in range(3)]
+        state.set(Fault(reset=True))
+        got += [c async for c in chunks]
+        await stream.aclose()
+        reference = [c async for c in zone_edge(Name(b.port)).generate(call, timeout=30)]
+        assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
+        assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
+        endpoint = pool.endpoints[0]
+        assert endpoint.available() and endpoint.consecutive_failures == 0
+        assert failover.metrics.ejections.get("zone-a", "edge") == 0
+    finally:
+        await pool.close()
+        proxy.close()
 
 
 async def test_the_health_checks_keep_the_zone_in_step_with_its_name(pair):
