@@ -258,7 +258,7 @@ class ReplicaSet(Generic[C]):
                             return
                         started = True
                         yield first
-                        async for item in items:
+                        async for item in self._rest(items, replica):
                             yield item
                     return
                 except UpstreamFailure as failure:
@@ -270,12 +270,27 @@ class ReplicaSet(Generic[C]):
                         raise
                     raise moved from failure
 
+    async def _rest(self, items: AsyncIterator[T], replica: Replica[C]) -> AsyncIterator[T]:
+        """The items after the first; with other replicas to go on from, watched for the replica
+        falling silent (its probe gets no answer), which is seen sooner than a stalled stream."""
+        if len(self.replicas) < 2:
+            async for item in items:
+                yield item
+            return
+        silence = self._silence(replica, "went silent mid-stream")
+        while True:
+            try:
+                item = await next_watched(items, silence)
+            except StopAsyncIteration:
+                return
+            yield item
+
     def _gone_mid_stream(self, replica: Replica[C], failure: UpstreamFailure) -> UpstreamFailure | None:
         """A stream broke after its first item: its caller resumes it. When the replica is gone
-        (connection refused or reset) and another one serves, that is the replica's failure, not
-        the zone's: the failure returned says so (`in_zone`), so the stream goes on in the zone
-        and the zone is not ejected for one lost pod. None: `failure` stands as it is."""
-        if not failure.hard:
+        (connection refused or reset) or silent, and another one serves, that is the replica's
+        failure, not the zone's: the failure returned says so (`in_zone`), so the stream goes on
+        in the zone and the zone is not ejected for one lost pod. None: `failure` stands as it is."""
+        if not (failure.hard or not replica.answering):
             return None
         self._mark_down(replica, failure)
         if self.pick((replica,), serving_only=True) is None:
@@ -287,7 +302,7 @@ class ReplicaSet(Generic[C]):
         return await next_watched(items, self._silence(replica))
 
     @staticmethod
-    def _silence(replica: Replica[C]) -> Callable[[], UpstreamFailure | None]:
+    def _silence(replica: Replica[C], what: str = "went down before answering") -> Callable[[], UpstreamFailure | None]:
         """A failure once the replica's probe gets no answer. A silent replica keeps its connection
         open, and the zone stays healthy on its other replicas, so nothing else would end a wait
         for its answer before the call's own timeout (30 s: the core may queue a long prefill).
@@ -295,7 +310,7 @@ class ReplicaSet(Generic[C]):
         def silent() -> UpstreamFailure | None:
             if replica.answering:
                 return None
-            return UpstreamFailure(f"{_where(replica)} went down before answering", timeout=True, refused=True)
+            return UpstreamFailure(f"{_where(replica)} {what}", timeout=True, refused=True)
 
         return silent
 

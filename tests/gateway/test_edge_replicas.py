@@ -251,9 +251,11 @@ async def test_a_hedged_embedding_goes_to_the_zone_s_other_worker_not_back_to_th
             await pool.close()
 
 
-async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_other_worker(pair):
-    # The worker's connection is reset after the first chunks (a pod killed, not drained): the
-    # stream resumes on the zone's other worker, token for token, and the zone is not ejected.
+@pytest.mark.parametrize("fault", [Fault(reset=True), Fault(blackhole=True)], ids=["killed", "silent"])
+async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_other_worker(pair, fault):
+    # After the first chunks the worker's connection is reset (a pod killed, not drained) or goes
+    # silent (a hung pod: seen by its probe, well before the 2 s chunk-gap timeout): the stream
+    # resumes on the zone's other worker, token for token, and the zone is not ejected.
     a, b = pair
     state = FaultState()
     (proxy,) = await start_forwards(state, [Forward("tcp", ("127.0.0.1", 0), ("127.0.0.1", a.port))])
@@ -265,6 +267,7 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
     call = GenerateCall(model=LM, prompt="Once upon a time", max_tokens=48, temperature=0.8, seed=7)
     try:
         await pool.check_once()
+        pool.start()
         live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
         live.outstanding += 1  # so that the stream starts on the worker behind the proxy
         stream = failover.stream(pool.for_tier("edge"), call)
@@ -272,9 +275,11 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
         live.outstanding -= 1
         chunks = stream.chunks()
         got = [await anext(chunks) for _ in range(3)]
-        state.set(Fault(reset=True))
+        state.set(fault)
+        started = time.monotonic()
         got += [c async for c in chunks]
         await stream.aclose()
+        assert time.monotonic() - started < 1.8  # not the chunk-gap timeout
         reference = [c async for c in zone_edge(Name(b.port)).generate(call, timeout=30)]
         assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
         assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
@@ -282,6 +287,7 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
         assert endpoint.available() and endpoint.consecutive_failures == 0
         assert failover.metrics.ejections.get("zone-a", "edge") == 0
     finally:
+        state.set(Fault())
         await pool.close()
         proxy.close()
 
