@@ -2,8 +2,10 @@
 
 A request moves to another zone only when nothing has reached the client yet, or when the engine
 can resume it: a stream continues in the next zone from the prompt plus the tokens already sent,
-with the same seed, so the client sees one unbroken stream. Retries and hedges draw on a budget
-(a fraction of live traffic) so that a sick region cannot double the load on the healthy ones.
+with the same seed, so the client sees one unbroken stream. A zone of several replicas keeps
+what one replica's trouble need not send away: the first hedge goes to another of its replicas,
+and a stream whose replica was lost resumes in it. Retries and hedges draw on a budget (a
+fraction of live traffic) so that a sick region cannot double the load on the healthy ones.
 """
 
 from __future__ import annotations
