@@ -28,7 +28,7 @@ from edge.runtime.generation import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKE
 if TYPE_CHECKING:
     import torch
 
-EXPORTER_VERSION = "1"
+EXPORTER_VERSION = "2"  # 2: meta.json carries the chat template
 TAG = "edge.lm_export"
 OPSET = 17
 CHECKPOINT_DIR = "checkpoint"  # where the generated default checkpoint lives inside a build
@@ -73,7 +73,7 @@ def fingerprint(checkpoint: Path | None) -> str:
         digest.update(file_sha256(Path(module.__file__)).encode())
     if checkpoint is not None:
         for path in sorted(checkpoint.iterdir()):
-            if path.suffix in (".json", ".safetensors", ".bin"):
+            if path.suffix in (".json", ".safetensors", ".bin", ".jinja"):
                 digest.update(path.name.encode() + file_sha256(path).encode())
     return f"edge-lm-v{EXPORTER_VERSION}-{digest.hexdigest()[:16]}"
 
@@ -196,12 +196,27 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
         "max_context": context,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_ids": eos_ids,
+        "chat_template": _chat_template(checkpoint),
         "files": [TOKENIZER_FILE],
         "exporter": {"version": EXPORTER_VERSION, "torch": metadata.version("torch"),
                      "transformers": metadata.version("transformers"), "opset": OPSET,
                      "method": "torch.onnx.export(dynamo=False) of edge.lm_graph.DecoderStep"},
         "fingerprint": fp,
     }
+
+
+def _chat_template(checkpoint: Path) -> dict | None:
+    """The checkpoint's chat template and the special tokens it may write, as transformers reads
+    them (tokenizer_config.json or chat_template.jinja); None when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    if not template:
+        return None
+    return {"source": template, "bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
 
 
 def _verify(model: torch.nn.Module, out: Path) -> None:

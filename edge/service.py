@@ -23,7 +23,8 @@ from edge.l1cache import L1Cache
 from edge.logs import elapsed_ms, get_logger
 from edge.registry import ServedModel
 from edge.runtime.generation import SmallLM
-from edge.validation import EmbedLimits, GenerateLimits, check_embed_inputs, check_generate, pick_model
+from edge.validation import (EmbedLimits, GenerateLimits, check_embed_inputs, check_generate, check_prompt,
+                             pick_model)
 from edge.wire import embed_response
 
 if TYPE_CHECKING:
@@ -119,10 +120,11 @@ class EdgeService(EdgeBase):
             if not isinstance(model, SmallLM):
                 raise EdgeError(ErrorKind.BAD_INPUT, f"model {request.model!r} embeds text; call Embed")
             params = check_generate(request, self.generate_limits)
+            prompt = check_prompt(request, model.chat_prompt, self.generate_limits)
             loop = asyncio.get_running_loop()
             try:
                 # Tokenizing a long prompt takes a while too: off the loop like every model step.
-                chunks = await loop.run_in_executor(self.executor, model.stream, request.prompt, params)
+                chunks = await loop.run_in_executor(self.executor, model.stream, prompt, params)
             except ValueError as exc:  # the runtime's own checks (context length, token ids)
                 raise EdgeError(ErrorKind.BAD_INPUT, str(exc)) from None
             while (chunk := await loop.run_in_executor(self.executor, next, chunks, None)) is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -13,10 +13,16 @@ from edge.runtime.generation import DEFAULT_MAX_TOKENS, GenerateParams
 M = TypeVar("M")
 
 
+class ChatMessageLike(Protocol):
+    role: str
+    content: str
+
+
 class GenerateRequestLike(Protocol):
     """The fields of a GenerateRequest that the checks read (the protobuf message satisfies it)."""
 
     prompt: str
+    messages: Sequence[ChatMessageLike]
     max_tokens: int
     temperature: float
     top_p: float
@@ -74,13 +80,33 @@ def check_embed_inputs(inputs: Sequence[object], limits: EmbedLimits) -> list[st
     return list(inputs)  # type: ignore[arg-type]  # every item was checked to be a str above
 
 
-def check_generate(request: GenerateRequestLike, limits: GenerateLimits) -> GenerateParams:
-    """Sampling settings of a GenerateRequest, if they are within `limits` and make sense."""
-    prompt = request.prompt
+def check_prompt(
+    request: GenerateRequestLike, render_chat: Callable[[list[dict[str, str]]], str], limits: GenerateLimits
+) -> str:
+    """The text to complete: the request's prompt, or its chat messages as `render_chat` (the
+    model's chat template) writes them; one or the other, within `limits`."""
+    if request.messages:
+        if request.prompt:
+            raise EdgeError(ErrorKind.BAD_INPUT, "send a prompt or chat messages, not both")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        size = sum(len(m["content"]) for m in messages)
+        if size > limits.max_prompt_chars:  # before rendering: the template's work grows with it
+            raise EdgeError(ErrorKind.BAD_INPUT, f"messages have {size} characters, the limit is {limits.max_prompt_chars}")
+        try:
+            prompt = render_chat(messages)
+        except ValueError as exc:
+            raise EdgeError(ErrorKind.BAD_INPUT, str(exc)) from None
+    else:
+        prompt = request.prompt
     if len(prompt) > limits.max_prompt_chars:
         raise EdgeError(
             ErrorKind.BAD_INPUT, f"prompt has {len(prompt)} characters, the limit is {limits.max_prompt_chars}"
         )
+    return prompt
+
+
+def check_generate(request: GenerateRequestLike, limits: GenerateLimits) -> GenerateParams:
+    """Sampling settings of a GenerateRequest, if they are within `limits` and make sense."""
     stop = tuple(request.stop)
     if len(stop) > limits.max_stop_strings:
         raise EdgeError(ErrorKind.BAD_INPUT, f"{len(stop)} stop strings, the limit is {limits.max_stop_strings}")

@@ -279,7 +279,7 @@ class Gateway:
         return await self._generate(request, principal, body, model, call, openai_format.CompletionFormat())
 
     async def chat_completions(self, request: Request, principal: Principal) -> Response:
-        """POST /v1/chat/completions; the core applies the checkpoint's chat template."""
+        """POST /v1/chat/completions; the serving tier applies the model's chat template."""
         body: api.ChatRequest = api.decode(request.body, api.ChatRequest)
         model = self._generative(body.model, principal, request.path)
         body.check()

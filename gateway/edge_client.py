@@ -67,6 +67,8 @@ class EdgeChannel:
             top_p=call.top_p,
             stop=list(call.stop),
             prefix_token_ids=list(call.prefix_token_ids),
+            # A chat goes as its messages: the edge renders them with the model's own chat template.
+            messages=[edge_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in call.messages or ()],
         )
         if call.seed is not None:
             request.seed = call.seed

@@ -32,7 +32,7 @@ class EmbedResult:
 class GenerateCall:
     model: str
     prompt: str = ""
-    # Chat requests send messages; the core applies the checkpoint's chat template.
+    # Chat requests send messages; the upstream (core or edge) applies the model's chat template.
     messages: list[dict[str, str]] | None = None
     max_tokens: int | None = None
     temperature: float = 1.0

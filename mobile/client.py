@@ -331,7 +331,7 @@ class _ChatCompletions:
                         temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         return await self._c._generate("chat", "/chat/completions", payload, stream=stream,
                                        idempotency_key=idempotency_key, timeout=timeout,
-                                       local_prompt=lambda: offline.chat_prompt(messages))
+                                       local_prompt=lambda: offline.chat_prompt(messages, self._c._local))
 
 
 class _Chat:

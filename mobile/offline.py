@@ -81,6 +81,11 @@ class EdgeLocalModel:
                 self._impl = (loader(self.model_dir), params)
         return self._impl
 
+    def chat_prompt(self, messages: Sequence[dict]) -> str:
+        """Chat `messages` as the edge renders them for this model."""
+        lm, _ = self._load()
+        return lm.chat_prompt(messages)
+
     def generate(self, prompt: str, max_tokens: int, temperature: float, seed: int | None,
                  stop: Sequence[str]) -> Iterator[LocalChunk]:
         """The edge runtime's Chunks (its settings checks raise ValueError here, before the first)."""
@@ -135,15 +140,17 @@ class LocalTally:
         return Usage(self._prompt_tokens, self.completion_tokens, self._prompt_tokens + self.completion_tokens)
 
 
-def chat_prompt(messages: Sequence[dict]) -> str:
-    """A plain chat transcript for a small LM without a chat template."""
-    lines = []
+def chat_prompt(messages: Sequence[dict], model: LocalModel | None = None) -> str:
+    """The prompt an on-device model gets for chat `messages`: for the edge's own model, what the
+    edge renders (the checkpoint's chat template, else a transcript: `edge.runtime.chat`), so that
+    a chat answered offline is the one the gateway's edge would answer; for any other model, a
+    plain `role: content` transcript ending in `assistant:`."""
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
             raise ConfigError("each message needs a 'role' and a string 'content'")
-        lines.append(f"{m['role']}: {m['content']}")
-    lines.append("assistant:")
-    return "\n".join(lines)
+    if isinstance(model, EdgeLocalModel):
+        return refusal_as_offline(model.chat_prompt, messages)
+    return "\n".join([*(f"{m['role']}: {m['content']}" for m in messages), "assistant:"])
 
 
 def stops(stop: str | Sequence[str] | None) -> list[str]:

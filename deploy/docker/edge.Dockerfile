@@ -12,7 +12,7 @@ RUN python3 -m venv /opt/meridian \
     && /opt/meridian/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
         -r /tmp/wheels/edge-requirements.txt \
     && /opt/meridian/bin/pip install --no-cache-dir --no-index --no-deps /tmp/wheels/meridian-0.1.0-py3-none-any.whl \
-    && /opt/meridian/bin/python -c "import onnxruntime, tokenizers, grpclib, yaml, edge.server"
+    && /opt/meridian/bin/python -c "import onnxruntime, tokenizers, jinja2, grpclib, yaml, edge.server"
 
 # Stage 2: the model artefacts, exported and verified against PyTorch by `meridian models` on the
 # build host (torch stays out of the image); only what the runtime reads is copied.

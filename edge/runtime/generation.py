@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edge.runtime.chat import ChatTemplate, Messages
 from edge.runtime.detokenize import TextStream
 from edge.runtime.sampling import pick_token, random_seed
 from edge.runtime.sessions import cpu_session
@@ -43,6 +44,7 @@ class LMMeta:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     fingerprint: str
+    chat: ChatTemplate = ChatTemplate()  # no template: chat prompts are transcripts
 
     @classmethod
     def read(cls, model_dir: Path) -> LMMeta:
@@ -51,6 +53,7 @@ class LMMeta:
         if raw.get("task") != "generation":
             raise ValueError(f"{model_dir}: task {raw.get('task')!r} is not 'generation'")
         bos = raw.get("bos_token_id")
+        chat = raw.get("chat_template") or {}
         return cls(
             family=str(raw["family"]),
             vocab_size=int(raw["vocab_size"]),
@@ -61,6 +64,7 @@ class LMMeta:
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=tuple(int(t) for t in raw["eos_token_ids"]),
             fingerprint=str(raw.get("fingerprint", "")),
+            chat=ChatTemplate(chat.get("source"), str(chat.get("bos_token") or ""), str(chat.get("eos_token") or "")),
         )
 
 
@@ -127,6 +131,10 @@ class SmallLM:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         return cls(cpu_session(model_dir / weights, threads), tokenizer, meta)
+
+    def chat_prompt(self, messages: Messages) -> str:
+        """The prompt for chat `messages`: the checkpoint's template, else a transcript (`edge.runtime.chat`)."""
+        return self.meta.chat.render(messages)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from edge.api import edge_pb2
 from edge.api.edge_grpc import EdgeStub
 from edge.config import EdgeConfig
 from edge.lm_export import torch_greedy
+from edge.runtime.chat import transcript
 from edge.runtime.generation import DEFAULT_MAX_TOKENS, SmallLM
 from edge.server import EdgeServer
 
@@ -60,6 +61,16 @@ async def test_greedy_stream_matches_transformers(stub: EdgeStub, small_lm_dir: 
     assert chunks[-1].completion_tokens == len(tokens) and chunks[-1].prompt_tokens == len(lm.encode("The edge answers"))
 
 
+async def test_chat_messages_are_completed_as_the_model_s_chat_prompt(stub: EdgeStub) -> None:
+    # edge-small has no chat template: the edge completes the transcript the SDK's offline mode
+    # would make, exactly as if that transcript had been sent as the prompt.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does water boil?"}]
+    chat = await _generate(stub, messages=[edge_pb2.ChatMessage(**m) for m in messages], max_tokens=12, temperature=0.0)
+    plain = await _generate(stub, prompt=transcript(messages), max_tokens=12, temperature=0.0)
+    assert [t for c in chat for t in c.token_ids] == [t for c in plain for t in c.token_ids]
+    assert chat[-1].prompt_tokens == plain[-1].prompt_tokens > 10
+
+
 async def test_resumed_stream_continues_the_seeded_run(stub: EdgeStub) -> None:
     fields = dict(prompt="Once upon a time,", max_tokens=20, temperature=1.1, top_p=0.9, seed=2024)
     whole = await _generate(stub, **fields)
@@ -91,8 +102,14 @@ async def test_stop_strings_and_default_max_tokens(stub: EdgeStub) -> None:
         (dict(model=LM, prompt="hi", prefix_token_ids=[10**6]), Status.INVALID_ARGUMENT, "vocabulary"),
         (dict(model=LM, prompt="word " * 5000), Status.INVALID_ARGUMENT, "context"),
         (dict(model=LM, prompt="hi", stop=["x"] * 20), Status.INVALID_ARGUMENT, "stop strings"),
+        (dict(model=LM, prompt="hi", messages=[edge_pb2.ChatMessage(role="user", content="hi")]),
+         Status.INVALID_ARGUMENT, "not both"),
+        (dict(model=LM, messages=[edge_pb2.ChatMessage(role="", content="hi")]), Status.INVALID_ARGUMENT, "role"),
+        (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="word " * 8000)]),
+         Status.INVALID_ARGUMENT, "characters"),
     ],
-    ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long", "too-many-stops"],
+    ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long", "too-many-stops",
+         "prompt-and-messages", "empty-role", "messages-too-long"],
 )
 async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: dict, status: Status, fragment: str) -> None:
     with pytest.raises(GRPCError) as caught:

@@ -161,6 +161,22 @@ async def test_edge_small_streams_from_the_edge_and_matches_pytorch(stack, small
     assert body["usage"]["completion_tokens"] == len(expected)
 
 
+async def test_edge_small_chat_completes_the_conversation_and_matches_pytorch(stack, small_lm_dir: Path, torch_lm) -> None:
+    # The messages reach the edge (they were once dropped, and edge-small completed an empty prompt).
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does water boil?"}]
+    lm = SmallLM.load(small_lm_dir)
+    prompt_ids = lm.encode(lm.chat_prompt(messages))
+    expected = torch_greedy(torch_lm, prompt_ids, 16)
+    async with h3_client(stack.h3_host, stack.h3_port, stack.api_key) as client:
+        r = await client.post("/v1/chat/completions", json={"model": LM, "messages": messages, "max_tokens": 16,
+                                                            "temperature": 0}, headers=NO_STORE)
+    assert r.status == 200, r.body
+    assert r.headers["x-meridian-tier"] == "edge"
+    body = r.json()
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert body["choices"][0]["message"]["content"] == lm.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 async def _embed_load(stack, stop: asyncio.Event, clients: int) -> tuple[int, list[str]]:
     """Steady embedding load through the gateway until `stop`: (successes, failures)."""
     ok, failures = 0, []

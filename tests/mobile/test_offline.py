@@ -155,6 +155,31 @@ async def test_offline_answer_comes_from_the_real_edge_small_lm(cache_dir):
     assert answer.text == expected and answer.text
 
 
+async def test_offline_chat_uses_the_model_s_chat_template_as_the_edge_does(cache_dir, tmp_path):
+    """An exported model with a chat template gets it offline too, rendered by the edge runtime."""
+    source = cache_dir / "edge" / "edge-small"
+    if not (source / "meta.json").is_file():
+        pytest.skip("edge-small is not built (make models)")
+    import json
+    import shutil
+
+    from edge.runtime.generation import load
+
+    model_dir = shutil.copytree(source, tmp_path / "edge-small", ignore=shutil.ignore_patterns("checkpoint"))
+    meta = json.loads((model_dir / "meta.json").read_text())
+    meta["chat_template"] = {"source": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+                             "bos_token": "<s>", "eos_token": "</s>"}
+    (model_dir / "meta.json").write_text(json.dumps(meta))
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    assert chat_prompt(messages, EdgeLocalModel(model_dir)) == "<user>Once upon a time<assistant>"
+    assert chat_prompt(messages) == "user: Once upon a time\nassistant:"  # a model of the app's own
+    expected = "".join(load(model_dir).generate("<user>Once upon a time<assistant>", max_tokens=8, temperature=0.0,
+                                                seed=None, stop=[]))
+    async with _client(mobile.EdgeLocalModel(model_dir)) as c:
+        answer = await c.chat.completions.create(model="edge-small", messages=messages, max_tokens=8, temperature=0)
+    assert answer.meta.local and answer.choices[0].message.content == expected
+
+
 @pytest.mark.parametrize("eager", [True, False], ids=["at-call", "at-first-piece"])
 async def test_local_refusal_with_prefer_local_asks_the_gateway(tmp_path, eager):
     async with running(tmp_path) as gw:

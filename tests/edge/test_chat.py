@@ -1,0 +1,82 @@
+"""Chat messages as the small LM's prompt: the checkpoint's template rendered as transformers renders
+it (read at export time from the checkpoint), else a transcript."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge.lm_export import _chat_template
+from edge.runtime.chat import ChatTemplate, transcript
+
+# A ChatML-style template with the constructs real ones use: bos, a system-role branch, loop
+# variables, `raise_exception`, the generation prompt and whitespace control.
+TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('a chat must not open with the assistant') }}{% endif %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>"
+    "{% if not loop.last %}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}"
+)
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Where is Zürich? 🙂"}],
+    [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"}],
+]
+
+
+@pytest.fixture()
+def checkpoint_with_template(small_lm_dir: Path, tmp_path: Path) -> Path:
+    """The generated checkpoint, given TEMPLATE in its tokenizer_config.json."""
+    checkpoint = shutil.copytree(small_lm_dir / "checkpoint", tmp_path / "checkpoint")
+    config_path = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return checkpoint
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_a_template_renders_as_transformers_renders_it(checkpoint_with_template: Path, messages) -> None:
+    from transformers import AutoTokenizer
+
+    exported = _chat_template(checkpoint_with_template)
+    assert exported is not None and exported["source"] == TEMPLATE
+    reference = AutoTokenizer.from_pretrained(checkpoint_with_template)
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate(**exported).render(messages) == expected
+    assert expected.startswith("<s><|im_start|>")  # the bos string came through
+
+
+def test_a_template_file_beside_the_tokenizer_is_read_too(small_lm_dir: Path, tmp_path: Path) -> None:
+    checkpoint = shutil.copytree(small_lm_dir / "checkpoint", tmp_path / "checkpoint")
+    (checkpoint / "chat_template.jinja").write_text(TEMPLATE)
+    assert _chat_template(checkpoint)["source"] == TEMPLATE
+
+
+def test_a_checkpoint_without_a_template_gets_transcripts(small_lm_dir: Path) -> None:
+    assert _chat_template(small_lm_dir / "checkpoint") is None
+    messages = CHATS[1]
+    assert ChatTemplate().render(messages) == "system: Be brief. \nuser: Where is Zürich? 🙂\nassistant:"
+    assert transcript(messages) == ChatTemplate().render(messages)
+
+
+@pytest.mark.parametrize(
+    ("messages", "fragment"),
+    [
+        ([], "empty"),
+        ([{"role": "", "content": "x"}], r"messages\[0\]"),
+        ([{"role": "user", "content": "x"}, {"role": "user"}], r"messages\[1\]"),
+        ([{"role": "assistant", "content": "x"}], "must not open with the assistant"),
+    ],
+    ids=["no-messages", "empty-role", "no-content", "template-refuses"],
+)
+def test_bad_messages_are_a_value_error_naming_the_problem(messages, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        ChatTemplate(TEMPLATE, "<s>", "</s>").render(messages)
