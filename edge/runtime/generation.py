@@ -133,8 +133,19 @@ class SmallLM:
         return cls(cpu_session(model_dir / weights, threads), tokenizer, meta)
 
     def chat_prompt(self, messages: Messages) -> str:
-        """The prompt for chat `messages`: the checkpoint's template, else a transcript (`edge.runtime.chat`)."""
-        return self.meta.chat.render(messages)
+        """The prompt for chat `messages`: the checkpoint's template, else a transcript (`edge.runtime.chat`).
+
+        A template that writes the BOS string itself loses it here when the tokenizer adds BOS on
+        encoding anyway: `encode` then gives the ids transformers' tokenized chat template gives,
+        with one BOS, not two."""
+        text = self.meta.chat.render(messages)
+        bos = self.meta.chat.bos_token
+        if bos and text.startswith(bos) and self._adds_bos():
+            text = text[len(bos):]
+        return text
+
+    def _adds_bos(self) -> bool:
+        return self.meta.bos_token_id is not None and self.tokenizer.encode("x").ids[:1] == [self.meta.bos_token_id]
 
     # -- the loop ---------------------------------------------------------------------------------
 

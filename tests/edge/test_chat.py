@@ -11,6 +11,7 @@ import pytest
 
 from edge.lm_export import _chat_template
 from edge.runtime.chat import ChatTemplate, transcript
+from edge.runtime.generation import SmallLM
 
 # A ChatML-style template with the constructs real ones use: bos, a system-role branch, loop
 # variables, `raise_exception`, the generation prompt and whitespace control.
@@ -52,6 +53,24 @@ def test_a_template_renders_as_transformers_renders_it(checkpoint_with_template:
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ChatTemplate(**exported).render(messages) == expected
     assert expected.startswith("<s><|im_start|>")  # the bos string came through
+
+
+def test_a_templated_chat_encodes_to_the_ids_transformers_gives(checkpoint_with_template: Path, small_lm_dir: Path,
+                                                              tmp_path: Path) -> None:
+    # TEMPLATE writes the BOS string and the tokenizer adds BOS too: one BOS, as transformers has it.
+    from transformers import AutoTokenizer
+
+    model_dir = shutil.copytree(small_lm_dir, tmp_path / "lm", ignore=shutil.ignore_patterns("checkpoint"))
+    meta = json.loads((model_dir / "meta.json").read_text())
+    meta["chat_template"] = _chat_template(checkpoint_with_template)
+    (model_dir / "meta.json").write_text(json.dumps(meta))
+    lm = SmallLM.load(model_dir)
+    reference = AutoTokenizer.from_pretrained(checkpoint_with_template)
+    for messages in CHATS:
+        expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # a BatchEncoding in transformers 5
+        assert lm.encode(lm.chat_prompt(messages)) == list(expected)
+        assert lm.encode(lm.chat_prompt(messages)).count(lm.meta.bos_token_id) == 1
 
 
 def test_a_template_file_beside_the_tokenizer_is_read_too(small_lm_dir: Path, tmp_path: Path) -> None:
