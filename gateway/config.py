@@ -308,3 +308,7 @@ def _check(topo: Topology, source: str) -> None:
     names = [m.name for m in topo.models]
     if len(names) != len(set(names)):
         raise ConfigError(f"{source}: model names must be unique")
+    for m in topo.models:
+        # Canary versions are Triton model versions; an edge worker serves one version of a model.
+        if m.tier == "edge" and len(m.versions) > 1:
+            raise ConfigError(f"{source}: model {m.name}: versions (canary weights) apply to core models only")

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import Model, ModelVersion, RoutingConfig, parse_topology
+from gateway.config import ConfigError, Model, ModelVersion, RoutingConfig, parse_topology
 from gateway.errors import UpstreamFailure
 from gateway.failover import ResumableStream, RetryBudget
 from gateway.routing import Router
@@ -279,6 +279,14 @@ def test_canary_weights():
     router = Router(topo, UpstreamPool([]), rng=random.Random(5))
     picks = [router.version(model) for _ in range(2000)]
     assert 0.07 < picks.count("2") / len(picks) < 0.13
+
+
+def test_canary_versions_of_an_edge_model_are_a_config_error():
+    # An edge worker serves one version of a model: weights there would split the cache, not traffic.
+    raw = {**TOPOLOGY, "models": [*TOPOLOGY["models"], {"name": "e2", "tier": "edge", "kind": "embedding",
+                                                        "versions": [{"name": "1", "weight": 90}, {"name": "2", "weight": 10}]}]}
+    with pytest.raises(ConfigError, match="e2: versions"):
+        parse_topology(raw)
 
 
 async def test_unavailable_zone_fails_no_request_when_another_is_healthy():
