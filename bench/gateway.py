@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import private_stack  # noqa: E402  (bench/ is the script's own folder)
 from h3_load import UNIQUE  # noqa: E402
+from machine import machine  # noqa: E402
 from process_cpu import process_cpu  # noqa: E402
 from record import record  # noqa: E402
 
@@ -384,10 +384,9 @@ one RPC (`gateway/coalescer.py`): grpclib's cost fell from about 500 us to about
 
 def section(text: str, res: dict, n: int) -> str:
     """The markdown section recorded in docs/BENCHMARKS.md."""
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
     load = LOAD_NOTE.format(loaders=LOADERS, connections=CONNECTIONS, streams=STREAMS,
                             total=LOADERS * CONNECTIONS * STREAMS, rounds=ROUNDS)
-    return (f"## Gateway (`bench/gateway.py`)\n\n`.venv/bin/python bench/gateway.py --requests {n}` on {machine}, "
+    return (f"## Gateway (`bench/gateway.py`)\n\n`.venv/bin/python bench/gateway.py --requests {n}` on {machine()}, "
             f"{time.strftime('%Y-%m-%d')}, load average {res['load'][0]:.1f} at the start and {res['load'][1]:.1f} at "
             f"the end. Shared 2-core machine: other work on the cores moves every figure, the latencies most.\n\n"
             f"{load}\n\n"
