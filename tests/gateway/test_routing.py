@@ -352,6 +352,31 @@ async def test_a_stream_that_finds_no_zone_to_resume_in_counts_its_slot_once():
     assert in_flight(gw) == [0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("zone_still_serves", [True, False], ids=["zone-serves", "zone-down"])
+async def test_a_stream_that_lost_one_replica_resumes_in_its_zone_while_the_zone_serves(zone_still_serves):
+    # The replica set says "one replica lost, others serve" (in_zone): the stream goes on in the
+    # same zone, uncharged; had the zone gone down meanwhile, it goes to the next zone as ever.
+    gw, ups = await gateway_with()
+    home = ups[1]
+    answer = FakeUpstream.generate
+
+    async def loses_a_replica_once(call, *, timeout):
+        async for chunk in answer(home, call, timeout=timeout):
+            if not call.prefix_token_ids and chunk.token_ids == [2]:
+                gw.pool.endpoints[1].healthy = zone_still_serves
+                raise UpstreamFailure("replica reset; another replica serves", hard=True, in_zone=True)
+            yield chunk
+
+    home.generate = loses_a_replica_once
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "seed": 1}))
+    assert r.status == 200 and msgspec.json.decode(r.body)["choices"][0]["text"] == "t0 t1 t2 t3 t4 t5 "
+    resumed_in = "zone-a" if zone_still_serves else "zone-b"
+    assert [c.prefix_token_ids for c in (home.calls + ups[3].calls)] == [(), (0, 1)]
+    assert (len(home.calls), len(ups[3].calls)) == ((2, 0) if resumed_in == "zone-a" else (1, 1))
+    charged = gw.metrics.upstream_errors.get("zone-a", "core")
+    assert charged == (0 if zone_still_serves else 1)  # a replica's loss is not the zone's failure
+
+
 async def test_a_streamed_answer_closed_unread_frees_its_upstream():
     """A listener whose client left before the first byte was written closes the answer unread."""
     gw, ups = await gateway_with()
