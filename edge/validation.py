@@ -46,6 +46,7 @@ class GenerateLimits:
     """How much one Generate request may ask for."""
 
     max_prompt_chars: int = 32_768
+    max_messages: int = 1_024  # a chat's messages, each rendered by the template
     max_stop_strings: int = 8
     max_stop_chars: int = 256
 
@@ -88,8 +89,10 @@ def check_prompt(
     if request.messages:
         if request.prompt:
             raise EdgeError(ErrorKind.BAD_INPUT, "send a prompt or chat messages, not both")
+        if len(request.messages) > limits.max_messages:
+            raise EdgeError(ErrorKind.BAD_INPUT, f"{len(request.messages)} messages, the limit is {limits.max_messages}")
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        size = sum(len(m["content"]) for m in messages)
+        size = sum(len(m["role"]) + len(m["content"]) for m in messages)
         if size > limits.max_prompt_chars:  # before rendering: the template's work grows with it
             raise EdgeError(ErrorKind.BAD_INPUT, f"messages have {size} characters, the limit is {limits.max_prompt_chars}")
         try:

@@ -107,9 +107,11 @@ async def test_stop_strings_and_default_max_tokens(stub: EdgeStub) -> None:
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="", content="hi")]), Status.INVALID_ARGUMENT, "role"),
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="word " * 8000)]),
          Status.INVALID_ARGUMENT, "characters"),
+        (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="")] * 2000),
+         Status.INVALID_ARGUMENT, "2000 messages"),
     ],
     ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long", "too-many-stops",
-         "prompt-and-messages", "empty-role", "messages-too-long"],
+         "prompt-and-messages", "empty-role", "messages-too-long", "too-many-messages"],
 )
 async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: dict, status: Status, fragment: str) -> None:
     with pytest.raises(GRPCError) as caught:
