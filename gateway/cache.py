@@ -28,7 +28,8 @@ from gateway.redis_link import RedisDown, RedisLink
 
 # Fields that change how an answer is delivered, not what it is.
 _DELIVERY_FIELDS = ("stream", "stream_options", "user")
-_PREFIX = "mrd:c2:"
+# The namespace's version: c3 leaves behind the edge chats that c2 cached from an empty prompt.
+_PREFIX = "mrd:c3:"
 _POLL_S = 0.005
 
 

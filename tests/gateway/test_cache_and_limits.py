@@ -254,7 +254,7 @@ async def test_l1_never_outlives_the_redis_entry(flushed):
     assert (await writer.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "miss"
     link = RedisLink(parse_topology({"redis": {"port": flushed.port}}).redis)
     try:
-        [key] = [k for k in await link.client.execute("KEYS", "mrd:c2:*") if not k.endswith(b":lock")]
+        [key] = [k for k in await link.client.execute("KEYS", "mrd:c*:*") if not k.endswith(b":lock")]
         await link.client.execute("PEXPIRE", key, 300)
         assert (await reader.handle(post("/v1/embeddings", body))).headers["x-meridian-cache"] == "hit"
         await asyncio.sleep(0.35)  # Redis has forgotten it; the reader's L1 copy must be gone too
