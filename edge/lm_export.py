@@ -196,7 +196,7 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
         "max_context": context,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_ids": eos_ids,
-        "chat_template": _chat_template(checkpoint),
+        "chat_template": read_chat_template(checkpoint),
         "files": [TOKENIZER_FILE],
         "exporter": {"version": EXPORTER_VERSION, "torch": metadata.version("torch"),
                      "transformers": metadata.version("transformers"), "opset": OPSET,
@@ -205,7 +205,7 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
     }
 
 
-def _chat_template(checkpoint: Path) -> dict | None:
+def read_chat_template(checkpoint: Path) -> dict | None:
     """The checkpoint's chat template and the special tokens it may write, as transformers reads
     them (tokenizer_config.json or chat_template.jinja); None when it has none."""
     from transformers import AutoTokenizer

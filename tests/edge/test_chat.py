@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.lm_export import _chat_template
+from edge.lm_export import read_chat_template
 from edge.runtime.chat import ChatTemplate, transcript
 from edge.runtime.generation import SmallLM
 
@@ -47,7 +47,7 @@ def checkpoint_with_template(small_lm_dir: Path, tmp_path: Path) -> Path:
 def test_a_template_renders_as_transformers_renders_it(checkpoint_with_template: Path, messages) -> None:
     from transformers import AutoTokenizer
 
-    exported = _chat_template(checkpoint_with_template)
+    exported = read_chat_template(checkpoint_with_template)
     assert exported is not None and exported["source"] == TEMPLATE
     reference = AutoTokenizer.from_pretrained(checkpoint_with_template)
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -62,7 +62,7 @@ def test_a_templated_chat_encodes_to_the_ids_transformers_gives(checkpoint_with_
 
     model_dir = shutil.copytree(small_lm_dir, tmp_path / "lm", ignore=shutil.ignore_patterns("checkpoint"))
     meta = json.loads((model_dir / "meta.json").read_text())
-    meta["chat_template"] = _chat_template(checkpoint_with_template)
+    meta["chat_template"] = read_chat_template(checkpoint_with_template)
     (model_dir / "meta.json").write_text(json.dumps(meta))
     lm = SmallLM.load(model_dir)
     reference = AutoTokenizer.from_pretrained(checkpoint_with_template)
@@ -76,11 +76,11 @@ def test_a_templated_chat_encodes_to_the_ids_transformers_gives(checkpoint_with_
 def test_a_template_file_beside_the_tokenizer_is_read_too(small_lm_dir: Path, tmp_path: Path) -> None:
     checkpoint = shutil.copytree(small_lm_dir / "checkpoint", tmp_path / "checkpoint")
     (checkpoint / "chat_template.jinja").write_text(TEMPLATE)
-    assert _chat_template(checkpoint)["source"] == TEMPLATE
+    assert read_chat_template(checkpoint)["source"] == TEMPLATE
 
 
 def test_a_checkpoint_without_a_template_gets_transcripts(small_lm_dir: Path) -> None:
-    assert _chat_template(small_lm_dir / "checkpoint") is None
+    assert read_chat_template(small_lm_dir / "checkpoint") is None
     messages = CHATS[1]
     assert ChatTemplate().render(messages) == "system: Be brief. \nuser: Where is Zürich? 🙂\nassistant:"
     assert transcript(messages) == ChatTemplate().render(messages)
