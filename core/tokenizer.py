@@ -73,7 +73,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for chat `messages`, as transformers renders it."""
         if self._template is None:
-            raise ValueError("this model has no chat template; send text_input instead of messages")
+            raise ValueError("this model has no chat template: send a prompt (/v1/completions) instead of messages")
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,

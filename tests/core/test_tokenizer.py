@@ -56,3 +56,16 @@ def test_unknown_role_is_a_clear_error(pair):
     ours, _ = pair
     with pytest.raises(Exception, match="unknown role"):
         ours.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_a_checkpoint_without_a_chat_template_refuses_chats_naming_what_to_send(local_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(local_checkpoint / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"send a prompt \(/v1/completions\)"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
