@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 from core.engine import Engine, GenerationEvent, GenerationRequest
 from core.model.loader import load_model
 from core.tokenizer import Tokenizer
+from core.triton.live_requests import LiveRequests
 
 log = logging.getLogger("meridian.core.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -115,8 +116,8 @@ class _Responder:
         self.ids: list[int] = []
 
     def __call__(self, event: GenerationEvent) -> None:
-        if event.finished:
-            self.model._forget(self.request_id)
+        if event.finished:  # before the final response: Triton frees the request once it is sent
+            self.model.live.remove(self.request_id)
         if event.finish_reason == "error":
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=FINAL)
         elif event.finish_reason == "cancelled":
@@ -170,8 +171,7 @@ class TritonPythonModel:
                              max_seq_len=int(params.get("max_seq_len", "2048")), kv_cache_bytes=budget,
                              prefill_chunk=int(params.get("prefill_chunk", "256")))
         self._metric_families, self._gauges = _engine_gauges(args.get("model_name", "core"))
-        self._live: dict[str, object] = {}
-        self._lock = threading.Lock()
+        self.live = LiveRequests()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_cancellations, name="meridian-cancel", daemon=True)
         self._watcher.start()
@@ -183,8 +183,7 @@ class TritonPythonModel:
             try:
                 gen, stream = parse_request(request, self.tokenizer)
                 responder = _Responder(self, request, sender, stream, gen.request_id)
-                with self._lock:
-                    self._live[gen.request_id] = request
+                self.live.add(gen.request_id, request)
                 self.engine.submit(gen, responder)
             except (BadInput, ValueError) as exc:
                 self._forget_quietly(gen)
@@ -199,13 +198,9 @@ class TritonPythonModel:
         self._stop.set()
         self.engine.close()
 
-    def _forget(self, request_id: str) -> None:
-        with self._lock:
-            self._live.pop(request_id, None)
-
     def _forget_quietly(self, gen) -> None:
         if gen is not None:
-            self._forget(gen.request_id)
+            self.live.remove(gen.request_id)
 
     def _publish_stats(self) -> None:
         for name, value in self.engine.stats().items():
@@ -219,13 +214,5 @@ class TritonPythonModel:
                 self._publish_stats()
             except Exception:  # metrics must never stop cancellation
                 log.debug("metrics update failed", exc_info=True)
-            with self._lock:
-                live = list(self._live.items())
-            for request_id, request in live:
-                try:
-                    cancelled = request.is_cancelled()
-                except Exception:
-                    continue
-                if cancelled:
-                    self._forget(request_id)
-                    self.engine.cancel(request_id)
+            for request_id in self.live.cancelled():
+                self.engine.cancel(request_id)
