@@ -31,6 +31,7 @@ class Sample:
     text: str = ""
     body: dict = field(default_factory=dict)
     streaming: bool = False  # a stream that has received text and not finished yet
+    chunks: int = 0  # events with text a stream has received so far
     resumed: int = 0  # zones the gateway moved this stream through (its SSE comment says)
     attempts: int = 1  # upstream tries the gateway made before the answer began (x-meridian-attempts)
 
@@ -73,10 +74,10 @@ class LoadGenerator:
             await asyncio.gather(*tasks)
         return self.samples
 
-    def streams_in_flight(self, zone: str | None = None) -> int:
-        """Streams that have sent some text and not finished (served by `zone`, if given): the ones
-        a fault must resume."""
-        return sum(1 for s in self.samples if s.streaming and zone in (None, s.zone))
+    def streams_in_flight(self, zone: str | None = None, min_chunks: int = 1) -> int:
+        """Streams that have sent at least `min_chunks` pieces of text and not finished (served by
+        `zone`, if given): the ones a fault must resume."""
+        return sum(1 for s in self.samples if s.streaming and s.chunks >= min_chunks and zone in (None, s.zone))
 
     def now(self) -> float:
         """Seconds since the load began."""
@@ -156,6 +157,7 @@ async def stream_text(session: aiohttp.ClientSession, base_url: str, sample: Sam
                 sample.streaming = False
                 return
             parts.append(event["choices"][0]["text"])
+            sample.chunks += 1
             sample.streaming = True
         sample.streaming = False
         sample.text = "".join(parts)

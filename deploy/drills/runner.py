@@ -151,10 +151,11 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
     task = asyncio.create_task(load.run(timing.before_s + during + timing.after_s))
     await _until(load, timing.before_s)
     # Strike while a stream is mid-flight in the zone struck, so that resumption is part of every
-    # drill (a stream the ranking sent to the other zone would finish untouched).
+    # drill: not one the ranking sent to the other zone (it would finish untouched), and one a few
+    # chunks in (a sampled stream that ends at its second token would be over before the fault lands).
     give_up = load.now() + 2.0
     struck = ctx.zone if scenario.hits_zone else None
-    while load.streams_in_flight(struck) == 0 and load.now() < give_up:
+    while load.streams_in_flight(struck, min_chunks=3) == 0 and load.now() < give_up:
         await asyncio.sleep(0.005)
     fault_at = load.now()
     print(f"drill {scenario.name}: fault at {fault_at:.1f}s", flush=True)

@@ -139,3 +139,18 @@ def test_other_checks_still_fail_with_their_reason():
     r.return_seconds = None  # zone-returns judges after its zone is back: taken down first, no share check
     runner._judge(r, SCENARIOS["zone-returns"])
     assert r.problems == ["traffic did not come back to zone-a within 5.0s"]
+
+
+def test_the_strike_waits_for_a_stream_a_few_chunks_into_the_zone_struck():
+    from deploy.drills.load import LoadGenerator
+
+    load = LoadGenerator("http://127.0.0.1:9", "k", "m")
+    load.samples = [
+        Sample("stream", 0.0, zone="zone-b", streaming=True, chunks=5),  # the other zone
+        Sample("stream", 0.0, zone="zone-a", streaming=True, chunks=1),  # may end at its next token
+        Sample("stream", 0.0, zone="zone-a", streaming=False, chunks=9),  # finished
+    ]
+    assert load.streams_in_flight() == 2
+    assert load.streams_in_flight("zone-a", min_chunks=3) == 0
+    load.samples[1].chunks = 3
+    assert load.streams_in_flight("zone-a", min_chunks=3) == 1
