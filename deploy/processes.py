@@ -33,7 +33,13 @@ class Child:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, *, die_with_parent: bool = True) -> None:
-        """Start the process, its output appended to its log file."""
+        """Start the process, its output appended to its log file. Started again, it first kills
+        what is left of the last run's group: a Triton that crashed leaves its python stubs running
+        (they ignore SIGTERM, and their parent's death reaches them as nothing)."""
+        if self.proc is not None:
+            if self.alive():
+                raise RuntimeError(f"{self.name} is still running (pid {self.proc.pid})")
+            self.signal_group(signal.SIGKILL)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
