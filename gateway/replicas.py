@@ -290,7 +290,7 @@ class ReplicaSet(Generic[C]):
         (connection refused or reset) or silent, and another one serves, that is the replica's
         failure, not the zone's: the failure returned says so (`in_zone`), so the stream goes on
         in the zone and the zone is not ejected for one lost pod. None: `failure` stands as it is."""
-        if not (failure.hard or not replica.answering):
+        if not failure.hard and replica.answering:
             return None
         self._mark_down(replica, failure)
         if self.pick((replica,), serving_only=True) is None:

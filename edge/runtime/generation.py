@@ -112,6 +112,8 @@ class SmallLM:
         self.session = session
         self.tokenizer = tokenizer
         self.meta = meta
+        # Whether encoding adds BOS itself: a chat template's own BOS string is then dropped.
+        self._adds_bos = meta.bos_token_id is not None and tokenizer.encode("x").ids[:1] == [meta.bos_token_id]
         self._outputs = ["logits"] + [
             f"present_{kind}_{i}" for i in range(meta.num_layers) for kind in ("key", "value")
         ]
@@ -140,12 +142,9 @@ class SmallLM:
         with one BOS, not two."""
         text = self.meta.chat.render(messages)
         bos = self.meta.chat.bos_token
-        if bos and text.startswith(bos) and self._adds_bos():
+        if bos and text.startswith(bos) and self._adds_bos:
             text = text[len(bos):]
         return text
-
-    def _adds_bos(self) -> bool:
-        return self.meta.bos_token_id is not None and self.tokenizer.encode("x").ids[:1] == [self.meta.bos_token_id]
 
     # -- the loop ---------------------------------------------------------------------------------
 
