@@ -81,16 +81,38 @@ async def test_resumed_stream_continues_the_seeded_run(stub: EdgeStub) -> None:
     assert "".join(c.text for c in sent + rest) == "".join(c.text for c in whole)
 
 
-async def test_stop_strings_and_default_max_tokens(stub: EdgeStub) -> None:
-    # max_tokens 0 means the default; this prompt's greedy run goes past it, so it ends there.
-    counted = await _generate(stub, prompt="One, two, three,", temperature=0.0)
+# Which prompts run on past a budget depends on the generated checkpoint, which is trained on the
+# machine that builds it (its float rounding differs between CPUs): the tests pick one that does.
+PROMPTS = ("One, two, three,", "Monday,", "The edge answers", "Once upon a time", "The weather today")
+
+
+async def _long_greedy_run(stub: EdgeStub) -> tuple[str, list[int], str]:
+    """(prompt, tokens, text) of a greedy run that goes past the default max_tokens."""
+    for prompt in PROMPTS:
+        chunks = await _generate(stub, prompt=prompt, temperature=0.0, max_tokens=4 * DEFAULT_MAX_TOKENS)
+        tokens = [t for c in chunks for t in c.token_ids]
+        if len(tokens) > DEFAULT_MAX_TOKENS:
+            return prompt, tokens, "".join(c.text for c in chunks)
+    pytest.fail(f"no greedy run of {PROMPTS} went past {DEFAULT_MAX_TOKENS} tokens")
+
+
+async def test_default_max_tokens_ends_the_run_at_length(stub: EdgeStub) -> None:
+    # max_tokens 0 means the default: the run stops there, on the same tokens as the longer run.
+    prompt, tokens, _ = await _long_greedy_run(stub)
+    counted = await _generate(stub, prompt=prompt, temperature=0.0)
     assert counted[-1].finish_reason == "length"
-    assert counted[-1].completion_tokens == DEFAULT_MAX_TOKENS == len([t for c in counted for t in c.token_ids])
-    chunks = await _generate(stub, prompt="Monday,", temperature=0.0)
-    text = "".join(c.text for c in chunks)
-    stop = text.strip().split(" ")[1]
-    stopped = await _generate(stub, prompt="Monday,", temperature=0.0, stop=[stop])
-    assert stopped[-1].finish_reason == "stop" and stop not in "".join(c.text for c in stopped)
+    assert [t for c in counted for t in c.token_ids] == tokens[:DEFAULT_MAX_TOKENS]
+    assert counted[-1].completion_tokens == DEFAULT_MAX_TOKENS
+
+
+async def test_a_stop_string_ends_the_text_before_it(stub: EdgeStub) -> None:
+    prompt, _, text = await _long_greedy_run(stub)
+    words = text.split()
+    stop = next((w for w in words[1:] if text.index(w) > 0), None)
+    assert stop is not None, f"no word to stop at in {text!r}"
+    stopped = await _generate(stub, prompt=prompt, temperature=0.0, max_tokens=4 * DEFAULT_MAX_TOKENS, stop=[stop])
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(c.text for c in stopped) == text[:text.index(stop)]
 
 
 @pytest.mark.parametrize(
