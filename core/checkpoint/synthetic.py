@@ -214,6 +214,14 @@ def _write(tmp: Path) -> None:
     )
 
 
+def _readable_by_all(path: Path) -> None:
+    """World-readable files: save_pretrained writes the weights 0600, and the core may run as
+    another user (the core image runs as an unprivileged one, reading a mounted cache)."""
+    for f in path.iterdir():
+        if f.is_file() and f.stat().st_mode & 0o044 != 0o044:
+            f.chmod(f.stat().st_mode | 0o444)
+
+
 def build_local_checkpoint(dest: Path, *, force: bool = False) -> Path:
     """Build the default checkpoint at `dest` (its name is the served model name); skip when built."""
     dest = Path(dest)
@@ -225,6 +233,7 @@ def build_local_checkpoint(dest: Path, *, force: bool = False) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     try:
         _write(tmp)
+        _readable_by_all(tmp)
         # Atomic publish: readers see either no directory or a complete one.
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")

@@ -9,6 +9,7 @@ we run as one product (`MergedLinear`: gate and up, MLA's two down-projections) 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _open(file: Path):
+    """A safetensors handle on `file`; one this process may not read is said so."""
+    if not os.access(file, os.R_OK):  # safetensors would say "No such file or directory"
+        raise PermissionError(f"{file} is not readable by this process (uid {os.getuid()})")
+    return safe_open(file, "pt")
+
+
 def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
@@ -68,7 +76,7 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"no safetensors weights in {path}")
     out = {}
     for file in files:
-        with safe_open(file, "pt") as f:
+        with _open(file) as f:
             out.update({name: file for name in f.keys()})
     return out
 
@@ -84,7 +92,7 @@ def _read(files: dict[str, Path], name: str, cfg: ModelConfig, handles: dict) ->
     """One checkpoint tensor, dequantised when it is fp8 with a block scale."""
     file = files[name]
     if file not in handles:
-        handles[file] = safe_open(file, "pt")
+        handles[file] = _open(file)
     tensor = handles[file].get_tensor(name)
     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         scale_name = name + "_scale_inv"
