@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export MERIDIAN_CACHE ?= $(HOME)/.cache/meridian
 STAMP := $(VENV)/.installed
 
-.PHONY: venv models up down test test-unit clean help proto edge-image
+.PHONY: venv models up down test test-unit clean help proto edge-image gateway-image core-image images
 
 help:
 	@echo "make up      run the whole stack locally (Redis, two zones of edge + Triton core, gateway)"
@@ -15,6 +15,7 @@ help:
 	@echo "make models  build model artefacts into $(MERIDIAN_CACHE) (cached)"
 	@echo "make down    stop a stack started with 'meridian up --detach'"
 	@echo "make edge-image  build the edge-node container with podman"
+	@echo "make images  the gateway, edge and core containers (also gateway-image, core-image)"
 
 venv: $(STAMP)
 
@@ -44,9 +45,17 @@ test-unit: $(STAMP)
 clean:
 	rm -rf var/ .pytest_cache
 
-# The edge-node container, built with podman (installed when missing; no registry needed).
+# The containers the Kubernetes manifests run, built with podman (installed when missing; no registry needed).
 edge-image: $(STAMP)
-	deploy/docker/build_edge_image.sh
+	deploy/docker/build_image.sh edge
+
+gateway-image: $(STAMP)
+	deploy/docker/build_image.sh gateway
+
+core-image: $(STAMP)
+	deploy/docker/build_image.sh core
+
+images: gateway-image edge-image core-image
 
 # Regenerate the gateway <-> edge stubs after editing edge/api/edge.proto (the output is committed).
 proto: $(STAMP)

@@ -1,5 +1,5 @@
 # The Meridian edge node: the gRPC edge worker (embeddings + small-LM generation on ONNX Runtime).
-# Build it with `make edge-image` (deploy/docker/build_edge_image.sh prepares the context: wheels
+# Build it with `make edge-image` (deploy/docker/build_image.sh prepares the context: wheels
 # fetched on the host, the exported models, the meridian wheel), so the build itself needs no network.
 # Run: podman run --init --network=host -e MERIDIAN_ZONE=zone-b \
 #        -v ./topology.yaml:/etc/meridian/topology.yaml:ro localhost/meridian-edge

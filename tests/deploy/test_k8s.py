@@ -1,5 +1,6 @@
 """The Kubernetes manifests build with kustomize, pass strict schema validation, and say what our
-processes understand (the topology parses; container arguments are flags our CLI accepts)."""
+processes understand (the topology parses; each container's command, its image's entrypoint and
+the manifest's args, is one our CLI accepts)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 
 from gateway import server as gateway_server
 from gateway.config import Topology, parse_topology
+from tests.support.dockerfile import KINDS, dockerfile, exec_form
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -47,23 +49,43 @@ def test_topology_configmap_parses(manifests):
     assert topo.redis.host in services
 
 
-def test_container_arguments_are_valid_cli(manifests, monkeypatch):
-    from deploy import cli
-    from edge.server import parse_args as edge_args
-
+def _commands(manifests: list[dict]) -> list[tuple[dict, dict, list[str]]]:
+    """(Deployment, container, the command it runs) for each of our containers: its image's
+    ENTRYPOINT (from our Dockerfile of that image) followed by the manifest's args."""
+    out = []
     for m in manifests:
         if m["kind"] != "Deployment":
             continue
-        args = m["spec"]["template"]["spec"]["containers"][0]["args"]
-        if args[0] == "edge":
-            config = edge_args(args[1:])
-            assert config.port == 50051
-        elif args[0] == "core":
-            parsed = cli._parser().parse_args(args)
-            assert parsed.device == "cuda"
-        elif args[0] == "gateway":
-            parsed = gateway_server.parser().parse_args(args[1:])  # an unknown flag is SystemExit
+        container = m["spec"]["template"]["spec"]["containers"][0]
+        image = container["image"].split(":")[0]
+        if not image.startswith("meridian/"):
+            continue
+        path = dockerfile(image.removeprefix("meridian/"))
+        assert path.is_file(), f"{m['metadata']['name']} runs {image}, which no Dockerfile builds"
+        out.append((m, container, exec_form(path, "ENTRYPOINT") + container.get("args", [])))
+    return out
+
+
+def test_every_image_of_ours_has_a_dockerfile_and_its_command_parses(manifests):
+    from deploy import cli
+    from edge.server import parse_args as edge_args
+
+    kinds = set()
+    for _, _, command in _commands(manifests):
+        assert command[0] == "meridian", command
+        kind = command[1]
+        kinds.add(kind)
+        if kind == "edge":
+            assert edge_args(command[2:]).port == 50051
+        elif kind == "core":
+            parsed = cli._parser().parse_args(command[1:])  # an unknown flag is SystemExit
+            assert parsed.device == "cuda" and parsed.workdir == "/var/run/meridian"
+        elif kind == "gateway":
+            parsed = gateway_server.parser().parse_args(command[2:])
             assert parsed.region in {r.name for r in configmap_topology(manifests).regions}
+        else:
+            pytest.fail(f"unknown process {command}")
+    assert kinds == set(KINDS)
 
 
 def _pre_stop_seconds(container: dict) -> float:
@@ -76,20 +98,15 @@ def test_grace_periods_outlast_preStop_and_the_drain(manifests):
     from edge.server import parse_args as edge_args
 
     topo = configmap_topology(manifests)
-    for m in manifests:
-        if m["kind"] != "Deployment":
-            continue
-        spec = m["spec"]["template"]["spec"]
-        container = spec["containers"][0]
-        args = container["args"]
-        if args[0] == "gateway":
+    for m, container, command in _commands(manifests):
+        if command[1] == "gateway":
             drain = topo.gateway.drain_timeout_s
-        elif args[0] == "edge":
-            config = edge_args(args[1:])
+        elif command[1] == "edge":
+            config = edge_args(command[2:])
             drain = config.drain_grace_s + config.drain_timeout_s
         else:
             continue
-        grace = spec.get("terminationGracePeriodSeconds", 30)
+        grace = m["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         assert grace > _pre_stop_seconds(container) + drain, m["metadata"]["name"]
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from deploy.processes import Child
 from edge.lm_export import torch_greedy
 from edge.runtime.generation import SmallLM
 from tests.support.h3 import h3_client
+from tests.support.podman import image_unavailable, podman
 
 pytestmark = pytest.mark.integration
 
@@ -215,22 +214,6 @@ async def test_rolling_restart_of_both_edges_under_load_fails_no_request(stack, 
     assert ok > 50, f"only {ok} requests ran during the restart"
 
 
-def podman_unavailable() -> str | None:
-    """Why the container test cannot run here, or None."""
-    if shutil.which("podman") is None:
-        return "podman is not installed (make edge-image installs it on Debian as root)"
-    env = {**os.environ, **_podman_env()}
-    if subprocess.run(["podman", "image", "exists", IMAGE], env=env, check=False).returncode != 0:
-        return f"image {IMAGE} is not built: run `make edge-image`"
-    return None
-
-
-def _podman_env() -> dict[str, str]:
-    """The containers.conf that build_edge_image.sh writes (runc, and rlimits the sandbox allows)."""
-    conf = Path(os.environ.get("MERIDIAN_CACHE", Path.home() / ".cache" / "meridian")) / "container" / "containers.conf"
-    return {"CONTAINERS_CONF": str(conf)} if conf.exists() else {}
-
-
 async def _zone_b_embeddings(stack, texts: list[str]) -> tuple[np.ndarray, str]:
     """Embeddings through the gateway from a client in zone-b's region: (vectors, zone that answered).
     Asked again, for up to 15 s, while another zone answers: a zone-b edge that has just (re)started
@@ -250,7 +233,7 @@ async def _zone_b_embeddings(stack, texts: list[str]) -> tuple[np.ndarray, str]:
 
 
 async def test_container_edge_answers_like_the_process_edge(stack, replacements, tmp_path: Path) -> None:
-    reason = podman_unavailable()
+    reason = image_unavailable(IMAGE, "edge-image")
     if reason:
         pytest.skip(reason)
     texts = ["The container answers too.", "東京タワー", "short", "The quick brown fox jumps over the lazy dog."]
@@ -264,22 +247,20 @@ async def test_container_edge_answers_like_the_process_edge(stack, replacements,
     topology.write_text(yaml.safe_dump(stack.topology))  # model paths stay relative: /models in the image
     topology.chmod(0o644)
     name = f"meridian-edge-test-{os.getpid()}"
-    env = {**os.environ, **_podman_env()}
-    run = ["podman", "run", "-d", "--rm", "--init", "--network=host", "--name", name,
-           "-e", f"MERIDIAN_ZONE={zone_b['name']}", "-v", f"{topology}:/etc/meridian/topology.yaml:ro", IMAGE]
-    started = subprocess.run(run, env=env, capture_output=True, text=True, check=False)
+    started = podman("run", "-d", "--rm", "--init", "--network=host", "--name", name,
+                     "-e", f"MERIDIAN_ZONE={zone_b['name']}", "-v", f"{topology}:/etc/meridian/topology.yaml:ro", IMAGE)
     assert started.returncode == 0, started.stderr
     try:
         await wait_until(lambda: serving(zone_b["address"], zone_b["edge"]["port"]), 120, "the container to serve")
-        health = subprocess.run(["podman", "healthcheck", "run", name], env=env, capture_output=True, text=True, check=False)
+        health = podman("healthcheck", "run", name)
         assert health.returncode == 0, health.stdout + health.stderr
         await asyncio.sleep(2)  # the gateway's probes mark zone-b healthy again
         container_vectors, zone = await _zone_b_embeddings(stack, texts)
         assert zone == zone_b["name"]
         np.testing.assert_allclose(container_vectors, process_vectors, atol=1e-5)
-        user = subprocess.run(["podman", "exec", name, "id", "-u"], env=env, capture_output=True, text=True, check=False)
+        user = podman("exec", name, "id", "-u")
         assert user.stdout.strip() != "0", "the edge must not run as root"
     finally:
-        stopped = subprocess.run(["podman", "stop", "-t", "30", name], env=env, capture_output=True, text=True, check=False)
+        stopped = podman("stop", "-t", "30", name, timeout=60)
         await replacements.start(edge)  # zone-b gets its process edge back for the tests after this one
     assert stopped.returncode == 0, stopped.stderr

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Build the edge-node image with podman, from nothing but this checkout and the package mirrors:
+# Build one of Meridian's images with podman, from nothing but this checkout and the package mirrors:
 #   1. install podman & friends (apt, as root) when they are missing;
 #   2. make a local base image once (debootstrap'd Debian bookworm with python3), cached, no registry;
-#   3. build the edge models on the host (`meridian models` recipe, cached and verified against PyTorch);
+#   3. edge only: build the edge models on the host (`meridian models` recipe, cached and verified
+#      against PyTorch); the core's checkpoints are mounted at run time, not baked in;
 #   4. fetch the runtime wheels on the host and build the meridian wheel into the context;
 #   5. `podman build --network=none` (pip inside a networked build trips over TLS interception here).
-# Usage: deploy/docker/build_edge_image.sh [IMAGE]   (default localhost/meridian-edge:latest)
+# Usage: deploy/docker/build_image.sh KIND [IMAGE]
+#   KIND: edge | gateway | core; IMAGE defaults to localhost/meridian-KIND:latest.
 # Env: PYTHON (default .venv/bin/python), MERIDIAN_CACHE (default ~/.cache/meridian),
 #      BASE_IMAGE (skip step 2 and build FROM this image instead), DEBIAN_MIRROR.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-IMAGE="${1:-localhost/meridian-edge:latest}"
+KIND="${1:-}"
+case "$KIND" in
+    edge | gateway | core) ;;
+    *) echo "usage: $0 edge|gateway|core [IMAGE]" >&2; exit 2 ;;
+esac
+IMAGE="${2:-localhost/meridian-$KIND:latest}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 CACHE="${MERIDIAN_CACHE:-$HOME/.cache/meridian}"
 WORK="$CACHE/container"
-LOCAL_BASE="localhost/meridian-debian-python:bookworm"
-CONTEXT="$ROOT/var/edge-image"
+# The core's python backend stub links libpython, which Debian ships apart from python3.
+BASE_PACKAGES="python3,python3-venv,libpython3.11,ca-certificates"
+LOCAL_BASE="localhost/meridian-debian-python:bookworm-2"
+ROOTFS="$WORK/rootfs-2"
+CONTEXT="$ROOT/var/$KIND-image"
 
-log() { printf '[edge-image] %s\n' "$*" >&2; }
+log() { printf '[%s-image] %s\n' "$KIND" "$*" >&2; }
 
 install_podman() {
     command -v podman >/dev/null && command -v debootstrap >/dev/null && return
@@ -55,16 +65,16 @@ debian_mirror() {
 base_image() {
     if [ -n "${BASE_IMAGE:-}" ]; then echo "$BASE_IMAGE"; return; fi
     if ! podman image exists "$LOCAL_BASE"; then
-        if [ ! -f "$WORK/rootfs/usr/bin/python3" ]; then
-            log "debootstrapping Debian bookworm with python3 into $WORK/rootfs (once)"
-            rm -rf "$WORK/rootfs.partial"
-            debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-                bookworm "$WORK/rootfs.partial" "$(debian_mirror)" >"$WORK/debootstrap.log" 2>&1
-            rm -rf "$WORK/rootfs"
-            mv "$WORK/rootfs.partial" "$WORK/rootfs"
+        if [ ! -f "$ROOTFS/usr/bin/python3" ]; then
+            log "debootstrapping Debian bookworm with python3 into $ROOTFS (once)"
+            rm -rf "$ROOTFS.partial"
+            debootstrap --variant=minbase --include="$BASE_PACKAGES" \
+                bookworm "$ROOTFS.partial" "$(debian_mirror)" >"$WORK/debootstrap.log" 2>&1
+            rm -rf "$ROOTFS"
+            mv "$ROOTFS.partial" "$ROOTFS"
         fi
         log "importing the base image $LOCAL_BASE"
-        tar -C "$WORK/rootfs" -c . | podman import - "$LOCAL_BASE" >/dev/null
+        tar -C "$ROOTFS" -c . | podman import - "$LOCAL_BASE" >/dev/null
     fi
     echo "$LOCAL_BASE"
 }
@@ -82,22 +92,38 @@ build_small_lm(cache / "edge-small")
 PY
 }
 
-prepare_context() {
-    log "preparing the build context in $CONTEXT"
-    rm -rf "$CONTEXT"
-    mkdir -p "$CONTEXT/wheels" "$CONTEXT/models/edge"
-    cp "$ROOT/deploy/docker/edge-requirements.txt" "$CONTEXT/wheels/"
-    cp "$ROOT/deploy/docker/edge-topology.yaml" "$CONTEXT/"
-    # (pip warns about index locations of this machine's pip.conf that do not exist; not ours to fix.)
-    "$PYTHON" -m pip download --quiet --only-binary=:all: --dest "$CONTEXT/wheels" \
-        -c "$ROOT/constraints.txt" -r "$ROOT/deploy/docker/edge-requirements.txt" 2> >(grep -v 'is ignored' >&2)
-    "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$CONTEXT/wheels" "$ROOT"
+# The runtime wheels: the edge and the core install a list of their own and meridian without its
+# dependencies (those are the gateway's); the gateway installs the meridian wheel with them.
+fetch_wheels() {
+    local dest="$CONTEXT/wheels"
+    mkdir -p "$dest"
+    "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$dest" "$ROOT"
     rm -rf "$ROOT/build"  # setuptools' scratch folder
+    local wanted=("$dest"/meridian-*.whl)
+    if [ "$KIND" != gateway ]; then
+        cp "$ROOT/deploy/docker/$KIND-requirements.txt" "$dest/"
+        wanted=(-r "$ROOT/deploy/docker/$KIND-requirements.txt")
+    fi
+    # (pip warns about index locations of this machine's pip.conf that do not exist; not ours to fix.)
+    "$PYTHON" -m pip download --quiet --only-binary=:all: --dest "$dest" -c "$ROOT/constraints.txt" \
+        "${wanted[@]}" 2> >(grep -v 'is ignored' >&2)
+}
+
+copy_edge_models() {
+    cp "$ROOT/deploy/docker/edge-topology.yaml" "$CONTEXT/"
     for model in all-minilm-l6-v2 edge-small; do
         # Only what the runtime reads: the generated PyTorch checkpoint stays on the host.
         mkdir -p "$CONTEXT/models/edge/$model"
         cp "$CACHE/edge/$model/"{meta.json,tokenizer.json,model.onnx,model.int8.onnx} "$CONTEXT/models/edge/$model/"
     done
+}
+
+prepare_context() {
+    log "preparing the build context in $CONTEXT"
+    rm -rf "$CONTEXT"
+    mkdir -p "$CONTEXT"
+    fetch_wheels
+    if [ "$KIND" = edge ]; then copy_edge_models; fi
     chmod -R a+rX "$CONTEXT"
 }
 
@@ -106,11 +132,11 @@ main() {
     containers_conf
     local base
     base="$(base_image)"
-    build_models
+    if [ "$KIND" = edge ]; then build_models; fi
     prepare_context
     log "building $IMAGE FROM $base (no network)"
     podman build --quiet --network=none --format docker --build-arg "BASE_IMAGE=$base" \
-        -t "$IMAGE" -f "$ROOT/deploy/docker/edge.Dockerfile" "$CONTEXT" >/dev/null
+        -t "$IMAGE" -f "$ROOT/deploy/docker/$KIND.Dockerfile" "$CONTEXT" >/dev/null
     log "built $IMAGE ($(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
     echo "$IMAGE"
 }
