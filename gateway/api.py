@@ -6,6 +6,7 @@ OpenAI API does), and a field of the wrong type or out of range is a 400 naming 
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
 import msgspec
@@ -165,6 +166,10 @@ class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
         return list(inputs)  # type: ignore[arg-type]
 
 
+_AT = re.compile(r" - at `([^`]*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
+
+
 def decode(body: bytes, schema: type[msgspec.Struct]):
     """Parse a JSON body into `schema`, turning every decoding problem into a 400."""
     if not body:
@@ -172,11 +177,23 @@ def decode(body: bytes, schema: type[msgspec.Struct]):
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        raise bad_request(f"invalid request: {exc}") from None
+        raise bad_request(f"invalid request: {exc}", _invalid_param(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"malformed JSON: {exc}", code="invalid_json") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 inside a string
         raise bad_request(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})", code="invalid_json") from None
+
+
+def _invalid_param(message: str) -> str | None:
+    """The field a msgspec validation message names, as OpenAI's `param`: "Expected `int`, got
+    `str` - at `$.n`" -> "n"; "Object missing required field `role` - at `$.messages[0]`" ->
+    "messages[0].role"."""
+    at = _AT.search(message)
+    path = at.group(1).removeprefix("$").removeprefix(".") if at else ""
+    missing = _MISSING.match(message)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:

@@ -229,7 +229,9 @@ async def test_chat_stream_resumes_in_the_next_zone(zones):
     ({"model": "llm", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "llm", "prompt": "x", "n": 2}, "n"),
     ({"model": "llm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": "llm", "prompt": "x", "max_tokens": "ten"}, None),
+    ({"model": "llm", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"model": "llm", "prompt": "x", "stop": [1]}, "stop[0]"),
+    ({"prompt": "x"}, "model"),
     ({"model": "llm", "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"model": "llm", "prompt": "x", "echo": True}, "echo"),
     ({"model": "llm", "prompt": "x", "best_of": 3}, "best_of"),
@@ -246,6 +248,19 @@ async def test_generation_bad_input(zones, body, param):
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("messages,param", [
+    ("hi", "messages"),
+    ([{"content": "hi"}], "messages[0].role"),
+    ([{"role": "user", "content": "hi"}, {"role": 3, "content": "x"}], "messages[1].role"),
+])
+async def test_a_malformed_field_is_named_in_param(zones, messages, param):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("POST", "/v1/chat/completions", {"model": "llm", "messages": messages}))
+    assert r.status == 400 and error_of(r)["type"] == "invalid_request_error"
+    assert error_of(r)["param"] == param
+    assert not zones[1].calls and not zones[3].calls
 
 
 @pytest.mark.parametrize("extra,param", [
