@@ -88,6 +88,19 @@ def test_every_image_of_ours_has_a_dockerfile_and_its_command_parses(manifests):
     assert kinds == set(KINDS)
 
 
+def test_edge_pods_serve_the_models_their_image_carries(manifests):
+    # The edge image holds its models under /models/edge: a volume mounted over them would hide them.
+    from edge.server import parse_args as edge_args
+
+    for m, container, command in _commands(manifests):
+        if command[1] != "edge":
+            continue
+        models = [str(path) for path in edge_args(command[2:]).models.values()]
+        assert models and all(path.startswith("/models/edge/") for path in models), m["metadata"]["name"]
+        mounts = [v["mountPath"].rstrip("/") for v in container.get("volumeMounts", [])]
+        assert not any(path.startswith(mount + "/") for path in models for mount in mounts), mounts
+
+
 def _pre_stop_seconds(container: dict) -> float:
     command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     return float(command[1]) if command[:1] == ["sleep"] else 0.0
