@@ -73,7 +73,7 @@ class UpstreamFailure(Exception):
 
     def __init__(
         self, message: str, *, retryable: bool = True, timeout: bool = False, hard: bool = False, refused: bool = False,
-        in_zone: bool = False,
+        in_zone: bool = False, stalled: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
@@ -85,3 +85,5 @@ class UpstreamFailure(Exception):
         self.refused = refused
         # One replica's failure, in a zone whose other replicas serve: go on in the same zone.
         self.in_zone = in_zone
+        # A stream sent nothing for the chunk gap while its zone answered its health checks.
+        self.stalled = stalled

@@ -184,6 +184,8 @@ class ResumableStream:
         self._current: AsyncIterator[GenerateChunk] | None = None
         self._endpoint: Endpoint | None = None
         self._watch = True
+        self._replicas: set = set()  # the replicas its tries used (gateway/replicas.py)
+        self._stalled_zones: set[str] = set()
         self.first_zone: str = ""
         self.resumed = 0
         self.tries = 0  # endpoints asked so far, resumes included
@@ -212,7 +214,8 @@ class ResumableStream:
             stream = endpoint.upstream.generate(call, timeout=self._failover.stream_timeout_s)
             endpoint.in_flight += 1
             try:
-                chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint, watch)
+                with distinct_replicas(self._replicas):  # the replica is picked with the first chunk
+                    chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint, watch)
             except UpstreamFailure as failure:
                 endpoint.in_flight -= 1
                 await _close_quietly(stream)
@@ -249,7 +252,7 @@ class ResumableStream:
         except StopAsyncIteration:
             raise UpstreamFailure("stream ended without a finish reason") from None
         except TimeoutError:
-            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True) from None
+            raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} stalled", timeout=True, stalled=True) from None
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         """Every chunk of the generation; a failed zone hands over to the next mid-stream."""
@@ -268,8 +271,8 @@ class ResumableStream:
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
                 failed = self._endpoint
-                if failure.in_zone and failed.available():
-                    # One replica went away; its zone serves on the others: go on there, uncharged.
+                if self._stays_in_zone(failure, failed):
+                    # One replica went away or stalled; its zone serves on the others: go on there, uncharged.
                     log.warning("resuming stream in the same zone", extra={"zone": failed.zone, "error": str(failure)})
                     self._queue.insert(0, failed)
                 else:
@@ -279,6 +282,20 @@ class ResumableStream:
                 self.resumed += 1
                 self._failover.metrics.resumed.inc(failed.tier)
                 chunk = await self._open(first=False)
+
+    def _stays_in_zone(self, failure: UpstreamFailure, endpoint: Endpoint) -> bool:
+        """Whether a stream broken mid-way resumes in its own zone: one of its replicas was lost
+        while others serve (the replica set says so), or it stalled for the first time there while
+        another replica serves (which the resume goes to, `distinct_replicas`). A second stall in
+        that zone is the zone's, and the stream moves on."""
+        if not endpoint.available():
+            return False
+        if failure.in_zone:
+            return True
+        if failure.stalled and endpoint.upstream.serving_replicas > 1 and endpoint.zone not in self._stalled_zones:
+            self._stalled_zones.add(endpoint.zone)
+            return True
+        return False
 
     async def _release(self) -> None:
         """Close the current upstream stream and give its endpoint's slot back, once."""

@@ -21,8 +21,9 @@ STRICT_DNS clusters do:
   gets no answer (a silent replica: the zone, healthy on its others, would not end that wait).
   A replica gone mid-stream is its own failure while another serves: the stream resumes in the
   zone. Any other failure goes to the zone's failover as it is;
-- the tries of one request made under `distinct_replicas()` (a hedge sent within the zone) go to
-  different replicas while the zone has any other serving one.
+- the tries of one request made under `distinct_replicas()` (a hedge sent within the zone, a
+  stream resumed in it after a stall) go to different replicas while the zone has any other
+  serving one.
 
 An IP address is its own answer: a single replica, never looked up again (the local stack).
 """
@@ -59,16 +60,17 @@ async def resolve(host: str, port: int) -> list[Address]:
     return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
 
 
-# The replicas that the tries of the current request hold (`distinct_replicas`); None outside one.
+# The replicas that the tries of the current request used (`distinct_replicas`); None outside one.
 _held: contextvars.ContextVar[set | None] = contextvars.ContextVar("meridian_replicas_held", default=None)
 
 
 @contextlib.contextmanager
-def distinct_replicas() -> Iterator[None]:
+def distinct_replicas(used: set | None = None) -> Iterator[None]:
     """Within this block, and in tasks started from it, each try of the request avoids the replicas
-    its other tries hold (when another replica serves), so that a hedge within a zone goes to a
-    different replica rather than back to the slow one."""
-    token = _held.set(set())
+    its earlier tries used (when another replica serves), so that a hedge within a zone goes to a
+    different replica rather than back to the slow one. `used`: the set to keep them in, for a
+    request whose tries span several blocks (a stream's resumes)."""
+    token = _held.set(set() if used is None else used)
     try:
         yield
     finally:
@@ -205,7 +207,7 @@ class ReplicaSet(Generic[C]):
 
     @contextlib.contextmanager
     def lease(self, replica: Replica[C]) -> Iterator[C]:
-        """Count a request on `replica` while it runs (and hold it for the request's other tries)."""
+        """Count a request on `replica` while it runs (and note it for the request's other tries)."""
         held = _held.get()
         if held is not None:
             held.add(replica)
@@ -214,8 +216,6 @@ class ReplicaSet(Generic[C]):
             yield replica.conn
         finally:
             replica.outstanding -= 1
-            if held is not None:
-                held.discard(replica)
             if replica.retired and not replica.outstanding and replica in self._retired:
                 self._retired.discard(replica)
                 self._close_later(replica)

@@ -260,6 +260,46 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
         proxy.close()
 
 
+async def test_a_stream_that_stalls_on_one_worker_goes_on_from_the_zone_s_other_worker(pair, monkeypatch):
+    # A worker that still answers its health checks but sends nothing for the chunk gap (a wedged
+    # generation): the stream resumes in the zone, on the other worker, token for token, and the
+    # zone is not charged with the stall.
+    a, b = pair
+    lm = a.service.models[LM]
+    real = lm.stream
+
+    def stalls_after_three_chunks(prompt, params):
+        for i, chunk in enumerate(real(prompt, params)):
+            if i == 3:
+                time.sleep(1.5)  # in the worker's inference thread: its RPC goes quiet
+            yield chunk
+
+    monkeypatch.setattr(lm, "stream", stalls_after_three_chunks)
+    upstream = zone_edge(Name(a.port, b.port))
+    config = RoutingConfig(chunk_gap_timeout_s=0.5)
+    pool = UpstreamPool([upstream], config)
+    failover = Failover(config, Metrics())
+    call = GenerateCall(model=LM, prompt="Once upon a time", max_tokens=48, temperature=0.8, seed=11)
+    try:
+        await pool.check_once()
+        pool.start()
+        live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
+        live.outstanding += 1  # so that the stream starts on the stalling worker
+        stream = failover.stream(pool.for_tier("edge"), call)
+        await stream.start()
+        live.outstanding -= 1
+        got = [c async for c in stream.chunks()]
+        await stream.aclose()
+        reference = [c async for c in zone_edge(Name(b.port)).generate(call, timeout=30)]
+        assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
+        assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
+        endpoint = pool.endpoints[0]
+        assert endpoint.available() and endpoint.consecutive_failures == 0
+        assert failover.metrics.upstream_errors.get("zone-a", "edge") == 0
+    finally:
+        await pool.close()
+
+
 async def test_the_health_checks_keep_the_zone_in_step_with_its_name(pair):
     a, b = pair
     name = Name(a.port)

@@ -272,6 +272,46 @@ async def test_stalled_stream_resumes_elsewhere():
     assert unstreamed.status == 200 and unstreamed.headers["x-meridian-attempts"] == "2"
 
 
+@pytest.mark.parametrize("stalls", [1, 2], ids=["once", "twice"])
+async def test_a_stall_in_a_zone_of_several_replicas_is_tried_again_there_first(stalls):
+    # Two serving replicas behind zone-a's core: the first stall resumes in zone-a (on its other
+    # replica, which the replica set picks), uncharged; a second stall there is the zone's.
+    gw, ups = await gateway_with({"chunk_gap_timeout_s": 0.2})
+    home = ups[1]
+    home.serving_replicas = 2
+    answer = FakeUpstream.generate
+
+    async def stalls_on_the_first_tries(call, *, timeout):
+        try_number = len(home.calls)
+        async for chunk in answer(home, call, timeout=timeout):
+            yield chunk
+            if try_number < stalls and chunk.token_ids:
+                await asyncio.sleep(30)
+
+    home.generate = stalls_on_the_first_tries
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "seed": 1}))
+    assert r.status == 200 and msgspec.json.decode(r.body)["choices"][0]["text"] == "t0 t1 t2 t3 t4 t5 "
+    assert len(home.calls) == 2 and len(ups[3].calls) == stalls - 1
+    assert gw.metrics.resumed.get("core") == stalls
+    assert gw.metrics.upstream_errors.get("zone-a", "core") == (0 if stalls == 1 else 1)
+
+
+async def test_a_stall_in_a_zone_of_one_replica_moves_to_the_next_zone():
+    gw, ups = await gateway_with({"chunk_gap_timeout_s": 0.2})
+    answer = FakeUpstream.generate
+
+    async def stalls_once(call, *, timeout):
+        async for chunk in answer(ups[1], call, timeout=timeout):
+            yield chunk
+            if not call.prefix_token_ids and chunk.token_ids:
+                await asyncio.sleep(30)
+
+    ups[1].generate = stalls_once
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "seed": 1}))
+    assert r.status == 200 and (len(ups[1].calls), len(ups[3].calls)) == (1, 1)
+    assert gw.metrics.upstream_errors.get("zone-a", "core") == 1
+
+
 def test_canary_weights():
     topo = parse_topology(TOPOLOGY)
     model = Model(name="m", tier="core", kind="generate",
