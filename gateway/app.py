@@ -22,7 +22,7 @@ from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable, id
 from gateway.config import Model, Topology
 from gateway.errors import GatewayError, Kind
 from gateway.failover import Failover
-from gateway.http import ClosingStream, Request, Response
+from gateway.http import REQUEST_ID, ClosingStream, Request, Response, request_id
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
 from gateway.ratelimit import RateLimiter
@@ -71,8 +71,10 @@ class Gateway:
         }
 
     async def handle(self, request: Request) -> Response:
-        """Answer one request; every failure becomes an OpenAI-style error answer."""
+        """Answer one request; every failure becomes an OpenAI-style error answer. Every answer
+        carries the request's id (`x-request-id`), which the access log and error logs name too."""
         started = time.perf_counter()
+        rid = request_id(request.headers)
         try:
             with tracing.server_span(f"{request.method} {request.path}", request.headers) as span:
                 async with asyncio.timeout(self.topology.gateway.request_timeout_s):
@@ -87,8 +89,9 @@ class Gateway:
         except GatewayError as err:
             response = Response.error(err)
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the process
-            log.exception("unhandled error", extra={"path": request.path})
+            log.exception("unhandled error", extra={"path": request.path, "request_id": rid})
             response = Response.error(GatewayError(Kind.INTERNAL, "internal error", code="internal_error"))
+        response.headers[REQUEST_ID] = rid
         self._observe(request, response, started)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
@@ -100,6 +103,7 @@ class Gateway:
                     "status": response.status,
                     "zone": response.headers.get("x-meridian-zone"),
                     "ms": round((time.perf_counter() - started) * 1000, 2),
+                    "request_id": rid,
                 },
             )
         return response

@@ -6,7 +6,9 @@ HTTP/3 and HTTP/1.1 listeners build a `Request` from their protocol events and w
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import re
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -15,6 +17,9 @@ from gateway.errors import GatewayError
 
 JSON = "application/json"
 SSE = "text/event-stream"
+REQUEST_ID = "x-request-id"
+# A caller's own request id is kept when it is a plain token (it lands in logs and headers as is).
+_CALLER_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(slots=True)
@@ -27,6 +32,13 @@ class Request:
     client_ip: str
     protocol: str  # "h3" or "http/1.1"
     query: str = ""
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The id of a request for its answer and the logs: the caller's `x-request-id` (as from a load
+    balancer in front) when it is a plain token of at most 128 characters, else a fresh one."""
+    given = headers.get(REQUEST_ID, "")
+    return given if _CALLER_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class ClosingStream:
@@ -68,6 +80,14 @@ class Response:
     def error(cls, err: GatewayError) -> Response:
         """The OpenAI-style error answer for `err`."""
         return cls(err.status, {"content-type": JSON, **err.headers}, err.body())
+
+    @classmethod
+    def refusal(cls, err: GatewayError, headers: Mapping[str, str]) -> Response:
+        """The error answer a listener gives a request it refuses before the pipeline sees it
+        (headers or body over the limits, a body too slow), named by the request's id too."""
+        response = cls.error(err)
+        response.headers[REQUEST_ID] = request_id(headers)
+        return response
 
     @classmethod
     def event_stream(cls, chunks: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Response:

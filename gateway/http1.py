@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -120,19 +121,19 @@ class Http1Listener:
         try:
             body = await asyncio.wait_for(self._read_body(raw), self._body_timeout)
         except asyncio.TimeoutError:
-            return Response.error(body_timeout(self._body_timeout))
-        return Response.error(too_large(self._max_body)) if body is None else body
+            return Response.refusal(body_timeout(self._body_timeout), raw.headers)
+        return Response.refusal(too_large(self._max_body), raw.headers) if body is None else body
 
     def _refusal(self, raw: web.BaseRequest) -> Response | None:
         """The answer due before any of the body is read, or None to go on."""
         size = sum(len(k) + len(v) for k, v in raw.raw_headers)
         if len(raw.raw_headers) > self._max_headers or size > self._max_header_bytes:
-            return Response.error(header_limit(self._max_headers, self._max_header_bytes))
+            return Response.refusal(header_limit(self._max_headers, self._max_header_bytes), raw.headers)
         expect = raw.headers.get("expect")
         if expect is not None and _http11(raw) and expect.lower() != "100-continue":
-            return _expectation_failed(expect)
+            return _expectation_failed(expect, raw.headers)
         if raw.content_length is not None and raw.content_length > self._max_body:
-            return Response.error(too_large(self._max_body))
+            return Response.refusal(too_large(self._max_body), raw.headers)
         return None
 
     async def _read_body(self, raw: web.BaseRequest) -> bytes | None:
@@ -175,6 +176,6 @@ def _wants_continue(raw: web.BaseRequest) -> bool:
     return _http11(raw) and raw.headers.get("expect", "").lower() == "100-continue" and raw.body_exists
 
 
-def _expectation_failed(expect: str) -> Response:
-    return Response.error(GatewayError(Kind.EXPECTATION_FAILED, f"unsupported Expect: {expect[:64]}",
-                                       code="expectation_failed"))
+def _expectation_failed(expect: str, headers: Mapping[str, str]) -> Response:
+    error = GatewayError(Kind.EXPECTATION_FAILED, f"unsupported Expect: {expect[:64]}", code="expectation_failed")
+    return Response.refusal(error, headers)

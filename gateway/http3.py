@@ -190,7 +190,7 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         pending.body = bytearray()
         if pending.deadline is not None:
             pending.deadline.cancel()
-        self._send_whole(stream_id, Response.error(error))
+        self._send_whole(stream_id, Response.refusal(error, pending.headers))
 
     def _body_too_slow(self, stream_id: int) -> None:
         pending = self._pending.get(stream_id)

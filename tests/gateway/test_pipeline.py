@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
+import re
 
 import msgspec
 import numpy as np
@@ -313,3 +315,38 @@ async def test_traceparent_is_carried_upstream(zones):
     # Without an SDK installed the trace id and parent are passed on unchanged.
     assert zones[0].traceparent.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert zones[1].calls[0].traceparent.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_every_answer_carries_a_request_id_that_the_access_log_names_too(zones, caplog):
+    gw = await make_gateway(zones)
+    with caplog.at_level(logging.INFO, logger="meridian.access"):
+        answers = [
+            await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"})),
+            await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"})),  # a cache hit
+            await gw.handle(req("GET", "/v1/nope")),
+            await gw.handle(req("GET", "/v1/models", key="wrong")),
+            await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "stream": True})),
+        ]
+    ids = [r.headers["x-request-id"] for r in answers]
+    assert [r.status for r in answers] == [200, 200, 404, 401, 200]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == len(ids)
+    logged = [r.request_id for r in caplog.records if r.name == "meridian.access"]
+    assert logged == ids
+    await answers[-1].stream.aclose()
+
+
+@pytest.mark.parametrize("given,kept", [
+    ("lb-7f3a:1234", True),
+    ("a" * 128, True),
+    ("a" * 129, False),
+    ("two words", False),
+    ("evil\r\nset-cookie: x", False),
+    ("", False),
+])
+async def test_a_caller_s_request_id_is_kept_when_it_is_a_plain_token(zones, given, kept):
+    gw = await make_gateway(zones)
+    r = await gw.handle(req("GET", "/v1/models", headers={"x-request-id": given}))
+    assert r.status == 200
+    assert (r.headers["x-request-id"] == given) is kept
+    if not kept:
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])

@@ -157,8 +157,12 @@ async def test_h3_errors_then_still_serving(stack):
         assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
         big = await c.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "x" * (2 << 20)})
         assert big.status == 413 and big.json()["error"]["code"] == "request_too_large"
-        ok = await c.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "still serving"})
+        ok = await c.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "still serving"},
+                          headers={"x-request-id": "client-42"})
         assert ok.status == 200
+    # Every answer names its request, the caller's id kept: what an operator greps the logs for.
+    assert len({r.headers["x-request-id"] for r in (no_key, bad, unknown, big)}) == 4
+    assert ok.headers["x-request-id"] == "client-42"
 
 
 def test_http1_same_answers_with_alt_svc(stack):
@@ -167,6 +171,7 @@ def test_http1_same_answers_with_alt_svc(stack):
     assert status == 200
     assert headers["Alt-Svc"] == f'h3=":{stack.h3_port}"; ma=86400'
     assert headers["x-meridian-tier"] == "edge"
+    assert len(headers["x-request-id"]) == 32
     assert len(json.loads(body)["data"][1]["embedding"]) == 384
 
     status, headers, body = http(stack, "GET", "/v1/models")
@@ -181,8 +186,9 @@ def test_http1_same_answers_with_alt_svc(stack):
     (b"x" * (2 << 20), 413),
 ])
 def test_http1_errors(stack, body, status):
-    got, _, raw = http(stack, "POST", "/v1/completions", body)
+    got, headers, raw = http(stack, "POST", "/v1/completions", body)
     assert got == status
+    assert len(headers["x-request-id"]) == 32  # the 413 too, answered before the pipeline
     assert set(json.loads(raw)["error"]) >= {"message", "type", "code"}
     assert http(stack, "GET", "/healthz")[0] == 200
 
