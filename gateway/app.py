@@ -134,10 +134,13 @@ class Gateway:
             else:
                 raise GatewayError(Kind.NOT_FOUND, f"no route {request.method} {request.path}", code="not_found")
         principal = await self.auth.authenticate(request)
-        await self.limiter.admit(principal.tenant)
+        quota = await self.limiter.admit(principal.tenant)
         if len(request.body) > self.topology.gateway.max_body_bytes:
             raise too_large(self.topology.gateway.max_body_bytes)
-        return await handler(request, principal)
+        response = await handler(request, principal)
+        if quota is not None:
+            response.headers.update(quota.headers())
+        return response
 
     # -- health -------------------------------------------------------------------------------
 

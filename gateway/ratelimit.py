@@ -20,7 +20,9 @@ from gateway.metrics import Metrics
 from gateway.redis_link import RedisDown, RedisLink
 
 # KEYS[1] the tenant's bucket hash. ARGV: rps, burst, tpm, request cost, token cost.
-# Returns {admitted (0/1), retry_after_ms}. Time comes from Redis so gateways need no shared clock.
+# Returns {admitted (0/1), retry_after_ms, requests left, tokens left} (the last two as strings: a
+# Lua number would reach us truncated to an integer). Time comes from Redis so gateways need no
+# shared clock.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,8 +44,42 @@ end
 if ok == 1 then r = r - req_cost; k = k - tok_cost end
 redis.call('HSET', KEYS[1], 'r', r, 'k', k, 'ts', now)
 redis.call('PEXPIRE', KEYS[1], 120000)
-return {ok, math.ceil(wait)}
+return {ok, math.ceil(wait), tostring(r), tostring(k)}
 """
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What a tenant's buckets hold after an admission, sent back as OpenAI's x-ratelimit-* headers:
+    the bucket sizes (the burst of requests, the minute's tokens), what is left of them, and how
+    long until each is full again."""
+
+    limit: Limit
+    requests_left: float
+    tokens_left: float
+
+    def headers(self) -> dict[str, str]:
+        rps, burst, tpm = _rates(self.limit)
+        out: dict[str, str] = {}
+        if rps > 0:
+            left = max(0.0, self.requests_left)
+            out |= {"x-ratelimit-limit-requests": str(int(burst)),
+                    "x-ratelimit-remaining-requests": str(math.floor(left)),
+                    "x-ratelimit-reset-requests": _duration((burst - left) / rps)}
+        if tpm > 0:
+            out |= {"x-ratelimit-limit-tokens": str(int(tpm)),
+                    "x-ratelimit-remaining-tokens": str(max(0, math.floor(self.tokens_left))),
+                    "x-ratelimit-reset-tokens": _duration((tpm - self.tokens_left) * 60.0 / tpm)}
+        return out
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's way of writing a reset time: "0s", "1.5s", "6m0s"."""
+    seconds = round(max(0.0, seconds), 3)
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
 
 
 @dataclass
@@ -54,7 +90,7 @@ class Bucket:
     tokens: float
     ts: float
 
-    def take(self, limit: Limit, req_cost: float, tok_cost: float, now: float) -> tuple[bool, float]:
+    def take(self, limit: Limit, req_cost: float, tok_cost: float, now: float) -> tuple[bool, float, float, float]:
         rps, burst, tpm = _rates(limit)
         elapsed = max(0.0, now - self.ts)
         self.requests = min(burst, self.requests + elapsed * rps) if rps > 0 else burst
@@ -67,10 +103,10 @@ class Bucket:
             if tpm > 0 and self.tokens <= 0:
                 wait = max(wait, (1 - self.tokens) * 60.0 / tpm)
         if wait > 0:
-            return False, wait
+            return False, wait, self.requests, self.tokens
         self.requests -= req_cost
         self.tokens -= tok_cost
-        return True, 0.0
+        return True, 0.0, self.requests, self.tokens
 
 
 def _rates(limit: Limit) -> tuple[float, float, float]:
@@ -95,11 +131,12 @@ class RateLimiter:
         limit = self._config.for_tenant(tenant)
         return limit.requests_per_second > 0 or limit.tokens_per_minute > 0
 
-    async def admit(self, tenant: str) -> None:
-        """429 with Retry-After when the tenant is over a limit."""
+    async def admit(self, tenant: str) -> Quota | None:
+        """What is left of the tenant's limits (None: it has none); 429 with Retry-After, and the
+        same x-ratelimit-* headers, when it is over one."""
         if not self.limited(tenant):
-            return
-        ok, wait = await self._take(tenant, 1, 0)
+            return None
+        ok, wait, quota = await self._take(tenant, 1, 0)
         if not ok:
             self._metrics.rate_limited.inc(tenant, "tenant")
             seconds = max(1, math.ceil(wait))
@@ -107,27 +144,30 @@ class RateLimiter:
                 Kind.RATE_LIMITED,
                 f"rate limit reached for tenant {tenant!r}; retry after {seconds}s",
                 code="rate_limit_exceeded",
-                headers={"retry-after": str(seconds)},
+                headers={"retry-after": str(seconds), **quota.headers()},
             )
+        return quota
 
     async def debit(self, tenant: str, tokens: int) -> None:
         """Charge the model tokens a finished request used."""
         if tokens > 0 and self._config.for_tenant(tenant).tokens_per_minute > 0:
             await self._take(tenant, 0, tokens)
 
-    async def _take(self, tenant: str, req_cost: int, tok_cost: int) -> tuple[bool, float]:
+    async def _take(self, tenant: str, req_cost: int, tok_cost: int) -> tuple[bool, float, Quota]:
+        """(admitted, seconds to wait, what is left) after taking the costs from the buckets."""
         limit = self._config.for_tenant(tenant)
         rps, burst, tpm = _rates(limit)
         if self._link is not None:
             try:
-                ok, wait_ms = await self._link.run(
+                ok, wait_ms, requests, tokens = await self._link.run(
                     lambda r: self._script(keys=[f"mrd:rl:{tenant}"], args=[rps, burst, tpm, req_cost, tok_cost])
                 )
                 self._metrics.limiter_fallback.set(value=0)
-                return bool(ok), wait_ms / 1000.0
+                return bool(ok), wait_ms / 1000.0, Quota(limit, float(requests), float(tokens))
             except RedisDown:
                 self._metrics.limiter_fallback.set(value=1)
         bucket = self._local.get(tenant)
         if bucket is None:
             bucket = self._local[tenant] = Bucket(burst, tpm, time.monotonic())
-        return bucket.take(limit, req_cost, tok_cost, time.monotonic())
+        ok, wait, requests, tokens = bucket.take(limit, req_cost, tok_cost, time.monotonic())
+        return ok, wait, Quota(limit, requests, tokens)

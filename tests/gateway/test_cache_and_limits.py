@@ -210,6 +210,33 @@ async def test_tokens_per_minute_counts_embedding_tokens(flushed):
     assert refused.status == 429, "the first embedding's 20 tokens spent the minute's 10"
 
 
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis", "local-fallback"])
+async def test_answers_say_what_is_left_of_the_tenant_s_limits(flushed, redis_up):
+    # OpenAI's x-ratelimit-* headers: the bucket sizes, what is left, and when each is full again.
+    limits = {"tenants": {"tenant-a": {"requests_per_second": 1, "burst": 3, "tokens_per_minute": 60}}}
+    gw, _ = await gateway(flushed.port, limits=limits)
+    if not redis_up:
+        flushed.stop()
+    try:
+        first = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "y" * 20}))  # 20 tokens
+        second = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
+        b = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}, key="sk-b"))
+        third = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
+        refused = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
+    finally:
+        if not redis_up:
+            flushed.start()
+    h1, h2, h3 = first.headers, second.headers, third.headers
+    assert [r.status for r in (first, second, third, refused)] == [200, 200, 200, 429]
+    assert h1["x-ratelimit-limit-requests"] == "3" and h1["x-ratelimit-limit-tokens"] == "60"
+    assert [h["x-ratelimit-remaining-requests"] for h in (h1, h2, h3)] == ["2", "1", "0"]
+    # Admission is checked before the answer's tokens are debited: the second sees the first's 20.
+    assert h1["x-ratelimit-remaining-tokens"] == "60" and h2["x-ratelimit-remaining-tokens"] in ("40", "41")
+    assert h3["x-ratelimit-reset-requests"].endswith("s") and float(h3["x-ratelimit-reset-requests"][:-1]) > 2
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0" and "retry-after" in refused.headers
+    assert not any(k.startswith("x-ratelimit") for k in b.headers), "tenant-b has no limits"
+
+
 async def test_limits_fall_back_to_local_when_redis_is_down(flushed):
     limits = {"tenants": {"tenant-a": {"requests_per_second": 1, "burst": 2}}}
     gw, _ = await gateway(flushed.port, limits=limits)
