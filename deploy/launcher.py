@@ -87,8 +87,13 @@ class LocalStack:
         """The topology the gateway sees: zones behind their proxies when there are proxies."""
         if not self.fault_proxies:
             return self.topology
-        zones = [replace(z, address=proxy_address(z.address)) for z in self.topology.zones]
+        zones = [_behind_proxies(z) for z in self.topology.zones]
         return replace(self.topology, zones=zones)
+
+    def replicas(self, zone: str, part: str) -> list[Child]:
+        """Every process of a zone's part ("edge", "core"): one per address in its `hosts`."""
+        name = f"{zone}-{part}"
+        return [c for c in self.children if c.name == name or c.name.startswith(f"{name}-")]
 
     # -- plan ---------------------------------------------------------------------------------
 
@@ -102,22 +107,23 @@ class LocalStack:
         children = [self._redis()]
         for zone in self.topology.zones:
             if zone.edge is not None:
-                children.append(self._edge(zone))
+                children += [self._edge(zone, host, i) for i, host in enumerate(zone.replica_hosts("edge"))]
             if zone.core is not None:
-                children.append(self._core(zone))
+                children += [self._core(zone, host, i) for i, host in enumerate(zone.replica_hosts("core"))]
             if self.fault_proxies:
                 children.append(self._proxy(zone))
         children.append(self._gateway(topo_file))
         return children
 
     def _proxy(self, zone: Zone) -> Child:
-        front = proxy_address(zone.address)
-        ports = [p for p in ((zone.edge and zone.edge.port), (zone.core and zone.core.grpc_port)) if p]
+        """One proxy in front of every process of the zone (each replica on its own front address),
+        so that a fault set on it strikes the whole zone."""
         control = free_port()
         self.proxy_controls[zone.name] = f"http://127.0.0.1:{control}"
         argv = [sys.executable, "-m", "deploy.drills.proxy", "--control", f"127.0.0.1:{control}"]
-        for port in ports:
-            argv += ["--forward", f"tcp:{front}:{port}={zone.address}:{port}"]
+        for tier, port in (("edge", zone.edge and zone.edge.port), ("core", zone.core and zone.core.grpc_port)):
+            for host in zone.replica_hosts(tier) if port else []:
+                argv += ["--forward", f"tcp:{proxy_address(host)}:{port}={host}:{port}"]
         return Child(f"{zone.name}-proxy", argv, self._log(f"{zone.name}-proxy"))
 
     def _check_artefacts(self) -> None:
@@ -137,21 +143,22 @@ class LocalStack:
                 "--dir", str(data), "--loglevel", "warning"]
         return Child("redis", argv, self._log("redis"))
 
-    def _edge(self, zone: Zone) -> Child:
+    def _edge(self, zone: Zone, host: str, replica: int) -> Child:
         assert zone.edge is not None
-        argv = [sys.executable, "-m", "edge.server", "--host", zone.address, "--port", str(zone.edge.port),
+        argv = [sys.executable, "-m", "edge.server", "--host", host, "--port", str(zone.edge.port),
                 "--zone", zone.name, "--threads", str(zone.edge.threads), "--workers", str(zone.edge.workers),
                 "--max-batch", str(zone.edge.max_batch), "--max-queue-delay-ms", str(zone.edge.max_queue_delay_ms),
                 "--l1-cache-entries", str(zone.edge.l1_cache_entries)]
         for m in self.topology.models:
             if m.tier == "edge":
                 argv += ["--model", f"{m.name}={m.path}"]
-        return Child(f"{zone.name}-edge", argv, self._log(f"{zone.name}-edge"))
+        name = _replica_name(zone, "edge", replica)
+        return Child(name, argv, self._log(name))
 
-    def _core(self, zone: Zone) -> Child:
+    def _core(self, zone: Zone, host: str, replica: int) -> Child:
         assert zone.core is not None
         c = zone.core
-        base = self.settings.run_dir / "triton" / zone.name
+        base = self.settings.run_dir / "triton" / _replica_name(zone, "core", replica)
         specs = [
             CoreModelSpec(name=m.name, checkpoint=Path(m.path), device=c.device, threads=c.threads)
             for m in self.topology.models
@@ -160,14 +167,15 @@ class LocalStack:
         repo = write_model_repository(base / "models", specs)
         spec = TritonServerSpec(
             repository=repo,
-            host=zone.address,
+            host=host,
             http_port=c.http_port,
             grpc_port=c.grpc_port,
             metrics_port=c.metrics_port,
             backend_dir=self.settings.run_dir / "triton" / "backends",
         )
         argv, env = tritonserver_command(spec)
-        return Child(f"{zone.name}-core", argv, self._log(f"{zone.name}-core"), env=env)
+        name = _replica_name(zone, "core", replica)
+        return Child(name, argv, self._log(name), env=env)
 
     def _gateway(self, topo_file: Path) -> Child:
         argv = [sys.executable, "-m", "gateway", "--topology", str(topo_file)]
@@ -242,6 +250,21 @@ class LocalStack:
             f"  logs     {self.settings.log_dir}",
             f"  try: curl -s {self.http_url}/v1/models -H 'Authorization: Bearer {self.settings.api_key}'",
         ])
+
+
+def _replica_name(zone: Zone, part: str, replica: int) -> str:
+    """"zone-a-edge" for a zone's first (or only) edge worker, "zone-a-edge-2" for its second."""
+    return f"{zone.name}-{part}" + (f"-{replica + 1}" if replica else "")
+
+
+def _behind_proxies(zone: Zone) -> Zone:
+    """The zone as the gateway sees it through its fault proxy: every address one up."""
+    def moved(endpoint):
+        if endpoint is None or not endpoint.hosts:
+            return endpoint
+        return replace(endpoint, hosts=[proxy_address(h) for h in endpoint.hosts])
+
+    return replace(zone, address=proxy_address(zone.address), edge=moved(zone.edge), core=moved(zone.core))
 
 
 def proxy_address(address: str) -> str:

@@ -156,6 +156,9 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Where the gateway reaches it when not on the zone's address: on Kubernetes a headless
     # Service's name, which resolves to every ready worker of the zone.
     host: str = ""
+    # Or a fixed set of workers without a name to look up: these IP addresses (each on `port`),
+    # balanced over as a name's addresses are. The local launcher starts a worker on each.
+    hosts: list[str] = []
     threads: int = 1  # ONNX Runtime threads per session
     workers: int = 1  # inference threads, each with its own session: batches running side by side
     # Dynamic batching of embeddings: inputs per model call, and how long a short queue may wait for company.
@@ -167,8 +170,10 @@ class EdgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class CoreEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grpc_port: int = 8001
-    # As the edge's: a name that resolves to several Triton servers is balanced over them.
+    # As the edge's: a name that resolves to several Triton servers is balanced over them, and so
+    # is a fixed set of `hosts` (IP addresses).
     host: str = ""
+    hosts: list[str] = []
     http_port: int = 8000
     metrics_port: int = 8002
     device: str = "cpu"
@@ -182,6 +187,12 @@ class Zone(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     address: str
     edge: EdgeEndpoint | None = None
     core: CoreEndpoint | None = None
+
+    def replica_hosts(self, tier: Tier) -> list[str]:
+        """Where the tier's processes listen: its fixed `hosts`, else its `host` or the zone's address."""
+        endpoint = self.edge if tier == "edge" else self.core
+        assert endpoint is not None, f"zone {self.name} has no {tier}"
+        return list(endpoint.hosts) or [endpoint.host or self.address]
 
 
 class ModelVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -279,6 +290,18 @@ def parse_topology(raw: dict, *, source: str = "<topology>") -> Topology:
     return topo
 
 
+def _check_hosts(where: str, host: str, hosts: list[str]) -> None:
+    if host:
+        raise ConfigError(f"{where}: give host (a name to look up) or hosts (fixed addresses), not both")
+    for h in hosts:
+        try:
+            ipaddress.ip_address(h)
+        except ValueError:
+            raise ConfigError(f"{where}: hosts must be IP addresses; {h!r} is not (a name goes in host)") from None
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError(f"{where}: hosts lists an address twice")
+
+
 def dump_topology(topo: Topology) -> str:
     """The topology as YAML, for a resolved copy handed to child processes."""
     return yaml.safe_dump(msgspec.to_builtins(topo), sort_keys=False)
@@ -289,6 +312,9 @@ def _check(topo: Topology, source: str) -> None:
     for zone in topo.zones:
         if zone.region not in regions:
             raise ConfigError(f"{source}: zone {zone.name} names unknown region {zone.region}")
+        for tier, endpoint in (("edge", zone.edge), ("core", zone.core)):
+            if endpoint is not None and endpoint.hosts:
+                _check_hosts(f"{source}: zone {zone.name} {tier}", endpoint.host, endpoint.hosts)
     if topo.gateway.region and topo.gateway.region not in regions:
         raise ConfigError(f"{source}: gateway region {topo.gateway.region} is not a listed region")
     for r in topo.regions:

@@ -53,6 +53,10 @@ class Counter(_Metric):
     def get(self, *label_values: str) -> float:
         return self.values.get(label_values, 0.0)
 
+    def set_total(self, *label_values: str, value: float) -> None:
+        """The count of something counted elsewhere, read when scraped."""
+        self.values[label_values] = value
+
     def expose(self) -> Iterable[str]:
         yield from self.header()
         for lv, v in self.values.items():
@@ -114,6 +118,9 @@ class Metrics:
         self.limiter_fallback = Gauge("meridian_ratelimit_local_fallback", "1 while Redis is unreachable and limits are local.")
         self.upstream_healthy = Gauge("meridian_upstream_healthy", "1 when the endpoint passed its last check.", ("zone", "tier"))
         self.upstream_replicas = Gauge("meridian_upstream_serving_replicas", "The endpoint's serving replicas.", ("zone", "tier"))
+        self.replica_moves = Counter(
+            "meridian_replica_moves_total", "Requests and streams sent on to another replica of their zone.", ("zone", "tier")
+        )
         self._all = [v for v in vars(self).values() if isinstance(v, _Metric)]
 
     def render(self) -> bytes:

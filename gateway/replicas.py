@@ -25,7 +25,8 @@ STRICT_DNS clusters do:
   stream resumed in it after a stall) go to different replicas while the zone has any other
   serving one.
 
-An IP address is its own answer: a single replica, never looked up again (the local stack).
+An IP address is its own answer: a single replica, never looked up again (the local stack); a
+fixed list of them (`hosts` in the topology, `fixed`) is a zone of several without DNS.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ async def resolve(host: str, port: int) -> list[Address]:
     """Every TCP address `host` resolves to, in the resolver's order, without repeats."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+
+
+def fixed(hosts: list[str]) -> Resolver:
+    """The resolver of a fixed set of addresses (a zone's `hosts`): the same answer every time."""
+    async def addresses(host: str, port: int) -> list[Address]:
+        return [(h, port) for h in hosts]
+
+    return addresses
 
 
 # The replicas that the tries of the current request used (`distinct_replicas`); None outside one.
@@ -130,6 +139,8 @@ class ReplicaSet(Generic[C]):
         self._resolved_at: float | None = None
         self._refreshing: asyncio.Task | None = None
         self._lookup_failed = False
+        # Requests and streams this set sent on to another replica when theirs was lost (metrics).
+        self.moved = 0
         if _is_ip(host):
             self._update([(host, port)])
 
@@ -295,6 +306,7 @@ class ReplicaSet(Generic[C]):
         self._mark_down(replica, failure)
         if self.pick((replica,), serving_only=True) is None:
             return None
+        self.moved += 1
         return UpstreamFailure(f"{failure}; another replica serves", timeout=failure.timeout, in_zone=True)
 
     async def _first(self, items: AsyncIterator[T], replica: Replica[C]) -> T:
@@ -333,6 +345,7 @@ class ReplicaSet(Generic[C]):
         tried = (*tried, replica)
         if self.pick(tried, serving_only=True) is None:
             raise failure
+        self.moved += 1
         return tried
 
     async def probe(self, check: Callable[[C], Awaitable[bool]], timeout: float) -> bool:
@@ -423,6 +436,11 @@ class ReplicatedUpstream(Generic[Ch]):
     def serving_replicas(self) -> int:
         """The zone's serving replicas."""
         return self.replicas.serving
+
+    @property
+    def replica_moves(self) -> int:
+        """Requests and streams sent on to another of the zone's replicas when theirs was lost."""
+        return self.replicas.moved
 
     async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
         """Stream a generation from one of the zone's replicas."""

@@ -14,12 +14,13 @@ import msgspec
 
 from gateway import logs, tracing
 from gateway.app import Gateway
-from gateway.config import Topology, load_topology
+from gateway.config import Tier, Topology, Zone, load_topology
 from gateway.core_client import CoreUpstream
 from gateway.edge_client import EdgeUpstream
 from gateway.http1 import Http1Listener
 from gateway.http3 import Http3Listener
 from gateway.redis_link import RedisLink
+from gateway.replicas import Resolver, fixed, resolve
 from gateway.tls import ensure_self_signed
 from gateway.upstreams import Upstream, UpstreamPool
 
@@ -32,17 +33,29 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
     upstreams: list[Upstream] = []
     for zone in topology.zones:
         if zone.edge is not None:
+            host, resolver = _where(zone, "edge")
             upstreams.append(EdgeUpstream(
-                zone.name, zone.edge.host or zone.address, zone.edge.port,
+                zone.name, host, zone.edge.port,
                 max_in_flight=topology.routing.embed_rpcs_in_flight, max_inputs=topology.routing.embed_inputs_per_rpc,
-                resolve_interval_s=topology.routing.resolve_interval_s,
+                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver,
             ))
         if zone.core is not None:
+            host, resolver = _where(zone, "core")
             upstreams.append(CoreUpstream(
-                zone.name, zone.core.host or zone.address, zone.core.grpc_port, core_models,
-                resolve_interval_s=topology.routing.resolve_interval_s,
+                zone.name, host, zone.core.grpc_port, core_models,
+                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver,
             ))
     return upstreams
+
+
+def _where(zone: Zone, tier: Tier) -> tuple[str, Resolver]:
+    """The name the tier's replicas go by, and how it is resolved: a fixed list of `hosts` is
+    its own answer; a name (or the zone's address) is looked up."""
+    hosts = zone.replica_hosts(tier)
+    endpoint = zone.edge if tier == "edge" else zone.core
+    if endpoint is not None and endpoint.hosts:
+        return ",".join(hosts), fixed(hosts)
+    return hosts[0], resolve
 
 
 async def run(topology: Topology, stop: asyncio.Event) -> None:

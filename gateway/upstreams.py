@@ -67,6 +67,11 @@ class Upstream(Protocol):
         """The serving replicas behind it (a zone's edge may be several workers): its capacity scales with them."""
         ...
 
+    @property
+    def replica_moves(self) -> int:
+        """How many requests and streams it sent on to another of its replicas (a lost one's)."""
+        ...
+
     async def embed(
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult: ...

@@ -31,11 +31,13 @@ class DrillReport:
     streams_resumed: float
     streams_token_identical: bool
     streams_compared: int
+    replica_moves: float = 0.0  # requests and streams sent on to another replica of their zone
     shift_seconds: float | None = None  # slow/kill/blackhole-zone: until the struck zone lost its traffic
     return_seconds: float | None = None  # zone-returns: until the zone got traffic back
     bound_seconds: float = 1.0
     zone: str = ""  # the zone the fault hit ("" when it hit none)
     zone_share_before: float | None = None  # of the answers before the fault, the share that zone served
+    zone_share_during: float | None = None  # and of the answers to requests made during the fault
     passed: bool = False
     problems: list[str] = field(default_factory=list)  # why it failed, one line per check missed
     failures: list[str] = field(default_factory=list)
@@ -55,13 +57,15 @@ class DrillReport:
             f"  retries {self.retries:.0f}, streams {self.streams}, resumed {self.streams_resumed:.0f}, "
             f"token-identical {self.streams_token_identical} ({self.streams_compared} compared)",
         ]
+        if self.replica_moves:
+            lines.append(f"  moved to another replica of their zone: {self.replica_moves:.0f}")
         if self.shift_seconds is not None:
             lines.append(f"  traffic left the zone in {self.shift_seconds:.2f}s")
         if self.return_seconds is not None:
             lines.append(f"  traffic came back to the zone in {self.return_seconds:.2f}s")
         if self.zone:
-            share = "?" if self.zone_share_before is None else f"{self.zone_share_before:.0%}"
-            lines.append(f"  fault hit {self.zone}, which served {share} of the requests before it")
+            before, during = (("?" if v is None else f"{v:.0%}") for v in (self.zone_share_before, self.zone_share_during))
+            lines.append(f"  fault hit {self.zone}, which served {before} of the requests before it, {during} during it")
         lines += [f"  FAILED: {p}" for p in self.problems]
         lines += [f"  ! {f}" for f in self.failures[:10]]
         return "\n".join(lines)

@@ -36,6 +36,8 @@ from gateway.config import ConfigError, load_topology
 
 # Below this share of the requests before the fault, the zone struck was not carrying the load.
 MIN_ZONE_SHARE = 0.5
+# A zone that keeps its traffic through a fault ("stays") serves at most this much less of it during.
+MAX_STAY_LOSS = 0.1
 
 
 class DrillError(Exception):
@@ -49,8 +51,10 @@ class Timing:
     after_s: float = 4.0
 
 
-def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
-    """A private copy of the local topology: its own loopback addresses and free ports."""
+def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int = 1) -> Settings:
+    """A private copy of the local topology: its own loopback addresses and free ports, and each
+    zone's edge on `edge_replicas` workers at least (its `hosts`; each one's fault proxy on the next
+    address)."""
     from deploy.settings import DEFAULT_TOPOLOGY
 
     source = topology_path or DEFAULT_TOPOLOGY
@@ -66,8 +70,12 @@ def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
     gateway.setdefault("http3", {})["port"] = free_port(socket.SOCK_DGRAM)
     gateway["https"] = {"host": "127.0.0.1", "port": 0}
     raw.setdefault("redis", {})["port"] = free_port()
-    for i, zone in enumerate(raw["zones"]):
+    for i, (zone, parsed) in enumerate(zip(raw["zones"], topology.zones)):
         zone["address"] = f"127.0.{51 + 2 * i}.1"
+        if parsed.edge is not None and max(edge_replicas, len(parsed.edge.hosts)) > 1:
+            workers = max(edge_replicas, len(parsed.edge.hosts))
+            zone["edge"].pop("host", None)
+            zone["edge"]["hosts"] = [f"127.0.{51 + 2 * i}.{1 + 2 * j}" for j in range(workers)]
     var_dir.mkdir(parents=True, exist_ok=True)
     path = var_dir / "topology.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -77,7 +85,7 @@ def drill_settings(var_dir: Path, topology_path: Path | None) -> Settings:
 async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rates,
                      topology_path: Path | None = None) -> list[rpt.DrillReport]:
     """Start the stack, run each scenario in turn, stop the stack."""
-    settings = drill_settings(out_dir / "stack", topology_path)
+    settings = drill_settings(out_dir / "stack", topology_path, max(SCENARIOS[n].edge_replicas for n in names))
     topology = resolve_topology(settings)
     stack = LocalStack(settings, topology, fault_proxies=True)
     core_model = next((m.name for m in topology.models if m.tier == "core"), None)
@@ -207,12 +215,14 @@ def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: fl
         streams_resumed=_delta(before, after, "meridian_streams_resumed_total"),
         streams_token_identical=identical,
         streams_compared=compared,
+        replica_moves=_delta(before, after, "meridian_replica_moves_total"),
         bound_seconds=scenario.bound_s,
         failures=[f"{s.kind} at {s.started:.2f}s: {s.status} {s.error}" for s in failures],
     )
     if scenario.hits_zone:
         r.zone = zone
         r.zone_share_before = zone_share(samples, zone, fault_at)
+        r.zone_share_during = zone_share(samples, zone, fault_end, since=fault_at)
     if scenario.measure == "shift" or scenario.leaves_zone:
         r.shift_seconds = rpt.first_time(samples, fault_at, lambda s: bool(s.zone) and s.zone != zone)
     _judge(r, scenario)
@@ -225,9 +235,10 @@ def busiest_zone(samples: list[Sample]) -> str | None:
     return served.most_common(1)[0][0] if served else None
 
 
-def zone_share(samples: list[Sample], zone: str, until: float) -> float | None:
-    """The share of the answers finished before `until` that `zone` served (None: no answer named a zone)."""
-    done = [s for s in samples if s.ok and s.zone and s.started + s.latency < until]
+def zone_share(samples: list[Sample], zone: str, until: float, since: float = 0.0) -> float | None:
+    """The share of the answers started from `since` and finished before `until` that `zone`
+    served (None: no answer named a zone)."""
+    done = [s for s in samples if s.ok and s.zone and s.started >= since and s.started + s.latency < until]
     return sum(1 for s in done if s.zone == zone) / len(done) if done else None
 
 
@@ -238,8 +249,11 @@ def _judge(r: rpt.DrillReport, scenario: Scenario) -> None:
         problems.append(f"{r.client_failures} client request(s) failed")
     if not r.streams_token_identical:
         problems.append("a resumed stream differs from an undisturbed run of it")
-    if scenario.measure == "recovery" and r.recovery_seconds > scenario.bound_s:
+    if scenario.measure in ("recovery", "stays") and r.recovery_seconds > scenario.bound_s:
         problems.append(f"recovery took {r.recovery_seconds:.2f}s (bound {scenario.bound_s:.1f}s)")
+    if scenario.measure == "stays" and not _stayed(r):
+        during = "none" if r.zone_share_during is None else f"{r.zone_share_during:.0%}"
+        problems.append(f"traffic left {r.zone} during the fault (it served {during} of the answers then)")
     elif scenario.measure == "shift" and (r.shift_seconds is None or r.shift_seconds > scenario.bound_s):
         problems.append(f"traffic did not leave {r.zone} within {scenario.bound_s:.1f}s")
     elif scenario.measure == "return" and (r.return_seconds is None or r.return_seconds > scenario.bound_s):
@@ -255,6 +269,13 @@ def _judge(r: rpt.DrillReport, scenario: Scenario) -> None:
         problems.append(f"traffic never left {r.zone} during the fault")
     r.problems = problems
     r.passed = not problems
+
+
+def _stayed(r: rpt.DrillReport) -> bool:
+    """The zone served about as much of the traffic during the fault as before it."""
+    if r.zone_share_during is None or r.zone_share_before is None:
+        return False
+    return r.zone_share_during >= r.zone_share_before - MAX_STAY_LOSS
 
 
 def _return_seconds(ctx: Context, load: LoadGenerator, samples: list[Sample]) -> float | None:

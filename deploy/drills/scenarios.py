@@ -29,12 +29,14 @@ class Scenario:
     bound_s: float
     # "recovery": p99 back within 2x baseline; "shift": traffic leaves the zone;
     # "return": traffic comes back to the zone after it returns; "available": no client failure
-    # (recovery is reported, not judged).
+    # (recovery is reported, not judged); "stays": no client failure and the zone keeps its traffic.
     measure: str = "recovery"
     needs_zone_down_first: bool = False
     during_s: float | None = None  # overrides the drill's default fault duration
     hits_zone: bool = True  # the fault strikes the zone carrying the load (not Redis)
     leaves_zone: bool = False  # traffic must move off the zone during the fault
+    # The zones' edges run this many workers each (their `hosts`) in the drill's stack.
+    edge_replicas: int = 1
 
     async def setup(self, ctx: Context) -> None:
         if self.needs_zone_down_first:
@@ -70,13 +72,20 @@ async def set_zone_fault(ctx: Context, fault: Fault) -> None:
 
 
 async def kill_zone(ctx: Context) -> None:
-    parts = [ctx.stack.child(f"{ctx.zone}-{part}") for part in ("edge", "core")]
+    parts = ctx.stack.replicas(ctx.zone, "edge") + ctx.stack.replicas(ctx.zone, "core")
     await asyncio.gather(*(asyncio.to_thread(child.kill) for child in parts))
 
 
+async def kill_replica(ctx: Context) -> None:
+    """SIGKILL one of the zone's edge workers (a lost pod: no drain); the others serve on."""
+    workers = ctx.stack.replicas(ctx.zone, "edge")
+    if len(workers) < 2:
+        raise RuntimeError(f"kill-replica needs a zone of two edge workers or more; {ctx.zone} has {len(workers)}")
+    await asyncio.to_thread(workers[0].kill)
+
+
 async def restart_zone(ctx: Context) -> None:
-    for part in ("edge", "core"):
-        child = ctx.stack.child(f"{ctx.zone}-{part}")
+    for child in ctx.stack.replicas(ctx.zone, "edge") + ctx.stack.replicas(ctx.zone, "core"):
         if not child.alive():
             child.start()
     asyncio.get_running_loop().create_task(_note_return(ctx))
@@ -120,6 +129,7 @@ _ACTIONS = {
     "restart-core": (restart_core, nothing),
     "kill-redis": (kill_redis, start_redis),
     "zone-returns": (restart_zone, nothing),
+    "kill-replica": (kill_replica, nothing),
 }
 
 SCENARIOS = {
@@ -131,6 +141,8 @@ SCENARIOS = {
     "restart-core": Scenario("restart-core", bound_s=1.0, measure="available", during_s=25.0),
     "kill-redis": Scenario("kill-redis", bound_s=1.0, hits_zone=False),
     "zone-returns": Scenario("zone-returns", bound_s=5.0, measure="return", needs_zone_down_first=True, during_s=40.0),
+    # One of two edge workers of the zone lost: its requests go on in the zone, none fails.
+    "kill-replica": Scenario("kill-replica", bound_s=1.0, measure="stays", edge_replicas=2),
 }
 
 
@@ -178,7 +190,7 @@ async def wait_zone_answers(ctx: Context, timeout: float = 180) -> float:
     while time.monotonic() < deadline:
         edge_ok = core_ok = False
         if zone.edge:
-            channel = Channel(zone.address, zone.edge.port)
+            channel = Channel(zone.replica_hosts("edge")[0], zone.edge.port)
             try:
                 reply = await HealthStub(channel).Check(HealthCheckRequest(), timeout=0.5)
                 edge_ok = reply.status == HealthCheckResponse.SERVING
@@ -187,7 +199,8 @@ async def wait_zone_answers(ctx: Context, timeout: float = 180) -> float:
             finally:
                 channel.close()
         if zone.core:
-            status, _ = await asyncio.to_thread(http_get, f"http://{zone.address}:{zone.core.http_port}/v2/health/ready", 0.5)
+            host = zone.replica_hosts("core")[0]
+            status, _ = await asyncio.to_thread(http_get, f"http://{host}:{zone.core.http_port}/v2/health/ready", 0.5)
             core_ok = status == 200
         if edge_ok and core_ok:
             return time.monotonic()

@@ -13,6 +13,7 @@ from deploy.drills.report import DrillReport
 from deploy.drills.runner import Timing
 from deploy.drills.scenarios import SCENARIOS
 from deploy.launcher import StackError
+from gateway.config import load_topology
 
 
 class FailingStack:
@@ -154,3 +155,25 @@ def test_the_strike_waits_for_a_stream_a_few_chunks_into_the_zone_struck():
     assert load.streams_in_flight("zone-a", min_chunks=3) == 0
     load.samples[1].chunks = 3
     assert load.streams_in_flight("zone-a", min_chunks=3) == 1
+
+
+def test_a_zone_that_keeps_its_traffic_through_the_loss_of_a_replica_passes():
+    r = judged("kill-replica", served("zone-a", "zone-a"), "zone-a")
+    assert r.passed, r.problems
+    assert r.zone_share_before == 1.0 and r.zone_share_during == 1.0
+
+
+def test_traffic_that_leaves_the_zone_when_a_replica_is_lost_fails():
+    r = judged("kill-replica", served("zone-a", "zone-b"), "zone-a")
+    assert not r.passed
+    assert r.problems == ["traffic left zone-a during the fault (it served 0% of the answers then)"]
+
+
+def test_the_drill_stack_gives_each_zone_s_edge_the_workers_a_scenario_needs(tmp_path):
+    settings = runner.drill_settings(tmp_path, None, edge_replicas=2)
+    topology = load_topology(settings.topology)
+    for i, zone in enumerate(topology.zones):
+        assert zone.edge.hosts == [f"127.0.{51 + 2 * i}.1", f"127.0.{51 + 2 * i}.3"]
+        assert zone.replica_hosts("core") == [zone.address]
+    single = load_topology(runner.drill_settings(tmp_path / "one", None).topology)
+    assert all(not z.edge.hosts for z in single.zones)

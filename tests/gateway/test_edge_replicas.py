@@ -133,6 +133,9 @@ async def test_a_worker_that_is_gone_or_draining_is_passed_over_inside_the_zone(
         assert not by_port[gone_port].serving and not by_port[draining.port].serving
         assert await upstream.health(timeout=1.0)  # b serves
         assert [p for p, r in by_port.items() if r.serving] == [b.port]
+        # Counted for /metrics: each request turned away went on to another replica (at least the
+        # first to find each of the two lost), none of them more than twice.
+        assert 2 <= upstream.replica_moves <= 2 * 16
     finally:
         await upstream.close()
         await draining.stop()

@@ -53,3 +53,25 @@ def test_kill_zone_resumed_a_stream(drills):
     _, _, out = drills
     report = json.loads((out / "kill-zone.json").read_text())
     assert report["streams_resumed"] >= 1
+
+
+@pytest.fixture(scope="module")
+def replica_drill(tmp_path_factory) -> tuple[int, str, Path]:
+    # Its own stack: each zone's edge on two workers, which the drills above do not need.
+    out = tmp_path_factory.mktemp("replica-drill")
+    result = meridian("drill", "kill-replica", "--out", str(out), "--before", "3", "--during", "4", "--after", "3",
+                      "--embed-rate", "20", timeout=600)
+    sys.stdout.write(result.stdout[-6000:] + result.stderr[-3000:])
+    return result.returncode, result.stdout + result.stderr[-3000:], out
+
+
+def test_losing_one_of_a_zone_s_edge_workers_fails_nothing_and_keeps_the_traffic_in_the_zone(replica_drill):
+    code, output, out = replica_drill
+    assert code == 0, output[-4000:]
+    report = json.loads((out / "kill-replica.json").read_text())
+    assert report["passed"] and report["client_failures"] == 0, report["problems"] + report["failures"]
+    assert report["zone_share_before"] >= 0.9 and report["zone_share_during"] >= 0.9
+    assert "replica_moves" in report
+    # The zone struck ran two edge workers, one of which the drill killed and brought back.
+    logs = out / "stack" / "logs"
+    assert (logs / f"{report['zone']}-edge.log").exists() and (logs / f"{report['zone']}-edge-2.log").exists()

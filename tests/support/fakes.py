@@ -12,6 +12,7 @@ class FakeUpstream:
     """An in-process upstream: scripted answers and failures."""
 
     serving_replicas = 1
+    replica_moves = 0
 
     def __init__(self, zone: str, tier: str, *, fail: bool = False, fail_after: int | None = None) -> None:
         self.zone, self.tier = zone, tier
