@@ -135,7 +135,11 @@ main() {
     if [ "$KIND" = edge ]; then build_models; fi
     prepare_context
     log "building $IMAGE FROM $base (no network)"
+    # Labelled with its sources' digest: the image tests skip an image built from other sources.
+    local source
+    source="$(cd "$ROOT" && "$PYTHON" -m deploy.source_digest)"
     podman build --quiet --network=none --format docker --build-arg "BASE_IMAGE=$base" \
+        --label "org.meridian.source=$source" \
         -t "$IMAGE" -f "$ROOT/deploy/docker/$KIND.Dockerfile" "$CONTEXT" >/dev/null
     log "built $IMAGE ($(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
     echo "$IMAGE"

@@ -80,3 +80,18 @@ def _hadolint() -> str | None:
 def test_hadolint_passes(kind: str) -> None:
     result = subprocess.run([_hadolint(), str(dockerfile(kind))], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_images_are_labelled_with_the_digest_of_their_sources(tmp_path: Path) -> None:
+    # The image tests run an image only when it was built from this tree (tests/support/podman.py).
+    from deploy.source_digest import LABEL, digest
+
+    assert f"--label \"{LABEL}=$source\"" in (DOCKER / "build_image.sh").read_text()
+    (tmp_path / "gateway").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "gateway" / "app.py").write_text("x = 1\n")
+    first = digest(tmp_path)
+    (tmp_path / "gateway" / "notes.txt").write_text("not packaged\n")
+    assert digest(tmp_path) == first
+    (tmp_path / "gateway" / "app.py").write_text("x = 2\n")
+    assert digest(tmp_path) != first

@@ -222,6 +222,32 @@ async def test_a_hedged_embedding_goes_to_the_zone_s_other_worker_not_back_to_th
             await pool.close()
 
 
+async def start_stream_on_the_other(pool: UpstreamPool, failover: Failover, call: GenerateCall, live_port: int):
+    """A resumable stream opened on the zone's replica that is not at `live_port` (the live one
+    made to look busier for the pick)."""
+    await pool.check_once()
+    pool.start()
+    upstream = pool.endpoints[0].upstream
+    live = next(r for r in upstream.replicas.replicas if r.address[1] == live_port)
+    live.outstanding += 1
+    stream = failover.stream(pool.for_tier("edge"), call)
+    await stream.start()
+    live.outstanding -= 1
+    return stream
+
+
+async def assert_resumed_in_the_zone(stream, got: list, call: GenerateCall, live_port: int, failover: Failover,
+                                     pool: UpstreamPool) -> None:
+    """Resumed once, token for token as an undisturbed run on the live worker, the zone uncharged."""
+    reference = [c async for c in zone_edge(Name(live_port)).generate(call, timeout=30)]
+    assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
+    assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
+    endpoint = pool.endpoints[0]
+    assert endpoint.available() and endpoint.consecutive_failures == 0
+    assert failover.metrics.ejections.get("zone-a", "edge") == 0
+    assert failover.metrics.upstream_errors.get("zone-a", "edge") == 0
+
+
 @pytest.mark.parametrize("fault", [Fault(reset=True), Fault(blackhole=True)], ids=["killed", "silent"])
 async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_other_worker(pair, fault):
     # After the first chunks the worker's connection is reset (a pod killed, not drained) or goes
@@ -237,13 +263,7 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
     failover = Failover(config, Metrics())
     call = GenerateCall(model=LM, prompt="Once upon a time", max_tokens=48, temperature=0.8, seed=7)
     try:
-        await pool.check_once()
-        pool.start()
-        live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
-        live.outstanding += 1  # so that the stream starts on the worker behind the proxy
-        stream = failover.stream(pool.for_tier("edge"), call)
-        await stream.start()
-        live.outstanding -= 1
+        stream = await start_stream_on_the_other(pool, failover, call, b.port)  # behind the proxy
         chunks = stream.chunks()
         got = [await anext(chunks) for _ in range(3)]
         state.set(fault)
@@ -251,12 +271,7 @@ async def test_a_stream_whose_worker_dies_mid_stream_goes_on_from_the_zone_s_oth
         got += [c async for c in chunks]
         await stream.aclose()
         assert time.monotonic() - started < 1.8  # not the chunk-gap timeout
-        reference = [c async for c in zone_edge(Name(b.port)).generate(call, timeout=30)]
-        assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
-        assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
-        endpoint = pool.endpoints[0]
-        assert endpoint.available() and endpoint.consecutive_failures == 0
-        assert failover.metrics.ejections.get("zone-a", "edge") == 0
+        await assert_resumed_in_the_zone(stream, got, call, b.port, failover, pool)
     finally:
         state.set(Fault())
         await pool.close()
@@ -284,21 +299,10 @@ async def test_a_stream_that_stalls_on_one_worker_goes_on_from_the_zone_s_other_
     failover = Failover(config, Metrics())
     call = GenerateCall(model=LM, prompt="Once upon a time", max_tokens=48, temperature=0.8, seed=11)
     try:
-        await pool.check_once()
-        pool.start()
-        live = next(r for r in upstream.replicas.replicas if r.address[1] == b.port)
-        live.outstanding += 1  # so that the stream starts on the stalling worker
-        stream = failover.stream(pool.for_tier("edge"), call)
-        await stream.start()
-        live.outstanding -= 1
+        stream = await start_stream_on_the_other(pool, failover, call, b.port)  # on the stalling worker
         got = [c async for c in stream.chunks()]
         await stream.aclose()
-        reference = [c async for c in zone_edge(Name(b.port)).generate(call, timeout=30)]
-        assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
-        assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
-        endpoint = pool.endpoints[0]
-        assert endpoint.available() and endpoint.consecutive_failures == 0
-        assert failover.metrics.upstream_errors.get("zone-a", "edge") == 0
+        await assert_resumed_in_the_zone(stream, got, call, b.port, failover, pool)
     finally:
         await pool.close()
 

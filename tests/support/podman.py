@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from deploy.source_digest import LABEL, digest
+
 
 def podman_env() -> dict[str, str]:
     """The environment with the containers.conf that build_image.sh writes (runc, and rlimits the
@@ -22,6 +24,9 @@ def image_unavailable(image: str, make_target: str) -> str | None:
         return f"podman is not installed (make {make_target} installs it on Debian as root)"
     if podman("image", "exists", image).returncode != 0:
         return f"image {image} is not built: run `make {make_target}`"
+    built_from = podman("image", "inspect", "--format", f'{{{{ index .Labels "{LABEL}" }}}}', image).stdout.strip()
+    if built_from != digest():
+        return f"image {image} was built from other sources than this tree's: run `make {make_target}`"
     return None
 
 
