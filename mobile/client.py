@@ -188,15 +188,17 @@ class Client:
             raw = await response.aread(self._timeouts.read_s)
         except TransportError:
             raw = b""
-        message, type_, code = f"HTTP {response.status}", "", None
+        message, type_, code, param = f"HTTP {response.status}", "", None, None
         try:
             err = json.loads(raw)["error"]
             message, type_, code = str(err.get("message", message)), str(err.get("type", "")), err.get("code")
+            param = err.get("param")
         except (ValueError, KeyError, TypeError, AttributeError):
             if raw:
                 message = raw[:200].decode(errors="replace")
-        return api_error(response.status, message, type=type_, code=code,
-                         retry_after=parse_retry_after(response.headers.get("retry-after")))
+        return api_error(response.status, message, type=type_, code=code, param=param,
+                         retry_after=parse_retry_after(response.headers.get("retry-after")),
+                         request_id=response.headers.get("x-request-id"))
 
     async def _json(self, method: str, path: str, payload: dict | None, *, idempotency_key: str | None,
                     timeout: float | None) -> tuple[dict, ResponseMeta]:
@@ -229,7 +231,8 @@ class Client:
                         if "error" in event:  # the gateway reports a failure after the headers this way
                             err = event["error"]
                             raise api_error(int(err.get("status", 502) or 502), str(err.get("message", "stream failed")),
-                                            type=str(err.get("type", "")), code=err.get("code"))
+                                            type=str(err.get("type", "")), code=err.get("code"),
+                                            param=err.get("param"), request_id=meta.request_id)
                         yield parse(event, meta)
             finally:
                 await response.aclose()

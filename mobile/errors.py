@@ -44,16 +44,19 @@ class ProtocolError(TransportError):
 
 
 class APIError(MeridianError):
-    """The server answered with an error status and an OpenAI-style error body."""
+    """The server answered with an error status and an OpenAI-style error body. `param` names the
+    field at fault; `request_id` is the gateway's x-request-id, what its logs know the request by."""
 
     def __init__(self, status: int, message: str, *, type: str = "", code: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, param: str | None = None, request_id: str | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.retry_after = retry_after
+        self.param = param
+        self.request_id = request_id
 
 
 class BadRequestError(APIError):
@@ -77,7 +80,7 @@ class OfflineUnavailable(MeridianError):
 
 
 def api_error(status: int, message: str, *, type: str = "", code: str | None = None,
-              retry_after: float | None = None) -> APIError:
+              retry_after: float | None = None, param: str | None = None, request_id: str | None = None) -> APIError:
     """The APIError subclass for an HTTP status."""
     if status in (401, 403):
         cls: type[APIError] = AuthenticationError
@@ -87,4 +90,4 @@ def api_error(status: int, message: str, *, type: str = "", code: str | None = N
         cls = ServerError
     else:
         cls = BadRequestError
-    return cls(status, message, type=type, code=code, retry_after=retry_after)
+    return cls(status, message, type=type, code=code, retry_after=retry_after, param=param, request_id=request_id)

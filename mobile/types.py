@@ -18,13 +18,15 @@ class ResponseMeta:
     tier: str | None = None
     cache: str | None = None
     status: int = 200
+    request_id: str | None = None  # the gateway's x-request-id: what its logs name this request by
 
     @classmethod
     def from_headers(cls, protocol: str, status: int, headers: dict[str, str], *, early_data: bool,
                      attempts: int) -> ResponseMeta:
         """Meta for a gateway answer."""
         return cls(protocol, False, early_data, attempts, headers.get("x-meridian-zone"),
-                   headers.get("x-meridian-tier"), headers.get("x-meridian-cache"), status)
+                   headers.get("x-meridian-tier"), headers.get("x-meridian-cache"), status,
+                   headers.get("x-request-id"))
 
 
 LOCAL = ResponseMeta("local", local=True, tier="local")

@@ -64,6 +64,18 @@ async def test_every_endpoint_over_h3_then_resumed_with_0rtt(stack, tmp_path):
     assert keyed.meta.early_data and keyed.text == unsafe.text
 
 
+async def test_an_api_error_names_its_field_and_the_gateway_s_request_id(stack, tmp_path):
+    # What an app reports to its backend's support: which field was wrong, and the id the
+    # gateway's logs know the request by (the same id every answer's meta carries).
+    async with _client(stack, tmp_path) as c:
+        ok = await c.embeddings.create(model=EMBED_MODEL, input=["an id for this one"])
+        with pytest.raises(mobile.BadRequestError) as bad:
+            await c.chat.completions.create(model=CORE_MODEL, messages=[{"content": "no role"}], max_tokens=4)
+    assert ok.meta.request_id and len(ok.meta.request_id) == 32
+    assert bad.value.status == 400 and bad.value.param == "messages[0].role"
+    assert bad.value.request_id and len(bad.value.request_id) == 32 and bad.value.request_id != ok.meta.request_id
+
+
 async def test_udp_blocked_uses_https_within_one_handshake_timeout(stack, tmp_path):
     # A UDP port that swallows everything: what a firewall blocking QUIC looks like from the phone.
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
