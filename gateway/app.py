@@ -137,7 +137,12 @@ class Gateway:
         quota = await self.limiter.admit(principal.tenant)
         if len(request.body) > self.topology.gateway.max_body_bytes:
             raise too_large(self.topology.gateway.max_body_bytes)
-        response = await handler(request, principal)
+        try:
+            response = await handler(request, principal)
+        except GatewayError as err:  # a refusal past admission says what is left of the limits too
+            if quota is not None:
+                err.headers.update(quota.headers())
+            raise
         if quota is not None:
             response.headers.update(quota.headers())
         return response

@@ -221,13 +221,13 @@ async def test_answers_say_what_is_left_of_the_tenant_s_limits(flushed, redis_up
         first = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "y" * 20}))  # 20 tokens
         second = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
         b = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}, key="sk-b"))
-        third = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
+        third = await gw.handle(post("/v1/embeddings", {"model": "nope", "input": "x"}))  # admitted, then a 404
         refused = await gw.handle(post("/v1/embeddings", {"model": "embed", "input": "x"}))
     finally:
         if not redis_up:
             flushed.start()
     h1, h2, h3 = first.headers, second.headers, third.headers
-    assert [r.status for r in (first, second, third, refused)] == [200, 200, 200, 429]
+    assert [r.status for r in (first, second, third, refused)] == [200, 200, 404, 429]
     assert h1["x-ratelimit-limit-requests"] == "3" and h1["x-ratelimit-limit-tokens"] == "60"
     assert [h["x-ratelimit-remaining-requests"] for h in (h1, h2, h3)] == ["2", "1", "0"]
     # Admission is checked before the answer's tokens are debited: the second sees the first's 20.
