@@ -188,10 +188,15 @@ class Zone(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     edge: EdgeEndpoint | None = None
     core: CoreEndpoint | None = None
 
-    def replica_hosts(self, tier: Tier) -> list[str]:
-        """Where the tier's processes listen: its fixed `hosts`, else its `host` or the zone's address."""
+    def endpoint(self, tier: Tier) -> EdgeEndpoint | CoreEndpoint:
+        """The zone's edge or core."""
         endpoint = self.edge if tier == "edge" else self.core
         assert endpoint is not None, f"zone {self.name} has no {tier}"
+        return endpoint
+
+    def replica_hosts(self, tier: Tier) -> list[str]:
+        """Where the tier's processes listen: its fixed `hosts`, else its `host` or the zone's address."""
+        endpoint = self.endpoint(tier)
         return list(endpoint.hosts) or [endpoint.host or self.address]
 
 

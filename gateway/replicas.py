@@ -70,7 +70,7 @@ def fixed(hosts: list[str]) -> Resolver:
 
 
 # The replicas that the tries of the current request used (`distinct_replicas`); None outside one.
-_held: contextvars.ContextVar[set | None] = contextvars.ContextVar("meridian_replicas_held", default=None)
+_used: contextvars.ContextVar[set | None] = contextvars.ContextVar("meridian_replicas_used", default=None)
 
 
 @contextlib.contextmanager
@@ -79,11 +79,11 @@ def distinct_replicas(used: set | None = None) -> Iterator[None]:
     its earlier tries used (when another replica serves), so that a hedge within a zone goes to a
     different replica rather than back to the slow one. `used`: the set to keep them in, for a
     request whose tries span several blocks (a stream's resumes)."""
-    token = _held.set(set() if used is None else used)
+    token = _used.set(set() if used is None else used)
     try:
         yield
     finally:
-        _held.reset(token)
+        _used.reset(token)
 
 
 def _where(replica: Replica) -> str:
@@ -219,9 +219,9 @@ class ReplicaSet(Generic[C]):
     @contextlib.contextmanager
     def lease(self, replica: Replica[C]) -> Iterator[C]:
         """Count a request on `replica` while it runs (and note it for the request's other tries)."""
-        held = _held.get()
-        if held is not None:
-            held.add(replica)
+        used = _used.get()
+        if used is not None:
+            used.add(replica)
         replica.outstanding += 1
         try:
             yield replica.conn
@@ -328,8 +328,8 @@ class ReplicaSet(Generic[C]):
 
     async def _pick_for_request(self, tried: tuple[Replica[C], ...]) -> Replica[C]:
         await self.ready()
-        held = _held.get()
-        replica = self.pick((*tried, *held), serving_only=True) if held else None
+        used = _used.get()
+        replica = self.pick((*tried, *used), serving_only=True) if used else None
         replica = replica or self.pick(tried)
         if replica is None:
             raise UpstreamFailure(f"{self.host}:{self.port} resolves to no address", hard=True)

@@ -51,11 +51,10 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
 def _where(zone: Zone, tier: Tier) -> tuple[str, Resolver]:
     """The name the tier's replicas go by, and how it is resolved: a fixed list of `hosts` is
     its own answer; a name (or the zone's address) is looked up."""
-    hosts = zone.replica_hosts(tier)
-    endpoint = zone.edge if tier == "edge" else zone.core
-    if endpoint is not None and endpoint.hosts:
-        return ",".join(hosts), fixed(hosts)
-    return hosts[0], resolve
+    endpoint = zone.endpoint(tier)
+    if endpoint.hosts:
+        return ",".join(endpoint.hosts), fixed(list(endpoint.hosts))
+    return endpoint.host or zone.address, resolve
 
 
 async def run(topology: Topology, stop: asyncio.Event) -> None:

@@ -218,8 +218,9 @@ def _readable_by_all(path: Path) -> None:
     """World-readable files: save_pretrained writes the weights 0600, and the core may run as
     another user (the core image runs as an unprivileged one, reading a mounted cache)."""
     for f in path.iterdir():
-        if f.is_file() and f.stat().st_mode & 0o044 != 0o044:
-            f.chmod(f.stat().st_mode | 0o444)
+        mode = f.stat().st_mode
+        if f.is_file() and mode & 0o044 != 0o044:
+            f.chmod(mode | 0o444)
 
 
 def build_local_checkpoint(dest: Path, *, force: bool = False) -> Path:

@@ -72,8 +72,8 @@ def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int
     raw.setdefault("redis", {})["port"] = free_port()
     for i, (zone, parsed) in enumerate(zip(raw["zones"], topology.zones)):
         zone["address"] = f"127.0.{51 + 2 * i}.1"
-        if parsed.edge is not None and max(edge_replicas, len(parsed.edge.hosts)) > 1:
-            workers = max(edge_replicas, len(parsed.edge.hosts))
+        workers = max(edge_replicas, len(parsed.edge.hosts)) if parsed.edge is not None else 1
+        if workers > 1:
             zone["edge"].pop("host", None)
             zone["edge"]["hosts"] = [f"127.0.{51 + 2 * i}.{1 + 2 * j}" for j in range(workers)]
     var_dir.mkdir(parents=True, exist_ok=True)

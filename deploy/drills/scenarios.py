@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from deploy.drills.faults import Fault
 from deploy.drills.proxy import set_fault
 from deploy.launcher import LocalStack, http_get
+from deploy.processes import Child
 
 
 @dataclass
@@ -71,9 +72,13 @@ async def set_zone_fault(ctx: Context, fault: Fault) -> None:
 # which is also the load generator's, so the load keeps its schedule and its clock.
 
 
+def _zone_processes(ctx: Context) -> list[Child]:
+    """Every edge and core process of the zone struck (a zone of `hosts` runs several of each)."""
+    return ctx.stack.replicas(ctx.zone, "edge") + ctx.stack.replicas(ctx.zone, "core")
+
+
 async def kill_zone(ctx: Context) -> None:
-    parts = ctx.stack.replicas(ctx.zone, "edge") + ctx.stack.replicas(ctx.zone, "core")
-    await asyncio.gather(*(asyncio.to_thread(child.kill) for child in parts))
+    await asyncio.gather(*(asyncio.to_thread(child.kill) for child in _zone_processes(ctx)))
 
 
 async def kill_replica(ctx: Context) -> None:
@@ -85,7 +90,7 @@ async def kill_replica(ctx: Context) -> None:
 
 
 async def restart_zone(ctx: Context) -> None:
-    for child in ctx.stack.replicas(ctx.zone, "edge") + ctx.stack.replicas(ctx.zone, "core"):
+    for child in _zone_processes(ctx):
         if not child.alive():
             child.start()
     asyncio.get_running_loop().create_task(_note_return(ctx))
