@@ -177,6 +177,7 @@ class Gateway:
             self.metrics.upstream_healthy.set(e.zone, e.tier, value=1.0 if e.healthy else 0.0)
             self.metrics.upstream_replicas.set(e.zone, e.tier, value=float(e.upstream.serving_replicas))
             self.metrics.replica_moves.set_total(e.zone, e.tier, value=float(e.upstream.replica_moves))
+            self.metrics.replica_ejections.set_total(e.zone, e.tier, value=float(e.upstream.replica_ejections))
         return Response(200, {"content-type": "text/plain; version=0.0.4"}, self.metrics.render())
 
     # -- models -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.outliers import DEFAULT_POLICY, EjectionPolicy
 from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
@@ -99,10 +100,11 @@ class CoreUpstream(ReplicatedUpstream[CoreChannel]):
         *,
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve,
+        ejection: EjectionPolicy = DEFAULT_POLICY,
     ) -> None:
         super().__init__(
             zone, host, grpc_port, lambda h, p: CoreChannel(h, p, models),
-            resolve_interval_s=resolve_interval_s, resolver=resolver,
+            resolve_interval_s=resolve_interval_s, resolver=resolver, ejection=ejection,
         )
 
     async def embed(

@@ -17,6 +17,7 @@ from edge.api.edge_grpc import EdgeStub
 from gateway.coalescer import Coalescer, EmbedReply
 from gateway.config import Tier
 from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.outliers import DEFAULT_POLICY, EjectionPolicy
 from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
@@ -115,10 +116,11 @@ class EdgeUpstream(ReplicatedUpstream[EdgeChannel]):
         max_inputs: int = 64,
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve,
+        ejection: EjectionPolicy = DEFAULT_POLICY,
     ) -> None:
         super().__init__(
             zone, host, port, lambda h, p: EdgeChannel(h, p, max_in_flight=max_in_flight, max_inputs=max_inputs),
-            resolve_interval_s=resolve_interval_s, resolver=resolver,
+            resolve_interval_s=resolve_interval_s, resolver=resolver, ejection=ejection,
         )
 
     @property

@@ -21,7 +21,7 @@ from gateway.aio import next_watched
 from gateway.config import RoutingConfig
 from gateway.errors import GatewayError, Kind, UpstreamFailure
 from gateway.metrics import Metrics
-from gateway.replicas import distinct_replicas
+from gateway.replicas import Placement, distinct_replicas, placed
 from gateway.upstreams import Endpoint, GenerateCall, GenerateChunk
 
 T = TypeVar("T")
@@ -84,13 +84,15 @@ class Failover:
         self.budget.on_request()
         running: dict[asyncio.Task, Endpoint] = {}
         launched: dict[asyncio.Task, int] = {}  # each try's place in launch order
+        where: dict[asyncio.Task, Placement] = {}  # each try's replica
         last: UpstreamFailure | None = None
         first = queue[0]
         hedged_in_zone = False
 
         def launch(endpoint: Endpoint) -> None:
-            task = asyncio.ensure_future(self._try(endpoint, call))
-            running[task], launched[task] = endpoint, len(launched)
+            placement = Placement()
+            task = asyncio.ensure_future(self._try(endpoint, call, placement))
+            running[task], launched[task], where[task] = endpoint, len(launched), placement
 
         def hedge_target() -> Endpoint | None:
             if not hedge or self.config.hedge_after_s <= 0:
@@ -131,7 +133,7 @@ class Failover:
                             self.failed(endpoint, failure)
                             continue
                         endpoint.record_success()
-                        self._charge_beaten(running, launched, task, endpoint)
+                        self._charge_beaten(running, launched, where, task, endpoint)
                         return endpoint, result, len(launched)
                     if not running and queue and self.budget.try_spend():
                         self.metrics.retries.inc(queue[0].tier)
@@ -143,22 +145,27 @@ class Failover:
 
     def _charge_beaten(
         self, running: dict[asyncio.Task, Endpoint], launched: dict[asyncio.Task, int],
-        winner: asyncio.Task, zone: Endpoint,
+        where: dict[asyncio.Task, Placement], winner: asyncio.Task, zone: Endpoint,
     ) -> None:
-        """Tries beaten by a hedge sent after them count towards ejection, as timeouts, once per
-        endpoint. A hedge beaten by the try it backed up merely started later; a try beaten within
-        its own zone is a matter for that replica's probes, not for the zone."""
+        """Tries beaten by a hedge sent after them count towards ejection, as timeouts: their
+        replicas' each, and their endpoints' once per endpoint. A hedge beaten by the try it backed
+        up merely started later; a try beaten within its own zone is its replica's failure, not the zone's."""
         charged = {zone}
         for task, slower in running.items():
-            if launched[task] < launched[winner] and slower not in charged:
+            if launched[task] >= launched[winner]:
+                continue
+            where[task].slow()
+            if slower not in charged:
                 charged.add(slower)
                 self.failed(slower, UpstreamFailure(f"{slower.tier} in {slower.zone} lost to a hedge", timeout=True))
 
-    async def _try(self, endpoint: Endpoint, call: Callable[[Endpoint], Awaitable[T]]) -> T:
+    async def _try(self, endpoint: Endpoint, call: Callable[[Endpoint], Awaitable[T]], placement: Placement) -> T:
         endpoint.in_flight += 1
         try:
-            return await asyncio.wait_for(call(endpoint), self.config.try_timeout_s)
+            with placed(placement):
+                return await asyncio.wait_for(call(endpoint), self.config.try_timeout_s)
         except asyncio.TimeoutError:
+            placement.slow()
             raise UpstreamFailure(f"{endpoint.tier} in {endpoint.zone} timed out", timeout=True) from None
         finally:
             endpoint.in_flight -= 1
@@ -185,6 +192,7 @@ class ResumableStream:
         self._endpoint: Endpoint | None = None
         self._watch = True
         self._replicas: set = set()  # the replicas its tries used (gateway/replicas.py)
+        self._placement = Placement()  # the current try's replica
         self._stalled_zones: set[str] = set()
         self.first_zone: str = ""
         self.resumed = 0
@@ -213,11 +221,15 @@ class ResumableStream:
             watch = endpoint.available()
             stream = endpoint.upstream.generate(call, timeout=self._failover.stream_timeout_s)
             endpoint.in_flight += 1
+            placement = Placement()
             try:
-                with distinct_replicas(self._replicas):  # the replica is picked with the first chunk
+                # The replica is picked with the first chunk.
+                with distinct_replicas(self._replicas), placed(placement):
                     chunk = await self._next(stream, cfg.first_chunk_timeout_s, endpoint, watch)
             except UpstreamFailure as failure:
                 endpoint.in_flight -= 1
+                if failure.stalled:
+                    placement.slow()
                 await _close_quietly(stream)
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
@@ -230,7 +242,7 @@ class ResumableStream:
                 raise
             if attempt > 1 or not first:
                 self._failover.metrics.retries.inc(endpoint.tier)
-            self._current, self._endpoint, self._watch = stream, endpoint, watch
+            self._current, self._endpoint, self._watch, self._placement = stream, endpoint, watch, placement
             self.first_zone = self.first_zone or endpoint.zone
             return chunk
         raise _exhausted(last)
@@ -264,6 +276,7 @@ class ResumableStream:
             yield chunk
             if chunk.finish_reason:
                 self._endpoint.record_success()
+                self._placement.answered()
                 return
             try:
                 chunk = await self._next(self._current, gap, self._endpoint, self._watch)
@@ -271,7 +284,10 @@ class ResumableStream:
                 if not failure.retryable:
                     raise GatewayError(Kind.UPSTREAM, str(failure)) from failure
                 failed = self._endpoint
-                if self._stays_in_zone(failure, failed):
+                stays = self._stays_in_zone(failure, failed)
+                if failure.stalled:  # after the count of serving replicas that decided where to go
+                    self._placement.slow()
+                if stays:
                     # One replica went away or stalled; its zone serves on the others: go on there, uncharged.
                     log.warning("resuming stream in the same zone", extra={"zone": failed.zone, "error": str(failure)})
                     self._queue.insert(0, failed)

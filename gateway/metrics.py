@@ -117,9 +117,12 @@ class Metrics:
         self.rate_limited = Counter("meridian_rate_limited_total", "Requests refused by a tenant limit.", ("tenant", "limit"))
         self.limiter_fallback = Gauge("meridian_ratelimit_local_fallback", "1 while Redis is unreachable and limits are local.")
         self.upstream_healthy = Gauge("meridian_upstream_healthy", "1 when the endpoint passed its last check.", ("zone", "tier"))
-        self.upstream_replicas = Gauge("meridian_upstream_serving_replicas", "The endpoint's serving replicas.", ("zone", "tier"))
+        self.upstream_replicas = Gauge("meridian_upstream_serving_replicas", "The endpoint's replicas taking requests (serving, not ejected).", ("zone", "tier"))
         self.replica_moves = Counter(
             "meridian_replica_moves_total", "Requests and streams sent on to another replica of their zone.", ("zone", "tier")
+        )
+        self.replica_ejections = Counter(
+            "meridian_replica_ejections_total", "Replicas ejected by outlier detection (their requests stalled).", ("zone", "tier")
         )
         self._all = [v for v in vars(self).values() if isinstance(v, _Metric)]
 

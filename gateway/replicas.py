@@ -23,7 +23,11 @@ STRICT_DNS clusters do:
   zone. Any other failure goes to the zone's failover as it is;
 - the tries of one request made under `distinct_replicas()` (a hedge sent within the zone, a
   stream resumed in it after a stall) go to different replicas while the zone has any other
-  serving one.
+  serving one;
+- a replica whose tries stall or lose to in-zone hedges `consecutive_failures` times in a row is
+  ejected for a while (outlier detection, gateway/outliers.py), as long as others serve: a wedged
+  replica still answers its probes, so only its requests can tell. The caller says which try
+  was slow through the try's `Placement`.
 
 An IP address is its own answer: a single replica, never looked up again (the local stack); a
 fixed list of them (`hosts` in the topology, `fixed`) is a zone of several without DNS.
@@ -40,11 +44,12 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from gateway.aio import next_watched, watched
 from gateway.errors import UpstreamFailure
+from gateway.outliers import DEFAULT_POLICY, EjectionPolicy, Outlier
 from gateway.upstreams import GenerateCall, GenerateChunk
 
 C = TypeVar("C")
@@ -86,6 +91,39 @@ def distinct_replicas(used: set | None = None) -> Iterator[None]:
         _used.reset(token)
 
 
+# Where the current try went (`placed`); None outside one.
+_placement: contextvars.ContextVar[Placement | None] = contextvars.ContextVar("meridian_placement", default=None)
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where one try of a request went: set when a replica set picks its replica, so that what
+    only the caller sees (the try stalled, or lost to a hedge) reaches that replica."""
+
+    owner: ReplicaSet | None = None
+    replica: Replica | None = None
+
+    def slow(self) -> None:
+        """The try got nothing back in time: a failure towards its replica's ejection."""
+        if self.owner is not None and self.replica is not None:
+            self.owner.record_slow(self.replica)
+
+    def answered(self) -> None:
+        """The try's answer came in full (a stream's last chunk): its replica's failure streak ends."""
+        if self.replica is not None:
+            self.replica.outlier.record_success()
+
+
+@contextlib.contextmanager
+def placed(placement: Placement) -> Iterator[Placement]:
+    """Within this block (a try, in a task or a stream's opening), the replica picked is noted in `placement`."""
+    token = _placement.set(placement)
+    try:
+        yield placement
+    finally:
+        _placement.reset(token)
+
+
 def _where(replica: Replica) -> str:
     host, port = replica.address
     return f"{host}:{port}"
@@ -112,6 +150,11 @@ class Replica(Generic[C]):
     outstanding: int = 0
     retired: bool = False
     probe: asyncio.Task | None = None
+    outlier: Outlier = field(default_factory=Outlier)
+
+    def takes_requests(self, now: float) -> bool:
+        """Serving by its probe and not ejected by outlier detection."""
+        return self.serving and not self.outlier.ejected(now)
 
 
 class ReplicaSet(Generic[C]):
@@ -126,9 +169,11 @@ class ReplicaSet(Generic[C]):
         close: Callable[[C], Awaitable[None]],
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve,
+        ejection: EjectionPolicy = DEFAULT_POLICY,
         rng: random.Random | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self._ejection = ejection
         self._connect, self._close = connect, close
         self._interval = resolve_interval_s
         self._resolver = resolver
@@ -139,8 +184,10 @@ class ReplicaSet(Generic[C]):
         self._resolved_at: float | None = None
         self._refreshing: asyncio.Task | None = None
         self._lookup_failed = False
-        # Requests and streams this set sent on to another replica when theirs was lost (metrics).
+        # Requests and streams this set sent on to another replica when theirs was lost, and
+        # replicas it ejected as outliers (metrics).
         self.moved = 0
+        self.ejections = 0
         if _is_ip(host):
             self._update([(host, port)])
 
@@ -202,13 +249,18 @@ class ReplicaSet(Generic[C]):
 
     @property
     def serving(self) -> int:
-        """How many replicas serve, by the last word on each."""
-        return sum(r.serving for r in self.replicas)
+        """How many replicas take requests: serving by the last word on each and not ejected
+        (those ejected count again when no other serves: then nothing is ejected, `pick`)."""
+        now = time.monotonic()
+        return sum(r.takes_requests(now) for r in self.replicas) or sum(r.serving for r in self.replicas)
 
     def pick(self, exclude: tuple[Replica[C], ...] = (), *, serving_only: bool = False) -> Replica[C] | None:
-        """The less loaded of two serving replicas picked at random; with none serving, any replica
-        (unless `serving_only`): the caller's failure then tells the zone's failover what happened."""
+        """The less loaded of two serving replicas picked at random, ejected ones only when no other
+        serves; with none serving, any replica (unless `serving_only`): the caller's failure then
+        tells the zone's failover what happened."""
+        now = time.monotonic()
         candidates = [r for r in self.replicas if r.serving and r not in exclude]
+        candidates = [r for r in candidates if not r.outlier.ejected(now)] or candidates
         if not candidates and not serving_only:
             candidates = [r for r in self.replicas if r not in exclude]
         if len(candidates) <= 1:
@@ -219,9 +271,11 @@ class ReplicaSet(Generic[C]):
     @contextlib.contextmanager
     def lease(self, replica: Replica[C]) -> Iterator[C]:
         """Count a request on `replica` while it runs (and note it for the request's other tries)."""
-        used = _used.get()
+        used, placement = _used.get(), _placement.get()
         if used is not None:
             used.add(replica)
+        if placement is not None:
+            placement.owner, placement.replica = self, replica
         replica.outstanding += 1
         try:
             yield replica.conn
@@ -230,6 +284,26 @@ class ReplicaSet(Generic[C]):
             if replica.retired and not replica.outstanding and replica in self._retired:
                 self._retired.discard(replica)
                 self._close_later(replica)
+
+    def record_slow(self, replica: Replica[C]) -> None:
+        """A try on `replica` stalled or lost to a hedge sent within the zone. In a row, these eject
+        it for a while, unless that would leave the zone no other replica taking requests or more
+        than half of them out (its probes pass: a wedged worker still answers them)."""
+        if replica.retired or replica not in self.replicas:
+            return
+        now = time.monotonic()
+        if not replica.outlier.record_failure(self._ejection, now, may_eject=self._may_eject(replica, now)):
+            return
+        self.ejections += 1
+        log.warning("replica ejected: its requests stall or lose to hedges", extra={
+            "host": self.host, "address": _where(replica),
+            "seconds": round(replica.outlier.ejected_until - now, 3),
+        })
+
+    def _may_eject(self, replica: Replica[C], now: float) -> bool:
+        others = [r for r in self.replicas if r is not replica]
+        out = sum(r.outlier.ejected(now) for r in others)
+        return any(r.takes_requests(now) for r in others) and out + 1 <= len(self.replicas) // 2
 
     def _mark_down(self, replica: Replica[C], failure: UpstreamFailure) -> None:
         """A request found the replica gone or refusing: no more requests until a probe says it serves."""
@@ -245,8 +319,11 @@ class ReplicaSet(Generic[C]):
             with self.lease(replica) as conn:
                 try:
                     if len(self.replicas) < 2:  # nowhere else in the zone to go: no watching
-                        return await request(conn)
-                    return await watched(request(conn), self._silence(replica))
+                        answer = await request(conn)
+                    else:
+                        answer = await watched(request(conn), self._silence(replica))
+                    replica.outlier.record_success()
+                    return answer
                 except UpstreamFailure as failure:
                     tried = self._another_or_raise(replica, tried, failure)
 
@@ -425,11 +502,12 @@ class ReplicatedUpstream(Generic[Ch]):
         *,
         resolve_interval_s: float,
         resolver: Resolver,
+        ejection: EjectionPolicy,
     ) -> None:
         self.zone = zone
         self.replicas: ReplicaSet[Ch] = ReplicaSet(
             host, port, connect=connect, close=lambda ch: ch.close(),
-            resolve_interval_s=resolve_interval_s, resolver=resolver,
+            resolve_interval_s=resolve_interval_s, resolver=resolver, ejection=ejection,
         )
 
     @property
@@ -441,6 +519,11 @@ class ReplicatedUpstream(Generic[Ch]):
     def replica_moves(self) -> int:
         """Requests and streams sent on to another of the zone's replicas when theirs was lost."""
         return self.replicas.moved
+
+    @property
+    def replica_ejections(self) -> int:
+        """Replicas ejected as outliers (their requests stalled while their probes passed)."""
+        return self.replicas.ejections
 
     async def generate(self, call: GenerateCall, *, timeout: float) -> AsyncIterator[GenerateChunk]:
         """Stream a generation from one of the zone's replicas."""

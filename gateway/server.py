@@ -19,6 +19,7 @@ from gateway.core_client import CoreUpstream
 from gateway.edge_client import EdgeUpstream
 from gateway.http1 import Http1Listener
 from gateway.http3 import Http3Listener
+from gateway.outliers import EjectionPolicy
 from gateway.redis_link import RedisLink
 from gateway.replicas import Resolver, fixed, resolve
 from gateway.tls import ensure_self_signed
@@ -30,6 +31,7 @@ log = logging.getLogger("meridian.gateway")
 def build_upstreams(topology: Topology) -> list[Upstream]:
     """One upstream per zone and tier the topology lists."""
     core_models = [m.name for m in topology.models if m.tier == "core"]
+    ejection = EjectionPolicy.of(topology.routing)
     upstreams: list[Upstream] = []
     for zone in topology.zones:
         if zone.edge is not None:
@@ -37,13 +39,13 @@ def build_upstreams(topology: Topology) -> list[Upstream]:
             upstreams.append(EdgeUpstream(
                 zone.name, host, zone.edge.port,
                 max_in_flight=topology.routing.embed_rpcs_in_flight, max_inputs=topology.routing.embed_inputs_per_rpc,
-                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver,
+                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver, ejection=ejection,
             ))
         if zone.core is not None:
             host, resolver = _where(zone, "core")
             upstreams.append(CoreUpstream(
                 zone.name, host, zone.core.grpc_port, core_models,
-                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver,
+                resolve_interval_s=topology.routing.resolve_interval_s, resolver=resolver, ejection=ejection,
             ))
     return upstreams
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from gateway.config import RoutingConfig, Tier
+from gateway.outliers import EjectionPolicy, Outlier
 
 log = logging.getLogger("meridian.gateway.health")
 
@@ -72,6 +73,11 @@ class Upstream(Protocol):
         """How many requests and streams it sent on to another of its replicas (a lost one's)."""
         ...
 
+    @property
+    def replica_ejections(self) -> int:
+        """How many times one of its replicas was ejected as an outlier (its requests stalled)."""
+        ...
+
     async def embed(
         self, model: str, inputs: list[str], *, timeout: float, traceparent: str | None = None
     ) -> EmbedResult: ...
@@ -92,9 +98,8 @@ class Endpoint:
         self.healthy = False
         self.last_checked = 0.0
         self.in_flight = 0
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.consecutive_failures = 0
+        self.outlier = Outlier()
+        self._policy = EjectionPolicy.of(config)
         self.rtt = PeakEwma(config.rtt_decay_s)
 
     @property
@@ -107,7 +112,7 @@ class Endpoint:
 
     def available(self, now: float | None = None) -> bool:
         """Healthy by the last probe and not ejected by outlier detection."""
-        return self.healthy and (now if now is not None else time.monotonic()) >= self.ejected_until
+        return self.healthy and not self.outlier.ejected(now if now is not None else time.monotonic())
 
     def probe_timeout(self) -> float:
         """How long the next health check waits: 4x the round trip while healthy (at least the
@@ -121,8 +126,8 @@ class Endpoint:
         return self.in_flight >= self._config.zone_capacity * max(1, self.upstream.serving_replicas)
 
     def record_success(self) -> None:
-        """A call answered: the failure streak ends (the ejection count decays on probes)."""
-        self.consecutive_failures = 0
+        """A call answered: the failure streak ends."""
+        self.outlier.record_success()
 
     def record_failure(self, *, hard: bool) -> bool:
         """A call failed; returns True when this ejected the endpoint.
@@ -130,16 +135,9 @@ class Endpoint:
         A hard failure (connection refused or reset) means the process is gone: out at once. Timeouts
         and errors eject after `consecutive_failures`, for an interval that doubles each time.
         """
-        self.consecutive_failures += 1
-        if not hard and self.consecutive_failures < self._config.consecutive_failures:
-            return False
         if hard:
             self.healthy = False
-        self.ejections += 1
-        interval = min(self._config.max_ejection_s, self._config.base_ejection_s * 2 ** (self.ejections - 1))
-        self.ejected_until = time.monotonic() + interval
-        self.consecutive_failures = 0
-        return True
+        return self.outlier.record_failure(self._policy, time.monotonic(), at_once=hard)
 
     def record_probe(self, ok: bool, rtt_s: float, now: float) -> None:
         """An active health check's answer; a change of state is logged."""
@@ -151,8 +149,6 @@ class Endpoint:
         self.last_checked = now
         if ok:
             self.rtt.observe(rtt_s, now)
-            if now >= self.ejected_until and self.ejections and now - self.ejected_until > self._config.max_ejection_s:
-                self.ejections = 0  # well for a long while: forget past ejections
 
 
 class PeakEwma:
@@ -213,8 +209,11 @@ class UpstreamPool:
         """Run each endpoint's health check in the background, each on its own clock.
 
         One loop per endpoint: a silent zone's probes, waiting out their timeout, must not delay
-        the next look at the others (a returning zone, the zone taking the load).
+        the next look at the others (a returning zone, the zone taking the load). Once: a second
+        call leaves the running checks as they are.
         """
+        if self._tasks:
+            return
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(e)) for e in self.endpoints]
         for task, endpoint in zip(self._tasks, self.endpoints, strict=True):

@@ -216,7 +216,7 @@ async def test_a_hedged_embedding_goes_to_the_zone_s_other_worker_not_back_to_th
             assert time.monotonic() - started < 0.6
             assert tries == 2 and failover.metrics.retries.get("hedge_in_zone") == 1
             assert got.vectors.shape == (1, 384)
-            assert endpoint.consecutive_failures == 0
+            assert endpoint.outlier.consecutive_failures == 0
             by_port[b.port].outstanding -= 5
         finally:
             await pool.close()
@@ -243,7 +243,7 @@ async def assert_resumed_in_the_zone(stream, got: list, call: GenerateCall, live
     assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
     assert [t for c in got for t in c.token_ids] == [t for c in reference for t in c.token_ids]
     endpoint = pool.endpoints[0]
-    assert endpoint.available() and endpoint.consecutive_failures == 0
+    assert endpoint.available() and endpoint.outlier.consecutive_failures == 0
     assert failover.metrics.ejections.get("zone-a", "edge") == 0
     assert failover.metrics.upstream_errors.get("zone-a", "edge") == 0
 
@@ -303,6 +303,93 @@ async def test_a_stream_that_stalls_on_one_worker_goes_on_from_the_zone_s_other_
         got = [c async for c in stream.chunks()]
         await stream.aclose()
         await assert_resumed_in_the_zone(stream, got, call, b.port, failover, pool)
+    finally:
+        await pool.close()
+
+
+async def test_a_worker_whose_streams_stall_is_ejected_and_the_zone_s_next_streams_go_to_the_other(pair, monkeypatch):
+    # A wedged worker answers its probes but every stream it starts goes quiet. After two stalls
+    # in a row (each resumed on the other worker), it takes no new streams while ejected: the
+    # next ones, though it looks the less loaded, start and finish on the other worker, unresumed.
+    a, b = pair
+    lm = a.service.models[LM]
+    real = lm.stream
+    stalled = []
+
+    def always_stalls(prompt, params):
+        for i, chunk in enumerate(real(prompt, params)):
+            if i == 2:
+                stalled.append(i)
+                time.sleep(0.8)
+            yield chunk
+
+    monkeypatch.setattr(lm, "stream", always_stalls)
+    upstream = zone_edge(Name(a.port, b.port))
+    config = RoutingConfig(chunk_gap_timeout_s=0.4, base_ejection_s=30.0)
+    pool = UpstreamPool([upstream], config)
+    failover = Failover(config, Metrics())
+    try:
+        for i in range(2):
+            call = GenerateCall(model=LM, prompt=f"Stall {i}", max_tokens=24, temperature=0.0)
+            stream = await start_stream_on_the_other(pool, failover, call, b.port)
+            got = [c async for c in stream.chunks()]
+            await stream.aclose()
+            assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
+        assert upstream.replica_ejections == 1 and upstream.serving_replicas == 1
+        by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+        for i in range(4):
+            by_port[b.port].outstanding += 1  # the other looks busier, yet takes the stream
+            call = GenerateCall(model=LM, prompt=f"Steady {i}", max_tokens=24, temperature=0.0)
+            stream = failover.stream(pool.for_tier("edge"), call)
+            await stream.start()
+            by_port[b.port].outstanding -= 1
+            got = [c async for c in stream.chunks()]
+            await stream.aclose()
+            assert stream.resumed == 0 and got[-1].finish_reason in ("stop", "length")
+        assert len(stalled) == 2  # the wedged worker was given no third stream
+        assert pool.endpoints[0].available() and failover.metrics.upstream_errors.get("zone-a", "edge") == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_worker_that_keeps_losing_in_zone_hedges_is_ejected_and_embeddings_stop_waiting_on_it(pair, monkeypatch):
+    # Embeddings on a worker slow by a second each: every one is answered by its in-zone hedge.
+    # After two such losses the worker is ejected, and the next embeddings go straight to the
+    # other worker: one try each, no hedge wait.
+    a, b = pair
+    real = a.service.embedder.embed
+
+    async def slow(name, model, texts):
+        await asyncio.sleep(1.0)
+        return await real(name, model, texts)
+
+    monkeypatch.setattr(a.service.embedder, "embed", slow)
+    upstream = zone_edge(Name(a.port, b.port))
+    config = RoutingConfig(hedge_after_s=0.1, base_ejection_s=30.0, retry_budget_min_per_s=100.0)
+    pool = UpstreamPool([upstream], config)
+    failover = Failover(config, Metrics())
+    try:
+        await pool.check_once()
+        by_port = {r.address[1]: r for r in upstream.replicas.replicas}
+
+        async def embed(text: str) -> tuple[int, float]:
+            started = time.monotonic()
+            _, got, tries = await failover.unary(
+                pool.for_tier("edge"), lambda e: e.upstream.embed(EMBED, [text], timeout=30), hedge=True
+            )
+            assert got.vectors.shape == (1, 384)
+            return tries, time.monotonic() - started
+
+        by_port[b.port].outstanding += 5  # the first tries go to the slow worker
+        hedged = [await embed(f"hedged {i}") for i in range(2)]
+        assert [tries for tries, _ in hedged] == [2, 2]
+        assert upstream.replica_ejections == 1
+        straight = [await embed(f"straight {i}") for i in range(4)]
+        by_port[b.port].outstanding -= 5
+        assert [tries for tries, _ in straight] == [1, 1, 1, 1]
+        assert max(waited for _, waited in straight) < 0.1  # no hedge delay
+        assert failover.metrics.retries.get("hedge_in_zone") == 2
+        assert pool.endpoints[0].available() and pool.endpoints[0].outlier.consecutive_failures == 0
     finally:
         await pool.close()
 

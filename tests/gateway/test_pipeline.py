@@ -90,7 +90,7 @@ async def test_metrics_show_each_endpoint_s_health_and_serving_replicas(zones):
     gw = await make_gateway(zones)
     zones[2].fail = True
     zones[0].serving_replicas = 3
-    zones[0].replica_moves = 7
+    zones[0].replica_moves, zones[0].replica_ejections = 7, 2
     await gw.pool.check_once()
     text = (await gw.handle(req("GET", "/metrics", key=None))).body.decode()
     assert 'meridian_upstream_healthy{zone="zone-b",tier="edge"} 0' in text
@@ -98,6 +98,7 @@ async def test_metrics_show_each_endpoint_s_health_and_serving_replicas(zones):
     assert 'meridian_upstream_serving_replicas{zone="zone-a",tier="edge"} 3' in text
     assert "# TYPE meridian_replica_moves_total counter" in text
     assert 'meridian_replica_moves_total{zone="zone-a",tier="edge"} 7' in text
+    assert 'meridian_replica_ejections_total{zone="zone-a",tier="edge"} 2' in text
 
 
 @pytest.mark.parametrize("key,status,code", [(None, 401, "missing_api_key"), ("nope", 401, "invalid_api_key"),

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import random
 import socket
+import time
 
-from gateway.replicas import ReplicaSet, resolve
+from gateway.outliers import EjectionPolicy
+from gateway.replicas import Placement, ReplicaSet, placed, resolve
 
 
 class Conn:
@@ -191,3 +193,70 @@ async def test_a_replica_s_changes_of_state_are_logged_once_each():
             await rs.probe(check, 1.0)
     assert logs.messages == ["replica not answering", "replica serving"]
     await rs.close()
+
+
+def slow_try(rs: ReplicaSet[Conn], replica) -> None:
+    """A try on `replica` that the caller found slow (stalled, or beaten by a hedge)."""
+    placement = Placement()
+    with placed(placement), rs.lease(replica):
+        pass
+    placement.slow()
+
+
+async def test_a_replica_whose_tries_stall_in_a_row_is_ejected_while_others_serve():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]],
+                     ejection=EjectionPolicy(consecutive_failures=2, base_ejection_s=10.0, max_ejection_s=60.0))
+    await rs.ready()
+    wedged, fine = rs.replicas
+    slow_try(rs, wedged)
+    assert rs.ejections == 0 and rs.serving == 2  # one stall is not yet a pattern
+    slow_try(rs, wedged)
+    assert rs.ejections == 1 and rs.serving == 1
+    wedged.outstanding, fine.outstanding = 0, 9  # even the less loaded is passed over while ejected
+    assert {rs.pick() for _ in range(50)} == {fine}
+    assert rs.pick((fine,), serving_only=True) is wedged  # but not refused when it is all there is
+    # The last replica taking requests is never ejected: the zone's own failover judges the zone.
+    slow_try(rs, fine)
+    slow_try(rs, fine)
+    assert rs.ejections == 1 and not fine.outlier.ejected(time.monotonic())
+
+
+async def test_an_answer_ends_the_streak_and_the_ejection_ends_by_time_and_doubles():
+    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]],
+                     ejection=EjectionPolicy(consecutive_failures=2, base_ejection_s=10.0, max_ejection_s=60.0))
+    await rs.ready()
+    flaky, other = rs.replicas
+    slow_try(rs, flaky)
+    other.outstanding = 9  # so that the call below lands on the flaky one
+    assert await rs.call(lambda conn: asyncio.sleep(0, conn)) is flaky.conn
+    other.outstanding = 0
+    slow_try(rs, flaky)
+    assert rs.ejections == 0
+    slow_try(rs, flaky)
+    first = flaky.outlier.ejected_until - time.monotonic()
+    flaky.outlier.ejected_until = time.monotonic()  # as if the interval had passed
+    assert rs.serving == 2
+    slow_try(rs, flaky)
+    slow_try(rs, flaky)
+    second = flaky.outlier.ejected_until - time.monotonic()
+    assert 9.5 < first <= 10.0 and 19.5 < second <= 20.0
+
+
+async def test_no_more_than_half_of_a_zone_s_replicas_are_ejected_at_once():
+    rs = replica_set([[(f"10.0.0.{i}", 1) for i in range(1, 5)]], ejection=EjectionPolicy(consecutive_failures=1))
+    await rs.ready()
+    for replica in rs.replicas:
+        slow_try(rs, replica)
+    assert rs.ejections == 2 and rs.serving == 2
+
+
+async def test_a_retired_replica_is_not_ejected_and_a_try_elsewhere_charges_no_replica():
+    answer = [[("10.0.0.1", 1), ("10.0.0.2", 1)]]
+    rs = replica_set(answer, ejection=EjectionPolicy(consecutive_failures=1))
+    await rs.ready()
+    gone = rs.replicas[0]
+    answer[0] = [("10.0.0.2", 1), ("10.0.0.3", 1)]
+    await rs.refresh()
+    slow_try(rs, gone)
+    Placement().slow()  # a try that never reached a replica set (an upstream of another kind)
+    assert rs.ejections == 0

@@ -160,16 +160,16 @@ def test_ejection_interval_doubles_and_hard_failures_eject_at_once():
     e.healthy = True
     assert e.record_failure(hard=False) is False and e.available()
     assert e.record_failure(hard=False) is True and not e.available()
-    first = e.ejected_until - time.monotonic()
-    e.ejected_until = 0
+    first = e.outlier.ejected_until - time.monotonic()
+    e.outlier.ejected_until = time.monotonic()  # as if the interval had just passed
     e.record_failure(hard=False)
     e.record_failure(hard=False)
-    second = e.ejected_until - time.monotonic()
+    second = e.outlier.ejected_until - time.monotonic()
     assert 0.9 < first <= 1.0 and 1.9 < second <= 2.0
-    e.ejected_until = 0
+    e.outlier.ejected_until = time.monotonic()  # as if the interval had just passed
     e.record_failure(hard=False)
     e.record_failure(hard=False)
-    assert 2.9 < e.ejected_until - time.monotonic() <= 3.0  # 4 s, capped at 3
+    assert 2.9 < e.outlier.ejected_until - time.monotonic() <= 3.0  # 4 s, capped at 3
     fresh = Endpoint(FakeUpstream("z", "edge"), cfg)
     fresh.healthy = True
     assert fresh.record_failure(hard=True) and not fresh.healthy
@@ -209,7 +209,7 @@ async def test_a_zone_with_another_serving_replica_takes_the_hedge_itself_and_is
     assert ups[2].embed_calls == 0
     assert gw.metrics.retries.get("hedge_in_zone") == 4 and gw.metrics.retries.get("hedge") == 0
     home = next(e for e in gw.pool.endpoints if e.zone == "zone-a" and e.tier == "edge")
-    assert home.available() and home.consecutive_failures == 0
+    assert home.available() and home.outlier.consecutive_failures == 0
 
 
 async def test_a_slow_zone_is_charged_once_for_a_request_its_two_replicas_both_lost():
@@ -220,7 +220,7 @@ async def test_a_slow_zone_is_charged_once_for_a_request_its_two_replicas_both_l
     assert r.headers["x-meridian-attempts"] == "3"
     assert gw.metrics.retries.get("hedge_in_zone") == 1 and gw.metrics.retries.get("hedge") == 1
     home = next(e for e in gw.pool.endpoints if e.zone == "zone-a" and e.tier == "edge")
-    assert home.consecutive_failures == 1 and home.available()  # one failure, not an ejection
+    assert home.outlier.consecutive_failures == 1 and home.available()  # one failure, not an ejection
 
 
 async def test_a_hedge_that_loses_to_the_first_try_is_not_counted_against_its_zone():
@@ -234,7 +234,7 @@ async def test_a_hedge_that_loses_to_the_first_try_is_not_counted_against_its_zo
         assert r.headers["x-meridian-attempts"] == "2"
     backup = next(e for e in gw.pool.endpoints if e.zone == "zone-b" and e.tier == "edge")
     assert gw.metrics.retries.get("hedge") == 4
-    assert backup.available() and backup.consecutive_failures == 0
+    assert backup.available() and backup.outlier.consecutive_failures == 0
     assert gw.metrics.ejections.get("zone-b", "edge") == 0
 
 

@@ -61,7 +61,7 @@ async def test_a_stream_whose_core_is_reset_mid_stream_goes_on_from_the_zone_s_o
         assert stream.resumed == 1 and got[-1].finish_reason in ("stop", "length")
         assert [t for c in got for t in c.token_ids] == expected
         endpoint = pool.endpoints[0]
-        assert endpoint.available() and endpoint.consecutive_failures == 0
+        assert endpoint.available() and endpoint.outlier.consecutive_failures == 0
         assert upstream.replica_moves == 1
         assert failover.metrics.upstream_errors.get("zone-x", "core") == 0
     finally:

@@ -13,6 +13,7 @@ class FakeUpstream:
 
     serving_replicas = 1
     replica_moves = 0
+    replica_ejections = 0
 
     def __init__(self, zone: str, tier: str, *, fail: bool = False, fail_after: int | None = None) -> None:
         self.zone, self.tier = zone, tier
