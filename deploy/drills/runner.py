@@ -51,10 +51,11 @@ class Timing:
     after_s: float = 4.0
 
 
-def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int = 1) -> Settings:
+def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int = 1,
+                   core_replicas: int = 1) -> Settings:
     """A private copy of the local topology: its own loopback addresses and free ports, and each
-    zone's edge on `edge_replicas` workers at least (its `hosts`; each one's fault proxy on the next
-    address)."""
+    zone's edge on `edge_replicas` workers at least and its core on `core_replicas` servers (their
+    `hosts`; each one's fault proxy on the next address)."""
     from deploy.settings import DEFAULT_TOPOLOGY
 
     source = topology_path or DEFAULT_TOPOLOGY
@@ -72,10 +73,12 @@ def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int
     raw.setdefault("redis", {})["port"] = free_port()
     for i, (zone, parsed) in enumerate(zip(raw["zones"], topology.zones)):
         zone["address"] = f"127.0.{51 + 2 * i}.1"
-        workers = max(edge_replicas, len(parsed.edge.hosts)) if parsed.edge is not None else 1
-        if workers > 1:
-            zone["edge"].pop("host", None)
-            zone["edge"]["hosts"] = [f"127.0.{51 + 2 * i}.{1 + 2 * j}" for j in range(workers)]
+        for part, wanted in (("edge", edge_replicas), ("core", core_replicas)):
+            endpoint = getattr(parsed, part)
+            servers = max(wanted, len(endpoint.hosts)) if endpoint is not None else 1
+            if servers > 1:
+                zone[part].pop("host", None)
+                zone[part]["hosts"] = [f"127.0.{51 + 2 * i}.{1 + 2 * j}" for j in range(servers)]
     var_dir.mkdir(parents=True, exist_ok=True)
     path = var_dir / "topology.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -85,7 +88,8 @@ def drill_settings(var_dir: Path, topology_path: Path | None, edge_replicas: int
 async def run_drills(names: list[str], out_dir: Path, timing: Timing, rates: Rates,
                      topology_path: Path | None = None) -> list[rpt.DrillReport]:
     """Start the stack, run each scenario in turn, stop the stack."""
-    settings = drill_settings(out_dir / "stack", topology_path, max(SCENARIOS[n].edge_replicas for n in names))
+    settings = drill_settings(out_dir / "stack", topology_path, max(SCENARIOS[n].edge_replicas for n in names),
+                              max(SCENARIOS[n].core_replicas for n in names))
     topology = resolve_topology(settings)
     stack = LocalStack(settings, topology, fault_proxies=True)
     core_model = next((m.name for m in topology.models if m.tier == "core"), None)

@@ -36,8 +36,10 @@ class Scenario:
     during_s: float | None = None  # overrides the drill's default fault duration
     hits_zone: bool = True  # the fault strikes the zone carrying the load (not Redis)
     leaves_zone: bool = False  # traffic must move off the zone during the fault
-    # The zones' edges run this many workers each (their `hosts`) in the drill's stack.
+    # The zones' edges run this many workers each, and their cores this many servers (their
+    # `hosts`), in the drill's stack.
     edge_replicas: int = 1
+    core_replicas: int = 1
 
     async def setup(self, ctx: Context) -> None:
         if self.needs_zone_down_first:
@@ -81,12 +83,39 @@ async def kill_zone(ctx: Context) -> None:
     await asyncio.gather(*(asyncio.to_thread(child.kill) for child in _zone_processes(ctx)))
 
 
-async def kill_replica(ctx: Context) -> None:
-    """SIGKILL one of the zone's edge workers (a lost pod: no drain); the others serve on."""
-    workers = ctx.stack.replicas(ctx.zone, "edge")
-    if len(workers) < 2:
-        raise RuntimeError(f"kill-replica needs a zone of two edge workers or more; {ctx.zone} has {len(workers)}")
-    await asyncio.to_thread(workers[0].kill)
+def _kill_replica(part: str):
+    async def kill(ctx: Context) -> None:
+        """SIGKILL one of the zone's edge workers or core servers (a lost pod or node: no drain);
+        the others serve on. Of the cores, the one generating now: its streams must resume."""
+        servers = ctx.stack.replicas(ctx.zone, part)
+        if len(servers) < 2:
+            raise RuntimeError(f"killing a {part} replica needs a zone of two or more; {ctx.zone} has {len(servers)}")
+        victim = servers[await asyncio.to_thread(_busiest_core, ctx) if part == "core" else 0]
+        await asyncio.to_thread(victim.kill)
+
+    return kill
+
+
+def _busiest_core(ctx: Context, wait_s: float = 0.3) -> int:
+    """Which of the zone's core servers is generating the stream the drill strikes, by the
+    `meridian_core_*` gauges on their metrics ports. The gauges are refreshed every 50 ms, so they
+    are asked again until exactly one server is busy (a short completion started with the stream
+    ends first), for up to `wait_s`; then the first busy one, or the first."""
+    zone = next(z for z in ctx.stack.topology.zones if z.name == ctx.zone)
+    assert zone.core is not None
+    urls = [f"http://{host}:{zone.core.metrics_port}/metrics" for host in zone.replica_hosts("core")]
+    deadline = time.monotonic() + wait_s
+    while True:
+        busy = [i for i, url in enumerate(urls) if _engine_requests(http_get(url, 0.5)[1]) > 0]
+        if len(busy) == 1 or time.monotonic() >= deadline:
+            return busy[0] if busy else 0
+        time.sleep(0.01)
+
+
+def _engine_requests(metrics: str) -> float:
+    """Requests a core's engine is prefilling or decoding, from its metrics page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(("meridian_core_running{", "meridian_core_prefilling{")))
 
 
 async def restart_zone(ctx: Context) -> None:
@@ -134,7 +163,8 @@ _ACTIONS = {
     "restart-core": (restart_core, nothing),
     "kill-redis": (kill_redis, start_redis),
     "zone-returns": (restart_zone, nothing),
-    "kill-replica": (kill_replica, nothing),
+    "kill-replica": (_kill_replica("edge"), nothing),
+    "kill-core-replica": (_kill_replica("core"), nothing),
 }
 
 SCENARIOS = {
@@ -148,6 +178,8 @@ SCENARIOS = {
     "zone-returns": Scenario("zone-returns", bound_s=5.0, measure="return", needs_zone_down_first=True, during_s=40.0),
     # One of two edge workers of the zone lost: its requests go on in the zone, none fails.
     "kill-replica": Scenario("kill-replica", bound_s=1.0, measure="stays", edge_replicas=2),
+    # One of two Triton cores of the zone lost (a GPU node): its streams resume on the other, in the zone.
+    "kill-core-replica": Scenario("kill-core-replica", bound_s=1.0, measure="stays", core_replicas=2),
 }
 
 

@@ -177,3 +177,12 @@ def test_the_drill_stack_gives_each_zone_s_edge_the_workers_a_scenario_needs(tmp
         assert zone.replica_hosts("core") == [zone.address]
     single = load_topology(runner.drill_settings(tmp_path / "one", None).topology)
     assert all(not z.edge.hosts for z in single.zones)
+
+
+def test_the_drill_stack_gives_each_zone_s_core_the_servers_a_scenario_needs(tmp_path):
+    settings = runner.drill_settings(tmp_path, None, core_replicas=2)
+    topology = load_topology(settings.topology)
+    for i, zone in enumerate(topology.zones):
+        assert zone.core.hosts == [f"127.0.{51 + 2 * i}.1", f"127.0.{51 + 2 * i}.3"]
+        assert zone.replica_hosts("edge") == [zone.address]
+    assert SCENARIOS["kill-core-replica"].core_replicas == 2

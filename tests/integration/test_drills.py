@@ -56,22 +56,27 @@ def test_kill_zone_resumed_a_stream(drills):
 
 
 @pytest.fixture(scope="module")
-def replica_drill(tmp_path_factory) -> tuple[int, str, Path]:
-    # Its own stack: each zone's edge on two workers, which the drills above do not need.
-    out = tmp_path_factory.mktemp("replica-drill")
-    result = meridian("drill", "kill-replica", "--out", str(out), "--before", "3", "--during", "4", "--after", "3",
-                      "--embed-rate", "20", timeout=600)
+def replica_drills(tmp_path_factory) -> tuple[int, str, Path]:
+    # Their own stack: each zone's edge on two workers and its core on two Tritons, which the
+    # drills above do not need.
+    out = tmp_path_factory.mktemp("replica-drills")
+    result = meridian("drill", "kill-replica", "kill-core-replica", "--out", str(out), "--before", "3", "--during", "4",
+                      "--after", "3", "--embed-rate", "20", "--stream-rate", "2", timeout=900)
     sys.stdout.write(result.stdout[-6000:] + result.stderr[-3000:])
     return result.returncode, result.stdout + result.stderr[-3000:], out
 
 
-def test_losing_one_of_a_zone_s_edge_workers_fails_nothing_and_keeps_the_traffic_in_the_zone(replica_drill):
-    code, output, out = replica_drill
+@pytest.mark.parametrize("scenario, part", [("kill-replica", "edge"), ("kill-core-replica", "core")])
+def test_losing_one_of_a_zone_s_replicas_fails_nothing_and_keeps_the_traffic_in_the_zone(replica_drills, scenario, part):
+    code, output, out = replica_drills
     assert code == 0, output[-4000:]
-    report = json.loads((out / "kill-replica.json").read_text())
+    report = json.loads((out / f"{scenario}.json").read_text())
     assert report["passed"] and report["client_failures"] == 0, report["problems"] + report["failures"]
     assert report["zone_share_before"] >= 0.9 and report["zone_share_during"] >= 0.9
-    assert "replica_moves" in report
-    # The zone struck ran two edge workers, one of which the drill killed and brought back.
+    assert report["streams_token_identical"] is True
+    # The zone struck ran two of the part, one of which the drill killed and brought back.
     logs = out / "stack" / "logs"
-    assert (logs / f"{report['zone']}-edge.log").exists() and (logs / f"{report['zone']}-edge-2.log").exists()
+    assert (logs / f"{report['zone']}-{part}.log").exists() and (logs / f"{report['zone']}-{part}-2.log").exists()
+    if part == "core":
+        # Struck while generating (the drill picks the busy Triton): what it was serving moved on in the zone.
+        assert report["replica_moves"] >= 1, report
