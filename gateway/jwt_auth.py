@@ -48,6 +48,7 @@ class _KeySet:
         self._mtime = 0.0
         self._fetched = 0.0
         self._lock = asyncio.Lock()
+        self._complaint: dict | None = None  # the last failure to load the keys, logged once
 
     async def find(self, kid: str | None, alg: str) -> PyJWK:
         """The key for `kid` usable with `alg`; refreshes the set once when it is unknown."""
@@ -69,34 +70,62 @@ class _KeySet:
 
     async def _refresh(self, *, force: bool) -> None:
         if self._issuer.jwks_file:
-            try:
-                mtime = os.stat(self._issuer.jwks_file).st_mtime
-            except OSError:
-                return
-            if force or mtime != self._mtime:
-                self._mtime = mtime
-                with open(self._issuer.jwks_file) as f:
-                    self._load(json.load(f))
-                self._fetched = time.monotonic()
+            self._reread(force=force)
         elif self._issuer.jwks_url:
-            stale = time.monotonic() - self._fetched > self._issuer.jwks_refresh_s
-            if force or stale or not self._keys:
+            seen = self._fetched
+            if force or not seen or time.monotonic() - seen > self._issuer.jwks_refresh_s:
                 async with self._lock:
-                    await self._fetch()
+                    if self._fetched == seen:  # one fetch for everyone who waited on it
+                        await self._fetch()
+
+    def _reread(self, *, force: bool) -> None:
+        """Load the file when it changed. One that cannot be read or parsed (caught mid-write by
+        a key rotation) keeps the keys in use: a rotation must not lock every caller out."""
+        path = self._issuer.jwks_file
+        try:
+            mtime = os.stat(path).st_mtime
+            if not force and mtime == self._mtime:
+                return
+            self._mtime = mtime  # a broken file is not parsed again until it changes
+            self._fetched = time.monotonic()
+            with open(path) as f:
+                self._load(json.load(f))
+        except (OSError, ValueError) as exc:
+            self._complain("jwks file unreadable; keeping the previous keys", {"path": path, "error": str(exc)})
+        else:
+            self._complaint = None
 
     async def _fetch(self) -> None:
-        self._fetched = time.monotonic()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
                 async with session.get(self._issuer.jwks_url) as r:
                     r.raise_for_status()
-                    self._load(await r.json(content_type=None))
+                    jwks = await r.json(content_type=None)
+            self._load(jwks)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("jwks fetch failed; keeping the previous keys", extra={"url": self._issuer.jwks_url, "error": str(exc)})
+            self._complain("jwks fetch failed; keeping the previous keys", {"url": self._issuer.jwks_url, "error": str(exc)})
+        else:
+            self._complaint = None
+        finally:
+            # Once done: whoever waited on this fetch sees the time move and does not fetch again.
+            self._fetched = time.monotonic()
 
-    def _load(self, jwks: dict) -> None:
+    def _complain(self, msg: str, extra: dict) -> None:
+        """Log a failure to load the keys once, not on every request that meets it."""
+        if extra != self._complaint:
+            log.warning(msg, extra=extra)
+        self._complaint = extra
+
+    def _load(self, jwks: object) -> None:
+        """Take the usable keys of a JWK set (RFC 7517), skipping the ones of unknown types;
+        ValueError when it is no JWK set at all."""
+        raw_keys = jwks.get("keys") if isinstance(jwks, dict) else None
+        if not isinstance(raw_keys, list):
+            raise ValueError('not a JWK set (an object with a "keys" list)')
         keys: dict[str | None, list[PyJWK]] = {}
-        for raw in jwks.get("keys", []):
+        for raw in raw_keys:
+            if not isinstance(raw, dict) or not isinstance(raw.get("kid"), (str, type(None))):
+                continue
             try:
                 key = PyJWK(raw)
             except (jwt.PyJWKError, jwt.InvalidKeyError):

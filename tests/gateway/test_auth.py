@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 import time
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from gateway import jwt_auth
 from gateway.auth import Authenticator, authorize, hash_key
 from gateway.config import parse_topology
 from gateway.errors import GatewayError
@@ -159,8 +163,6 @@ async def test_rotated_jwks_file_is_picked_up(auth, keys, jwks_file, tmp_path):
     data = json.loads(jwks_file.read_text())
     data["keys"].append(_jwk(new_key.public_key(), "ec-2", ECAlgorithm))
     jwks_file.write_text(json.dumps(data))
-    import os
-
     os.utime(jwks_file, (time.time() + 5, time.time() + 5))
     assert await status_of(auth, token) == 200
 
@@ -182,3 +184,91 @@ async def test_scopes_from_the_token(auth, keys):
         with pytest.raises(GatewayError) as err:
             authorize(principal, route, model)
         assert err.value.status == 403, (route, model)
+
+
+async def test_a_jwks_file_caught_mid_write_or_not_a_key_set_keeps_the_keys_in_use(auth, keys, jwks_file, caplog):
+    token = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "rsa-1"})
+    assert await status_of(auth, token) == 200
+    good = jwks_file.read_text()
+    for i, broken in enumerate(['{"keys": [{"kty": "RS', "[1, 2]", '{"keys": {"kty": "RSA"}}']):
+        jwks_file.write_text(broken)
+        os.utime(jwks_file, (time.time() + 5 + i, time.time() + 5 + i))
+        assert await status_of(auth, token) == 200, broken
+    assert "jwks file unreadable" in caplog.text
+    # A key set with one malformed entry (a kid that is no string) loses that entry only.
+    data = json.loads(good)
+    data["keys"].insert(0, dict(data["keys"][1], kid=["ec-1"]))
+    jwks_file.write_text(json.dumps(data))
+    os.utime(jwks_file, (time.time() + 10, time.time() + 10))
+    assert await status_of(auth, token) == 200
+    ec_token = jwt.encode(claims(), keys["ec"], algorithm="ES256", headers={"kid": "ec-1"})
+    assert await status_of(auth, ec_token) == 200
+
+
+class JwksServer:
+    """A real HTTP server for a JWK set, counting its fetches; `status` makes it fail."""
+
+    def __init__(self, jwks: dict) -> None:
+        self.jwks, self.status, self.fetches = jwks, 200, 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        await asyncio.sleep(0.05)  # long enough for every concurrent caller to be waiting on it
+        if self.status != 200:
+            return web.Response(status=self.status, text="down")
+        return web.json_response(self.jwks)
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_get("/jwks.json", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}/jwks.json"
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+
+def url_auth(url: str) -> Authenticator:
+    topo = parse_topology({"auth": {"jwt": [{"issuer": ISS, "audience": AUD, "jwks_url": url}]}})
+    return Authenticator(topo.auth)
+
+
+async def test_a_jwks_url_is_fetched_once_for_every_caller_waiting_on_it(keys, jwks_file, monkeypatch):
+    monkeypatch.setattr(jwt_auth, "_MIN_REFETCH_S", 0.0)  # an unknown kid may refetch at once
+    server = JwksServer(json.loads(jwks_file.read_text()))
+    async with server as url:
+        auth = url_auth(url)
+        token = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "rsa-1"})
+        assert await asyncio.gather(*(status_of(auth, token) for _ in range(20))) == [200] * 20
+        assert server.fetches == 1
+        # A key rotated in at the issuer: twenty callers with its kid refetch the set once together.
+        new_key = ec.generate_private_key(ec.SECP256R1())
+        server.jwks = {"keys": [*server.jwks["keys"], _jwk(new_key.public_key(), "ec-2", ECAlgorithm)]}
+        rotated = jwt.encode(claims(), new_key, algorithm="ES256", headers={"kid": "ec-2"})
+        assert await asyncio.gather(*(status_of(auth, rotated) for _ in range(20))) == [200] * 20
+        assert server.fetches == 2
+
+
+async def test_a_failing_jwks_url_is_not_hammered_and_its_keys_are_kept(keys, jwks_file, caplog):
+    server = JwksServer(json.loads(jwks_file.read_text()))
+    async with server as url:
+        auth = url_auth(url)
+        token = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "rsa-1"})
+        assert await status_of(auth, token) == 200
+        server.status = 500
+        unknown = jwt.encode(claims(), keys["other_rsa"], algorithm="RS256", headers={"kid": "rsa-9"})
+        for _ in range(10):
+            assert await status_of(auth, unknown) == 401
+            assert await status_of(auth, token) == 200  # the keys fetched before still verify
+        assert server.fetches == 1  # an unknown kid refetches at most every 10 s
+    # An issuer whose JWKS never answered: its tokens are refused (401), one fetch, logged once.
+    down = JwksServer({"keys": []})
+    down.status = 503
+    async with down as url:
+        auth = url_auth(url)
+        assert [await status_of(auth, token) for _ in range(5)] == [401] * 5
+        assert down.fetches == 1
+    assert caplog.text.count("jwks fetch failed") == 1
