@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import yaml
@@ -106,6 +106,10 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rtt_decay_s: float = 1.0
     # Locality spill-over: a zone with this many requests in flight per serving replica is saturated.
     zone_capacity: int = 32
+    # Circuit breaker (Envoy's max_requests): a zone takes at most this many requests at once per
+    # serving replica. With every zone of a tier that full, a request is refused at once (503 with
+    # Retry-After) rather than queued without bound behind the others. 0: no limit.
+    max_requests_per_replica: Annotated[int, msgspec.Meta(ge=0)] = 256
     # Outlier detection: consecutive failures eject an endpoint for a growing interval.
     consecutive_failures: int = 2
     base_ejection_s: float = 1.0

@@ -23,6 +23,7 @@ class Kind(enum.Enum):
     INTERNAL = (500, "server_error")
     UPSTREAM = (502, "upstream_error")
     NO_HEALTHY_ZONE = (503, "service_unavailable")
+    OVERLOADED = (503, "server_error")
     UPSTREAM_TIMEOUT = (504, "timeout_error")
 
     @property

@@ -80,7 +80,7 @@ class Failover:
         """(endpoint, the first successful answer, tries made). An idempotent call (`hedge`) still
         unanswered after `hedge_after_s` is sent again: first to another replica of its zone, while
         the zone has one serving, then to the next zone."""
-        queue = _usable(endpoints)
+        queue = self._admit(endpoints)
         self.budget.on_request()
         running: dict[asyncio.Task, Endpoint] = {}
         launched: dict[asyncio.Task, int] = {}  # each try's place in launch order
@@ -172,8 +172,21 @@ class Failover:
 
     def stream(self, endpoints: list[Endpoint], call: GenerateCall) -> ResumableStream:
         """A generation stream that survives the loss of a zone."""
+        queue = self._admit(endpoints)
         self.budget.on_request()
-        return ResumableStream(self, _usable(endpoints), call)
+        return ResumableStream(self, queue, call)
+
+    def _admit(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """The usable endpoints with room for one more request (the circuit breaker); with every
+        one of them full, a 503 at once: queueing behind them would only grow every caller's wait."""
+        usable = _usable(endpoints)
+        room = [e for e in usable if not e.full()]
+        if not room:
+            tier = usable[0].tier
+            self.metrics.overflow.inc(tier)
+            raise GatewayError(Kind.OVERLOADED, f"every zone serving this {tier} model is at its limit of requests "
+                               "in flight; retry shortly", code="overloaded", headers={"retry-after": "1"})
+        return room
 
 
 class ResumableStream:

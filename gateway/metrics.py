@@ -114,6 +114,9 @@ class Metrics:
         )
         self.resumed = Counter("meridian_streams_resumed_total", "Streams resumed in another zone.", ("tier",))
         self.ejections = Counter("meridian_ejections_total", "Endpoints ejected by outlier detection.", ("zone", "tier"))
+        self.overflow = Counter(
+            "meridian_overflow_total", "Requests refused because every zone of the tier was at its limit (503).", ("tier",)
+        )
         self.rate_limited = Counter("meridian_rate_limited_total", "Requests refused by a tenant limit.", ("tenant", "limit"))
         self.limiter_fallback = Gauge("meridian_ratelimit_local_fallback", "1 while Redis is unreachable and limits are local.")
         self.upstream_healthy = Gauge("meridian_upstream_healthy", "1 when the endpoint passed its last check.", ("zone", "tier"))

@@ -14,7 +14,7 @@ _ERRORS = {
     "404": "Unknown model or route",
     "413": "Body too large",
     "429": "Rate limited (see Retry-After)",
-    "503": "No healthy zone",
+    "503": "No healthy zone, or every zone at its limit of requests in flight (see Retry-After)",
     "504": "Upstream timeout",
 }
 

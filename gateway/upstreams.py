@@ -123,7 +123,13 @@ class Endpoint:
         return min(cfg.probe_timeout_s, max(cfg.probe_timeout_min_s, 4 * self.rtt.value))
 
     def saturated(self) -> bool:
+        """Past its share of the traffic: later zones take the spill-over first."""
         return self.in_flight >= self._config.zone_capacity * max(1, self.upstream.serving_replicas)
+
+    def full(self) -> bool:
+        """At the circuit breaker's limit of requests in flight: it takes no more until some end."""
+        limit = self._config.max_requests_per_replica
+        return bool(limit) and self.in_flight >= limit * max(1, self.upstream.serving_replicas)
 
     def record_success(self) -> None:
         """A call answered: the failure streak ends."""

@@ -154,6 +154,47 @@ async def test_saturated_nearest_zone_spills_over():
     assert gw.router.rank("edge", west)[0].zone == "zone-b"
 
 
+async def test_with_every_zone_at_its_request_limit_a_request_is_refused_at_once_with_retry_after():
+    gw, ups = await gateway_with({"max_requests_per_replica": 2})
+    edges = gw.pool.for_tier("edge")
+    for e in edges:
+        e.in_flight = 2
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x"}))
+    assert r.status == 503 and r.headers["retry-after"] == "1"
+    assert error_of(r)["code"] == "overloaded" and error_of(r)["type"] == "server_error"
+    assert ups[0].embed_calls == ups[2].embed_calls == 0  # nothing queued behind the full zones
+    stream = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "stream": True}))
+    assert stream.status == 200  # the core's zones have room: only the full tier refuses
+    await stream.stream.aclose()
+    assert gw.metrics.overflow.get("edge") == 1
+    # A zone with room takes the request, though another zone is nearer; the limit is per replica.
+    edges[1].in_flight = 1
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "y"}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-b"
+    ups[0].serving_replicas = 2
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "z"}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-a"
+
+
+async def test_a_stream_finds_every_zone_full_before_anything_is_sent():
+    gw, ups = await gateway_with({"max_requests_per_replica": 1})
+    for e in gw.pool.for_tier("core"):
+        e.in_flight = 1
+    r = await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "stream": True}))
+    assert r.status == 503 and error_of(r)["code"] == "overloaded"
+    assert not ups[1].calls and not ups[3].calls
+    unlimited, _ = await gateway_with({"max_requests_per_replica": 0})
+    for e in unlimited.pool.for_tier("core"):
+        e.in_flight = 10_000
+    r = await unlimited.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x", "max_tokens": 2}))
+    assert r.status == 200
+
+
+def test_a_negative_request_limit_is_a_config_error():
+    with pytest.raises(ConfigError, match="max_requests_per_replica"):
+        parse_topology({**TOPOLOGY, "routing": {"max_requests_per_replica": -1}})
+
+
 def test_ejection_interval_doubles_and_hard_failures_eject_at_once():
     cfg = RoutingConfig(consecutive_failures=2, base_ejection_s=1.0, max_ejection_s=3.0)
     e = Endpoint(FakeUpstream("z", "edge"), cfg)
