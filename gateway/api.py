@@ -182,6 +182,8 @@ def decode(body: bytes, schema: type[msgspec.Struct]):
         raise bad_request(f"malformed JSON: {exc}", code="invalid_json") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 inside a string
         raise bad_request(f"malformed JSON: a string is not valid UTF-8 ({exc.reason})", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep, in a field the schema skips
+        raise bad_request("malformed JSON: nested too deeply", code="invalid_json") from None
 
 
 def _invalid_param(message: str) -> str | None:

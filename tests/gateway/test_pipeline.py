@@ -141,6 +141,23 @@ async def test_embedding_bad_input(zones, body, status, fragment):
     assert zones[0].embed_calls == zones[2].embed_calls == 0  # refused before any edge is asked
 
 
+@pytest.mark.parametrize("path, head", [
+    ("/v1/embeddings", b'{"model": "embed", "input": "x", "user_data": '),
+    ("/v1/chat/completions", b'{"model": "llm", "messages": [{"role": "user", "content": "x"}], '
+                             b'"response_format": {"type": "json_schema", "json_schema": '),
+])
+async def test_json_nested_past_the_decoder_s_depth_is_a_400_not_a_500(zones, path, head):
+    # Where the schema skips a field (unknown, or free-form), msgspec recurses into it and raises
+    # RecursionError; 200 kB of brackets fit a real body limit.
+    pool = UpstreamPool(zones)
+    await pool.check_once()
+    gw = Gateway(parse_topology({**TOPOLOGY, "gateway": {"region": "west", "max_body_bytes": 1 << 20}}), pool)
+    body = head + b"[" * 100_000 + b"]" * 100_000 + b"}" * (head.count(b"{") - head.count(b"}"))
+    r = await gw.handle(req("POST", path, body))
+    assert r.status == 400, r.body
+    assert error_of(r)["message"] == "malformed JSON: nested too deeply" and error_of(r)["code"] == "invalid_json"
+
+
 async def test_body_over_limit_is_413(zones):
     gw = await make_gateway(zones)
     r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "x" * 4096}))
