@@ -169,20 +169,12 @@ def test_traffic_that_leaves_the_zone_when_a_replica_is_lost_fails():
     assert r.problems == ["traffic left zone-a during the fault (it served 0% of the answers then)"]
 
 
-def test_the_drill_stack_gives_each_zone_s_edge_the_workers_a_scenario_needs(tmp_path):
-    settings = runner.drill_settings(tmp_path, None, edge_replicas=2)
-    topology = load_topology(settings.topology)
-    for i, zone in enumerate(topology.zones):
-        assert zone.edge.hosts == [f"127.0.{51 + 2 * i}.1", f"127.0.{51 + 2 * i}.3"]
-        assert zone.replica_hosts("core") == [zone.address]
+@pytest.mark.parametrize("part, other", [("edge", "core"), ("core", "edge")])
+def test_the_drill_stack_gives_each_zone_the_replicas_a_scenario_needs(tmp_path, part, other):
+    settings = runner.drill_settings(tmp_path, None, **{f"{part}_replicas": 2})
+    for i, zone in enumerate(load_topology(settings.topology).zones):
+        assert getattr(zone, part).hosts == [f"127.0.{51 + 2 * i}.1", f"127.0.{51 + 2 * i}.3"]
+        assert zone.replica_hosts(other) == [zone.address]
     single = load_topology(runner.drill_settings(tmp_path / "one", None).topology)
-    assert all(not z.edge.hosts for z in single.zones)
-
-
-def test_the_drill_stack_gives_each_zone_s_core_the_servers_a_scenario_needs(tmp_path):
-    settings = runner.drill_settings(tmp_path, None, core_replicas=2)
-    topology = load_topology(settings.topology)
-    for i, zone in enumerate(topology.zones):
-        assert zone.core.hosts == [f"127.0.{51 + 2 * i}.1", f"127.0.{51 + 2 * i}.3"]
-        assert zone.replica_hosts("edge") == [zone.address]
-    assert SCENARIOS["kill-core-replica"].core_replicas == 2
+    assert all(not getattr(z, part).hosts for z in single.zones)
+    assert SCENARIOS["kill-replica"].edge_replicas == SCENARIOS["kill-core-replica"].core_replicas == 2

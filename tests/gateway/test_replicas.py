@@ -203,10 +203,16 @@ def slow_try(rs: ReplicaSet[Conn], replica) -> None:
     placement.slow()
 
 
-async def test_a_replica_whose_tries_stall_in_a_row_is_ejected_while_others_serve():
+async def two_replicas() -> ReplicaSet[Conn]:
+    """A zone of two replicas, ejected after 2 slow tries in a row for 10 s, doubling up to 60 s."""
     rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]],
                      ejection=EjectionPolicy(consecutive_failures=2, base_ejection_s=10.0, max_ejection_s=60.0))
     await rs.ready()
+    return rs
+
+
+async def test_a_replica_whose_tries_stall_in_a_row_is_ejected_while_others_serve():
+    rs = await two_replicas()
     wedged, fine = rs.replicas
     slow_try(rs, wedged)
     assert rs.ejections == 0 and rs.serving == 2  # one stall is not yet a pattern
@@ -222,9 +228,7 @@ async def test_a_replica_whose_tries_stall_in_a_row_is_ejected_while_others_serv
 
 
 async def test_an_answer_ends_the_streak_and_the_ejection_ends_by_time_and_doubles():
-    rs = replica_set([[("10.0.0.1", 1), ("10.0.0.2", 1)]],
-                     ejection=EjectionPolicy(consecutive_failures=2, base_ejection_s=10.0, max_ejection_s=60.0))
-    await rs.ready()
+    rs = await two_replicas()
     flaky, other = rs.replicas
     slow_try(rs, flaky)
     other.outstanding = 9  # so that the call below lands on the flaky one
