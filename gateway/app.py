@@ -512,6 +512,14 @@ def header_limit(max_headers: int, max_bytes: int) -> GatewayError:
     )
 
 
+def too_many_connections(limit: int) -> GatewayError:
+    """503 for a connection past the listener's limit of open connections."""
+    return GatewayError(
+        Kind.OVERLOADED, f"this gateway holds its limit of {limit} connections; retry shortly", code="overloaded",
+        headers={"retry-after": "1"},
+    )
+
+
 def too_many_streams(limit: int) -> GatewayError:
     """429 for a connection over its concurrent stream limit."""
     return GatewayError(

@@ -39,6 +39,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_headers: int = 100
     # Concurrent requests one QUIC connection may have open.
     max_streams_per_connection: int = 100
+    # Open connections each listener (HTTP/3, HTTP/1.1) holds; one more is refused at once (QUIC
+    # CONNECTION_REFUSED; on HTTP/1.1 a 503 and close), so that a flood of idle connections cannot
+    # take the memory the served ones need. 0: no limit.
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     idle_timeout_s: float = 60.0
     # A client must deliver its whole request body within this time (slow clients are cut off).
     body_timeout_s: float = 15.0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Mapping
+from http import HTTPStatus
 
 from aiohttp import web
 
-from gateway.app import Gateway, body_timeout, header_limit, too_large
+from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_connections
 from gateway.errors import GatewayError, Kind
 from gateway.http import Request, Response
 
@@ -33,6 +34,7 @@ class Http1Listener:
         self._max_headers = cfg.max_headers
         self._max_header_bytes = cfg.max_header_bytes
         self._alt_svc = f'h3=":{h3_port}"; ma=86400' if h3_port else None
+        self._max_connections = cfg.max_connections
         # Connections with a request in our handler, which a drain waits for; the rest are idle.
         self._busy: set[web.RequestHandler] = set()
         self._idle = asyncio.Event()
@@ -56,7 +58,13 @@ class Http1Listener:
     async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
         """Bind and start accepting connections (over TLS when `tls` is given)."""
         loop = asyncio.get_running_loop()
-        self._tcp = await loop.create_server(self._server, host, port, reuse_address=True, backlog=1024, ssl=tls)
+        self._tcp = await loop.create_server(self._protocol, host, port, reuse_address=True, backlog=1024, ssl=tls)
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        """aiohttp's handler for a new connection, or, past the connection limit, a 503 and close."""
+        if self._max_connections and len(self._server.connections) >= self._max_connections:
+            return _Refusal(Response.refusal(too_many_connections(self._max_connections), {}))
+        return self._server()
 
     @property
     def port(self) -> int:
@@ -170,6 +178,26 @@ class Http1Listener:
 def _http11(raw: web.BaseRequest) -> bool:
     # An HTTP/1.0 request's Expect is ignored (RFC 9110 §10.1.1).
     return raw.version >= (1, 1)
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection past the limit: the answer at once, whatever the request, then close. What the
+    client sends meanwhile is read and dropped for LINGER_S, so the close does not reset the
+    connection before the client has read the answer."""
+
+    def __init__(self, answer: Response) -> None:
+        head = [f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}"]
+        head += [f"{k}: {v}" for k, v in answer.headers.items()]
+        head += [f"content-length: {len(answer.body)}", "connection: close", "", ""]
+        self._bytes = "\r\n".join(head).encode() + answer.body
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._bytes)
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
 
 
 def _wants_continue(raw: web.BaseRequest) -> bool:

@@ -8,7 +8,6 @@ once per event-loop iteration (aioquic's `_transmit_soon`), never once per respo
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, H
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived, StreamReset
+from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import SessionTicket
 
 from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_streams
@@ -93,12 +93,17 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._next_stream_id = 0  # the lowest client stream id not seen yet
         self._goaway_id: int | None = None  # set once draining: streams from this id are refused
         self.drain_when_ready = False  # a connection that arrives while the listener drains
+        self.refuse = False  # one past the listener's connection limit: closed on its first datagram
+        self.on_terminated: Callable[[H3GatewayProtocol], None] = lambda protocol: None
 
     def datagram_received(self, data: bytes, addr) -> None:
         # Flush at the end of the loop iteration, not per datagram: the ACK for a request then
         # leaves in the same packet as answers produced meanwhile, and a burst of datagrams costs
         # one pass of packet building instead of one per datagram.
         self._quic.receive_datagram(data, addr, now=self._loop.time())
+        if self.refuse:
+            self.refuse = False
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="connection limit")
         self._process_events()
         self._transmit_soon()
 
@@ -132,6 +137,7 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             for stream_id in list(self._tasks):
                 self._cancel(stream_id)
+            self.on_terminated(self)
         if self._http is not None:
             for h3_event in self._http.handle_event(event):
                 self._h3_event_received(h3_event)
@@ -272,7 +278,8 @@ class Http3Listener:
         self._config.load_cert_chain(cert, key)
         self._tickets = SessionTicketStore()
         self._server: QuicServer | None = None
-        self._connections: weakref.WeakSet[H3GatewayProtocol] = weakref.WeakSet()
+        self._open: set[H3GatewayProtocol] = set()  # until their ConnectionTerminated
+        self._max_connections = gateway.topology.gateway.max_connections
         self._draining = False
 
     async def start(self, host: str, port: int) -> None:
@@ -288,9 +295,18 @@ class Http3Listener:
 
     def _connection(self, *args, **kwargs) -> H3GatewayProtocol:
         protocol = H3GatewayProtocol(*args, gateway=self._gateway, **kwargs)
+        if self._max_connections and len(self._open) >= self._max_connections:
+            protocol.refuse = True  # the client sees CONNECTION_REFUSED and may try another gateway
+            return protocol
         protocol.drain_when_ready = self._draining
-        self._connections.add(protocol)
+        protocol.on_terminated = self._open.discard
+        self._open.add(protocol)
         return protocol
+
+    @property
+    def open_connections(self) -> int:
+        """Connections held now (those refused at the limit not counted)."""
+        return len(self._open)
 
     @property
     def port(self) -> int:
@@ -303,10 +319,10 @@ class Http3Listener:
         if self._server is None:
             return
         self._draining = True
-        for protocol in list(self._connections):
+        for protocol in list(self._open):
             protocol.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while loop.time() < deadline and not all(p.idle for p in list(self._connections)):
+        while loop.time() < deadline and not all(p.idle for p in list(self._open)):
             await asyncio.sleep(0.05)
         self._server.close()

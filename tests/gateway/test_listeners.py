@@ -197,3 +197,55 @@ async def test_h3_client_reset_cancels_its_generation(tmp_path, caplog):
         await h3.close()
     # Cancelled quietly: no handler died writing into the cancelled stream.
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.fixture
+async def one_connection_each(tmp_path):
+    """Both listeners, each holding at most one connection."""
+    raw = copy.deepcopy(TOPOLOGY)
+    raw["gateway"]["max_connections"] = 1
+    pool = UpstreamPool([FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")])
+    await pool.check_once()
+    gw = Gateway(parse_topology(raw), pool)
+    ensure_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
+    h3 = Http3Listener(gw, cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem"))
+    await h3.start("127.0.0.1", 0)
+    h1 = Http1Listener(gw, h3_port=h3.port)
+    await h1.start("127.0.0.1", 0)
+    yield h1, h3
+    await h1.close()
+    await h3.close()
+
+
+async def test_h3_past_the_connection_limit_a_connection_is_refused_and_the_next_one_served(one_connection_each):
+    _, h3 = one_connection_each
+    async with h3_client("127.0.0.1", h3.port, KEY) as held:
+        assert (await held.get("/v1/models")).status == 200
+        with pytest.raises(ConnectionError):
+            async with h3_client("127.0.0.1", h3.port, KEY) as refused:
+                await refused.get("/v1/models")
+        assert (await held.get("/v1/models")).status == 200  # the one held is untouched
+        assert h3.open_connections == 1
+    for _ in range(50):  # the close reaches the server a moment later
+        if h3.open_connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    async with h3_client("127.0.0.1", h3.port, KEY) as next_one:
+        assert (await next_one.get("/v1/models")).status == 200
+
+
+async def test_http1_past_the_connection_limit_a_connection_gets_a_503_and_the_next_one_is_served(one_connection_each):
+    h1, _ = one_connection_each
+    get = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", h1.port)
+    writer.write(get)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    refused = await http1(h1.port, get)  # while the first stays open (keep-alive)
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b"retry-after: 1" in head.lower() and b"x-request-id" in head.lower()
+    assert msgspec.json.decode(body)["error"]["code"] == "overloaded"
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.1)  # the server sees the close
+    assert (await http1(h1.port, get)).startswith(b"HTTP/1.1 200")
