@@ -25,6 +25,8 @@ class Listener(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class TLS(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cert: str = "var/tls/cert.pem"
     key: str = "var/tls/key.pem"
+    # The files are looked at this often and reloaded when they change (a rotated secret); 0: never.
+    reload_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -304,6 +304,11 @@ class Http3Listener:
         return protocol
 
     @property
+    def quic_configuration(self) -> QuicConfiguration:
+        """The settings new connections are made with (their certificate reloads in place)."""
+        return self._config
+
+    @property
     def open_connections(self) -> int:
         """Connections held now (those refused at the limit not counted)."""
         return len(self._open)
