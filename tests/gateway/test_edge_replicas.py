@@ -320,12 +320,12 @@ async def test_a_worker_whose_streams_stall_is_ejected_and_the_zone_s_next_strea
         for i, chunk in enumerate(real(prompt, params)):
             if i == 2:
                 stalled.append(i)
-                time.sleep(0.8)
+                time.sleep(1.0)
             yield chunk
 
     monkeypatch.setattr(lm, "stream", always_stalls)
     upstream = zone_edge(Name(a.port, b.port))
-    config = RoutingConfig(chunk_gap_timeout_s=0.4, base_ejection_s=30.0)
+    config = RoutingConfig(chunk_gap_timeout_s=0.5, base_ejection_s=30.0)
     pool = UpstreamPool([upstream], config)
     failover = Failover(config, Metrics())
     try:
@@ -387,7 +387,7 @@ async def test_a_worker_that_keeps_losing_in_zone_hedges_is_ejected_and_embeddin
         straight = [await embed(f"straight {i}") for i in range(4)]
         by_port[b.port].outstanding -= 5
         assert [tries for tries, _ in straight] == [1, 1, 1, 1]
-        assert max(waited for _, waited in straight) < 0.1  # no hedge delay
+        assert max(waited for _, waited in straight) < 0.6  # not the slow worker's second
         assert failover.metrics.retries.get("hedge_in_zone") == 2
         assert pool.endpoints[0].available() and pool.endpoints[0].outlier.consecutive_failures == 0
     finally:
