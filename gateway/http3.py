@@ -18,7 +18,7 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, H
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived, StreamReset
-from aioquic.quic.packet import QuicErrorCode
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.tls import SessionTicket
 
 from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_streams
@@ -103,7 +103,10 @@ class H3GatewayProtocol(QuicConnectionProtocol):
         self._quic.receive_datagram(data, addr, now=self._loop.time())
         if self.refuse:
             self.refuse = False
-            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="connection limit")
+            # A transport close (a frame type given: 0, unknown), which the handshake's packets may
+            # carry as it is; an application close there reaches the client as APPLICATION_ERROR.
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, frame_type=QuicFrameType.PADDING,
+                             reason_phrase="connection limit")
         self._process_events()
         self._transmit_soon()
 

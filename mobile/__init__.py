@@ -8,8 +8,8 @@ Imports only the standard library and aioquic; `edge.runtime` is imported lazily
 
 from mobile.client import Client, Stream, Timeouts
 from mobile.errors import (APIError, AuthenticationError, BadRequestError, ConfigError, ConnectError,
-                           EarlyDataRejected, HandshakeTimeout, MeridianError, OfflineUnavailable, ProtocolError,
-                           RateLimitError, RequestTimeout, ServerError, TransportError)
+                           ConnectionRefused, EarlyDataRejected, HandshakeTimeout, MeridianError, OfflineUnavailable,
+                           ProtocolError, RateLimitError, RequestTimeout, ServerError, TransportError)
 from mobile.offline import EdgeLocalModel, LocalModel
 from mobile.retry import RetryPolicy
 from mobile.sync import SyncClient, SyncStream
@@ -24,7 +24,8 @@ __all__ = [
     "LocalModel", "EdgeLocalModel",
     "ChatCompletion", "ChatCompletionChunk", "Completion", "Embedding", "EmbeddingList", "Model", "ModelList",
     "ResponseMeta", "Usage",
-    "MeridianError", "ConfigError", "TransportError", "ConnectError", "HandshakeTimeout", "EarlyDataRejected",
+    "MeridianError", "ConfigError", "TransportError", "ConnectError", "ConnectionRefused", "HandshakeTimeout",
+    "EarlyDataRejected",
     "RequestTimeout", "ProtocolError", "APIError", "BadRequestError", "AuthenticationError", "RateLimitError",
     "ServerError", "OfflineUnavailable",
 ]

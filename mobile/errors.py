@@ -31,6 +31,11 @@ class HandshakeTimeout(ConnectError):
     """The handshake did not finish within the handshake timeout."""
 
 
+class ConnectionRefused(ConnectError):
+    """The server answered the handshake by refusing the connection (QUIC CONNECTION_REFUSED: a
+    gateway at its connection limit). The path works; the server is busy for now."""
+
+
 class EarlyDataRejected(TransportError):
     """The server refused 0-RTT data, so the request was not processed; it is safe to send again."""
 

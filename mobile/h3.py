@@ -20,9 +20,17 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamReset
+from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import SessionTicket
 
-from mobile.errors import ConnectError, EarlyDataRejected, HandshakeTimeout, ProtocolError, TransportError
+from mobile.errors import (
+    ConnectError,
+    ConnectionRefused,
+    EarlyDataRejected,
+    HandshakeTimeout,
+    ProtocolError,
+    TransportError,
+)
 from mobile.http import HttpRequest, HttpResponse
 from mobile.tickets import TicketStore
 from mobile.tls import TlsSettings
@@ -99,7 +107,8 @@ class _H3Protocol(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             self.closed_reason = event.reason_phrase or f"connection closed (error {event.error_code})"
             if not self.handshake.done():
-                self.handshake.set_exception(ConnectError(f"QUIC handshake failed: {self.closed_reason}"))
+                kind = ConnectionRefused if event.error_code == QuicErrorCode.CONNECTION_REFUSED else ConnectError
+                self.handshake.set_exception(kind(f"QUIC handshake failed: {self.closed_reason}"))
             for stream_id in list(self.streams):
                 self._fail(stream_id, TransportError(self.closed_reason, sent=True))
         elif isinstance(event, StreamReset):

@@ -11,10 +11,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from mobile.errors import ConnectError, TransportError
+from mobile.errors import ConnectError, ConnectionRefused, TransportError
 from mobile.h1 import H1Transport
 from mobile.h3 import H3Transport
 from mobile.http import HttpRequest, HttpResponse
+
+
+# After a gateway refused a QUIC connection (at its connection limit), HTTP/1.1 for this long.
+REFUSED_RETRY_S = 10.0
 
 
 class ProtocolMemory:
@@ -25,9 +29,9 @@ class ProtocolMemory:
         self._clock = clock
         self._h1_until: dict[str, float] = {}
 
-    def quic_failed(self, server: str) -> None:
-        """Remember that QUIC to `server` failed: skip it for `ttl_s`."""
-        self._h1_until[server] = self._clock() + self.ttl_s
+    def quic_failed(self, server: str, for_s: float | None = None) -> None:
+        """Remember that QUIC to `server` failed: skip it for `for_s` (default `ttl_s`)."""
+        self._h1_until[server] = self._clock() + (self.ttl_s if for_s is None else for_s)
 
     def quic_worked(self, server: str) -> None:
         """QUIC to `server` works again."""
@@ -95,8 +99,12 @@ class RacingTransport:
     def _remember(self, task: asyncio.Task) -> None:
         if task.cancelled():
             return
-        if task.exception() is None:
+        error = task.exception()
+        if error is None:
             self.memory.quic_worked(self.h3.server)
+        elif isinstance(error, ConnectionRefused):
+            # The gateway answered over UDP and is busy: not a blocked path, so back to QUIC soon.
+            self.memory.quic_failed(self.h3.server, REFUSED_RETRY_S)
         else:
             self.memory.quic_failed(self.h3.server)
 
