@@ -4,7 +4,6 @@ both TLS listeners, HTTP/3 and HTTPS/1.1, without a restart; a pair caught mid-r
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import ssl
 from pathlib import Path
@@ -12,15 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.app import Gateway
-from gateway.config import parse_topology
-from gateway.http1 import Http1Listener
-from gateway.http3 import Http3Listener
 from gateway.tls import CertificateReloader, ensure_self_signed
-from gateway.upstreams import UpstreamPool
-from tests.gateway.test_pipeline import KEY, TOPOLOGY
-from tests.support.fakes import FakeUpstream
+from tests.gateway.test_pipeline import KEY
 from tests.support.h3 import h3_client
+from tests.support.listeners import tls_listeners
 
 
 def serial(pem: Path) -> int:
@@ -52,26 +46,15 @@ async def h3_serial(port: int) -> int:
 
 
 @pytest.fixture
-async def tls_listeners(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    ensure_self_signed(cert, key)
-    pool = UpstreamPool([FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")])
-    await pool.check_once()
-    gw = Gateway(parse_topology(copy.deepcopy(TOPOLOGY)), pool)
-    h3 = Http3Listener(gw, cert=str(cert), key=str(key))
-    await h3.start("127.0.0.1", 0)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    https = Http1Listener(gw, h3_port=h3.port)
-    await https.start("127.0.0.1", 0, tls=context)
-    reloader = CertificateReloader(str(cert), str(key), quic=[h3.quic_configuration], contexts=[context])
-    yield cert, key, h3, https, reloader
-    await https.close()
-    await h3.close()
+async def listening(tmp_path):
+    async with tls_listeners(tmp_path) as on:
+        reloader = CertificateReloader(str(on.cert), str(on.key), quic=[on.h3.quic_configuration],
+                                       contexts=[on.context])
+        yield on.cert, on.key, on.h3, on.https, reloader
 
 
-async def test_a_rotated_certificate_is_served_on_the_next_handshakes(tls_listeners, tmp_path, caplog):
-    cert, key, h3, https, reloader = tls_listeners
+async def test_a_rotated_certificate_is_served_on_the_next_handshakes(listening, tmp_path, caplog):
+    cert, key, h3, https, reloader = listening
     first = serial(cert)
     assert await h3_serial(h3.port) == first and await https_serial(https.port) == first
     assert reloader.check() is False  # nothing changed

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import copy
-import ssl
 import time
 
 import pytest
 
 import mobile
-from gateway.app import Gateway
-from gateway.config import parse_topology
-from gateway.http1 import Http1Listener
-from gateway.http3 import Http3Listener
-from gateway.tls import ensure_self_signed
-from gateway.upstreams import UpstreamPool
 from mobile import racing
 from mobile.racing import ProtocolMemory
-from tests.gateway.test_pipeline import KEY, TOPOLOGY
-from tests.support.fakes import FakeUpstream
+from tests.gateway.test_pipeline import KEY
 from tests.support.h3 import h3_client
+from tests.support.listeners import tls_listeners
 from tests.mobile.fake_gateway import client_kwargs, running
 
 
@@ -108,23 +100,12 @@ async def test_a_gateway_at_its_quic_connection_limit_is_served_over_http1_and_q
     # QUIC handshake is refused (CONNECTION_REFUSED), the request goes over HTTPS/1.1, and QUIC is
     # tried again after REFUSED_RETRY_S, not after the 5 minutes a blocked path is avoided for.
     monkeypatch.setattr(racing, "REFUSED_RETRY_S", 1.5)
-    raw = copy.deepcopy(TOPOLOGY)
-    raw["gateway"]["max_connections"] = 1
-    pool = UpstreamPool([FakeUpstream("zone-a", "edge"), FakeUpstream("zone-a", "core")])
-    await pool.check_once()
-    gw = Gateway(parse_topology(raw), pool)
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    ensure_self_signed(cert, key)
-    h3 = Http3Listener(gw, cert=str(cert), key=str(key))
-    await h3.start("127.0.0.1", 0)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    https = Http1Listener(gw, h3_port=h3.port)
-    await https.start("127.0.0.1", 0, tls=context)
-    kw = dict(api_key=KEY, h3_port=h3.port, ca_file=str(cert), ticket_dir=tmp_path / "tickets", migration_check_s=None)
-    try:
-        async with mobile.Client(f"https://127.0.0.1:{https.port}", **kw) as c:
-            async with h3_client("127.0.0.1", h3.port, KEY):  # the one QUIC connection, held
+    async with tls_listeners(tmp_path, max_connections=1) as on:
+        h3_port, url = on.h3.port, f"https://127.0.0.1:{on.https.port}"
+        kw = dict(api_key=KEY, h3_port=h3_port, ca_file=str(on.cert), ticket_dir=tmp_path / "tickets",
+                  migration_check_s=None)
+        async with mobile.Client(url, **kw) as c:
+            async with h3_client("127.0.0.1", h3_port, KEY):  # the one QUIC connection, held
                 listed = await c.models.list()
                 assert listed.meta.protocol == "http/1.1"
                 # aioquic reports a close once its draining period is over (3 PTO, about 0.6 s here).
@@ -134,6 +115,3 @@ async def test_a_gateway_at_its_quic_connection_limit_is_served_over_http1_and_q
             assert (await c.models.list()).meta.protocol in ("h3", "http/1.1")  # the race runs again
             await asyncio.sleep(0.3)
             assert (await c.models.list()).meta.protocol == "h3"
-    finally:
-        await https.close()
-        await h3.close()
