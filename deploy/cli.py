@@ -190,7 +190,7 @@ def cmd_core(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from core.triton.repository import CoreModelSpec, write_model_repository
-    from core.triton.server import TritonServerSpec, tritonserver_command
+    from core.triton.server import TritonServerSpec, remove_stale_shm_regions, tritonserver_command
 
     checkpoint = Path(args.checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
@@ -201,10 +201,12 @@ def cmd_core(args: argparse.Namespace) -> int:
     spec = CoreModelSpec(name=args.name or checkpoint.name, checkpoint=checkpoint, device=args.device, dtype=dtype,
                          threads=args.threads)
     repo = write_model_repository(work / "models", [spec])
-    argv, env = tritonserver_command(TritonServerSpec(
+    server = TritonServerSpec(
         repository=repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, backend_dir=work / "backends",
-    ))
+    )
+    argv, env = tritonserver_command(server)
+    remove_stale_shm_regions(server)  # a container restarted in place keeps its /dev/shm
     os.execve(argv[0], argv, env)
     return 0  # not reached
 

@@ -6,6 +6,7 @@ gateway. The stack is ready when the gateway's /readyz says every zone answers i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from msgspec.structs import replace
 from pathlib import Path
 
 from core.triton.repository import CoreModelSpec, write_model_repository
-from core.triton.server import TritonServerSpec, tritonserver_command
+from core.triton.server import TritonServerSpec, remove_stale_shm_regions, tritonserver_command
 from deploy.processes import Child, pid_alive, process_start_time, stop_all
 from deploy.settings import Settings
 from gateway.auth import hash_key
@@ -175,7 +176,7 @@ class LocalStack:
         )
         argv, env = tritonserver_command(spec)
         name = _replica_name(zone, "core", replica)
-        return Child(name, argv, self._log(name), env=env)
+        return Child(name, argv, self._log(name), env=env, cleanup=functools.partial(remove_stale_shm_regions, spec))
 
     def _gateway(self, topo_file: Path) -> Child:
         argv = [sys.executable, "-m", "gateway", "--topology", str(topo_file)]

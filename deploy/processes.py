@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class Child:
     log_path: Path
     env: dict[str, str] | None = None
     cwd: Path | None = None
+    # Run whenever the process and its group are gone (after a kill or stop, before a start): removes
+    # what a killed run leaves behind.
+    cleanup: Callable[[], object] | None = field(default=None, repr=False)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, *, die_with_parent: bool = True) -> None:
@@ -40,6 +44,8 @@ class Child:
             if self.alive():
                 raise RuntimeError(f"{self.name} is still running (pid {self.proc.pid})")
             self.signal_group(signal.SIGKILL)
+        if self.cleanup is not None:
+            self.cleanup()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -76,6 +82,8 @@ class Child:
         self.signal_group(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(10)
+        if self.cleanup is not None:
+            self.cleanup()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout` seconds; leftovers of its group are killed too."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -28,6 +29,27 @@ class TritonServerSpec:
     backend_dir: Path = Path("var/triton/backends")
     exit_timeout_s: int = 2
     log_verbose: int = 0
+
+    @property
+    def shm_prefix(self) -> str:
+        """The names of this server's python-backend shared-memory regions begin with this. Servers
+        that share /dev/shm (several on one machine) must not share it: with the default, one of
+        four Tritons started together here died in the backend's setup (boost lock_exception), as
+        python_backend's "Running Multiple Instances of Triton Server" warns."""
+        return f"meridian_{re.sub(r'[^A-Za-z0-9]', '_', self.host)}_{self.http_port}_"
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_stale_shm_regions(spec: TritonServerSpec, shm_dir: Path = SHM_DIR) -> int:
+    """Delete the shared-memory regions a killed server of `spec` left behind (one that exits
+    cleanly removes its own; a SIGKILL leaves 1 MB per model instance). Only while none runs."""
+    removed = 0
+    for region in shm_dir.glob(f"{spec.shm_prefix}*"):
+        region.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def pytriton_root() -> Path:
@@ -79,6 +101,7 @@ def tritonserver_command(spec: TritonServerSpec) -> tuple[list[str], dict[str, s
         f"--metrics-port={spec.metrics_port}",
         "--allow-gpu-metrics=false",
         f"--exit-timeout-secs={spec.exit_timeout_s}",
+        f"--backend-config=python,shm-region-prefix-name={spec.shm_prefix}",
         "--strict-readiness=true",
         f"--log-verbose={spec.log_verbose}",
         "--log-info=false",

@@ -40,3 +40,24 @@ def test_without_hosts_a_zone_has_one_worker_on_its_address(tmp_path):
     stack.children = stack.plan()
     assert [c.name for c in stack.replicas("zone-a", "edge")] == ["zone-a-edge"]
     assert stack.gateway_topology().zones[0].edge.hosts == []
+
+
+def test_each_triton_names_its_shared_memory_for_itself_and_its_leftovers_are_removed(tmp_path):
+    from core.triton.server import TritonServerSpec, remove_stale_shm_regions
+
+    a = TritonServerSpec(tmp_path, host="127.0.51.2", http_port=8000)
+    b = TritonServerSpec(tmp_path, host="127.0.51.4", http_port=8000)
+    assert a.shm_prefix != b.shm_prefix and "/" not in a.shm_prefix
+    for name in (f"{a.shm_prefix}1f2e", f"{a.shm_prefix}9abc", f"{b.shm_prefix}1f2e", "triton_python_backend_shm_region_x"):
+        (tmp_path / name).write_bytes(b"")
+    assert remove_stale_shm_regions(a, shm_dir=tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{b.shm_prefix}1f2e", "triton_python_backend_shm_region_x"])
+
+
+def test_the_tritons_of_a_stack_use_shared_memory_names_of_their_own(tmp_path):
+    stack = stack_with(tmp_path, [])
+    stack.children = stack.plan()
+    cores = stack.replicas("zone-a", "core") + stack.replicas("zone-b", "core")
+    flags = [next(a for a in c.argv if a.startswith("--backend-config=python,shm-region-prefix-name=")) for c in cores]
+    assert len(cores) == 2 and len(set(flags)) == 2
+    assert all(c.cleanup is not None for c in cores)

@@ -45,3 +45,16 @@ def test_a_child_started_again_kills_what_its_crashed_run_left(tmp_path: Path):
             child.start()
     finally:
         child.stop(timeout=2)
+
+
+def test_a_child_s_cleanup_runs_once_it_is_gone_and_before_each_start(tmp_path: Path):
+    # As a Triton's shared-memory regions: left behind by a kill, removed before it starts again.
+    calls = []
+    child = Child("server", ["sleep", "300"], tmp_path / "server.log", cleanup=lambda: calls.append(child.alive()))
+    child.start()
+    assert calls == [False]
+    child.kill()
+    assert calls == [False, False]
+    child.start()
+    child.stop(timeout=5)
+    assert calls == [False, False, False, False]  # every call found no process of it running
