@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     drill = sub.add_parser("drill", help="failover drill: local stack behind fault proxies, load, one fault, a report")
     drill.add_argument("scenarios", nargs="+", metavar="SCENARIO",
                        help="kill-zone, blackhole-zone, slow-zone, restart-core, kill-redis, zone-returns, kill-replica, "
-                            "kill-core-replica")
+                            "kill-core-replica, freeze-replica, freeze-core-replica")
     drill.add_argument("--topology", help="topology YAML (default: deploy/local.yaml)")
     drill.add_argument("--out", help="report folder (default: var/drills/<time>)")
     drill.add_argument("--before", type=float, default=4.0, help="seconds of load before the fault")

@@ -34,6 +34,7 @@ class DrillReport:
     replica_moves: float = 0.0  # requests and streams sent on to another replica of their zone
     shift_seconds: float | None = None  # slow/kill/blackhole-zone: until the struck zone lost its traffic
     return_seconds: float | None = None  # zone-returns: until the zone got traffic back
+    rejoin_seconds: float | None = None  # freeze-*: from the thaw until the replica took requests again
     bound_seconds: float = 1.0
     zone: str = ""  # the zone the fault hit ("" when it hit none)
     zone_share_before: float | None = None  # of the answers before the fault, the share that zone served
@@ -63,6 +64,8 @@ class DrillReport:
             lines.append(f"  traffic left the zone in {self.shift_seconds:.2f}s")
         if self.return_seconds is not None:
             lines.append(f"  traffic came back to the zone in {self.return_seconds:.2f}s")
+        if self.rejoin_seconds is not None:
+            lines.append(f"  the frozen replica took requests again {self.rejoin_seconds:.2f}s after the thaw")
         if self.zone:
             before, during = (("?" if v is None else f"{v:.0%}") for v in (self.zone_share_before, self.zone_share_during))
             lines.append(f"  fault hit {self.zone}, which served {before} of the requests before it, {during} during it")

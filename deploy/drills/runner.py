@@ -28,7 +28,7 @@ import yaml
 
 from deploy.drills import report as rpt
 from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
-from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
+from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_all_serving, wait_ready
 from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
 from deploy.settings import Settings
 from gateway.config import ConfigError, load_topology
@@ -38,6 +38,9 @@ from gateway.config import ConfigError, load_topology
 MIN_ZONE_SHARE = 0.5
 # A zone that keeps its traffic through a fault ("stays") serves at most this much less of it during.
 MAX_STAY_LOSS = 0.1
+# A replica thawed after a freeze takes requests again within this many seconds (its probes answer
+# within a probe interval; an ejection it earned while frozen may last a few seconds more).
+REJOIN_BOUND_S = 10.0
 
 
 class DrillError(Exception):
@@ -151,6 +154,8 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
     """One scenario under load; writes its report files."""
     stack = ctx.stack
     print(f"drill {scenario.name}: setting up", flush=True)
+    if await wait_all_serving(stack, timeout=180) is None:
+        raise DrillError(f"{scenario.name}: the gateway did not count every replica as serving within 180s")
     await scenario.setup(ctx)
     during = scenario.during_s or timing.during_s
     load = LoadGenerator(stack.http_url, api_key, core_model, rates)
@@ -175,6 +180,7 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
     await _until(load, timing.before_s + during)
     fault_end = load.now()
     await scenario.clear(ctx)
+    rejoin = asyncio.create_task(wait_all_serving(stack, REJOIN_BOUND_S)) if scenario.rejoins else None
     samples = await task
     metrics_after = await scrape(stack.http_url)
     if scenario.name != "kill-zone":  # the killed zone stays down until restore()
@@ -184,6 +190,9 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
                        identical, compared)
     if scenario.measure == "return":
         report.return_seconds = _return_seconds(ctx, load, samples)
+    if rejoin is not None:
+        report.rejoin_seconds = await rejoin
+    if scenario.measure == "return" or rejoin is not None:
         _judge(report, scenario)
     write(report, samples, out_dir)
     return report
@@ -269,6 +278,8 @@ def _judge(r: rpt.DrillReport, scenario: Scenario) -> None:
         if share is None or share < MIN_ZONE_SHARE:
             served = "no answer named its zone" if share is None else f"{r.zone} served {share:.0%} of them"
             problems.append(f"the fault hit {r.zone} but it was not carrying the load before the fault ({served})")
+    if scenario.rejoins and r.rejoin_seconds is None:
+        problems.append(f"the replica struck did not take requests again within {REJOIN_BOUND_S:.0f}s of the thaw")
     if scenario.leaves_zone and (r.shift_seconds is None or r.shift_seconds >= r.fault_end - r.fault_at):
         problems.append(f"traffic never left {r.zone} during the fault")
     r.problems = problems

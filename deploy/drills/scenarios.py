@@ -8,6 +8,7 @@ zone did not carry most of the requests before the fault.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class Scenario:
     during_s: float | None = None  # overrides the drill's default fault duration
     hits_zone: bool = True  # the fault strikes the zone carrying the load (not Redis)
     leaves_zone: bool = False  # traffic must move off the zone during the fault
+    rejoins: bool = False  # the replica struck must take requests again once the fault is cleared
     # The zones' edges run this many workers each, and their cores this many servers (their
     # `hosts`), in the drill's stack.
     edge_replicas: int = 1
@@ -55,6 +57,7 @@ class Scenario:
     async def restore(self, ctx: Context) -> None:
         """Bring every part back so the next scenario starts from a healthy stack."""
         await set_zone_fault(ctx, Fault())
+        await thaw(ctx)
         for child in ctx.stack.children:
             if not child.alive():
                 child.start()
@@ -83,17 +86,40 @@ async def kill_zone(ctx: Context) -> None:
     await asyncio.gather(*(asyncio.to_thread(child.kill) for child in _zone_processes(ctx)))
 
 
+async def _victim(ctx: Context, part: str, what: str) -> Child:
+    """The replica of the zone's edge or core a replica fault strikes: of the cores, the one
+    generating now (its streams must resume); of the edges, the first (both take requests)."""
+    servers = ctx.stack.replicas(ctx.zone, part)
+    if len(servers) < 2:
+        raise RuntimeError(f"{what} a {part} replica needs a zone of two or more; {ctx.zone} has {len(servers)}")
+    return servers[await asyncio.to_thread(_busiest_core, ctx) if part == "core" else 0]
+
+
 def _kill_replica(part: str):
     async def kill(ctx: Context) -> None:
         """SIGKILL one of the zone's edge workers or core servers (a lost pod or node: no drain);
-        the others serve on. Of the cores, the one generating now: its streams must resume."""
-        servers = ctx.stack.replicas(ctx.zone, part)
-        if len(servers) < 2:
-            raise RuntimeError(f"killing a {part} replica needs a zone of two or more; {ctx.zone} has {len(servers)}")
-        victim = servers[await asyncio.to_thread(_busiest_core, ctx) if part == "core" else 0]
+        the others serve on."""
+        victim = await _victim(ctx, part, "killing")
         await asyncio.to_thread(victim.kill)
 
     return kill
+
+
+def _freeze_replica(part: str):
+    async def freeze(ctx: Context) -> None:
+        """SIGSTOP one of the zone's edge workers or core servers, its children too: a wedged
+        replica (a paused VM, a swap storm, a hung GPU driver). Its connections stay open and
+        nothing is refused or reset; it just stops answering, probes and requests alike."""
+        victim = await _victim(ctx, part, "freezing")
+        victim.signal_group(signal.SIGSTOP)
+
+    return freeze
+
+
+async def thaw(ctx: Context) -> None:
+    """SIGCONT every process of the stack: a frozen one carries on where it stopped."""
+    for child in ctx.stack.children:
+        child.signal_group(signal.SIGCONT)
 
 
 def _busiest_core(ctx: Context, wait_s: float = 0.3) -> int:
@@ -165,6 +191,8 @@ _ACTIONS = {
     "zone-returns": (restart_zone, nothing),
     "kill-replica": (_kill_replica("edge"), nothing),
     "kill-core-replica": (_kill_replica("core"), nothing),
+    "freeze-replica": (_freeze_replica("edge"), thaw),
+    "freeze-core-replica": (_freeze_replica("core"), thaw),
 }
 
 SCENARIOS = {
@@ -180,10 +208,44 @@ SCENARIOS = {
     "kill-replica": Scenario("kill-replica", bound_s=1.0, measure="stays", edge_replicas=2),
     # One of two Triton cores of the zone lost (a GPU node): its streams resume on the other, in the zone.
     "kill-core-replica": Scenario("kill-core-replica", bound_s=1.0, measure="stays", core_replicas=2),
+    # One of two edge workers, or of two Tritons, frozen (SIGSTOP) and thawed: a replica that holds
+    # its connections open and answers nothing. Its probes go unanswered, so what waits on it
+    # goes on in the zone, and it takes requests again once it answers.
+    "freeze-replica": Scenario("freeze-replica", bound_s=1.0, measure="stays", edge_replicas=2, rejoins=True),
+    "freeze-core-replica": Scenario("freeze-core-replica", bound_s=1.0, measure="stays", core_replicas=2,
+                                    rejoins=True),
 }
 
 
 # -- waiting ------------------------------------------------------------------------------------
+
+SERVING_REPLICAS = "meridian_upstream_serving_replicas"
+
+
+def stack_replicas(stack: LocalStack) -> int:
+    """The edge workers and core servers of every zone: the replicas the gateway should count."""
+    return sum(len(zone.replica_hosts(part)) for zone in stack.topology.zones for part in ("edge", "core")
+               if getattr(zone, part) is not None)
+
+
+def serving_replicas(stack: LocalStack) -> float:
+    """The replicas the gateway counts as taking requests, over every zone and tier (0: no answer)."""
+    _, text = http_get(f"{stack.http_url}/metrics", 2.0)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(SERVING_REPLICAS + "{"))
+
+
+async def wait_all_serving(stack: LocalStack, timeout: float) -> float | None:
+    """Seconds until the gateway counts every replica of the stack as taking requests; None when
+    it did not within `timeout`. A zone is ready with one replica up, so a replica started again
+    (a killed Triton loads for many seconds here) can still be loading when /readyz says 200."""
+    start = time.monotonic()
+    wanted = stack_replicas(stack)
+    while time.monotonic() - start <= timeout:
+        if await asyncio.to_thread(serving_replicas, stack) >= wanted:
+            return round(time.monotonic() - start, 3)
+        await asyncio.sleep(0.1)
+    return None
+
 
 
 async def wait_ready(stack: LocalStack, timeout: float) -> None:

@@ -3,6 +3,7 @@ never touched the traffic (judged from the samples alone)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,34 @@ def test_the_drill_stack_gives_each_zone_the_replicas_a_scenario_needs(tmp_path,
     single = load_topology(runner.drill_settings(tmp_path / "one", None).topology)
     assert all(not getattr(z, part).hosts for z in single.zones)
     assert SCENARIOS["kill-replica"].edge_replicas == SCENARIOS["kill-core-replica"].core_replicas == 2
+
+
+def test_a_frozen_replica_that_never_takes_requests_again_fails():
+    r = judged("freeze-replica", served("zone-a", "zone-a"), "zone-a")
+    assert r.problems == ["the replica struck did not take requests again within 10s of the thaw"]
+    r.rejoin_seconds = 0.4
+    runner._judge(r, SCENARIOS["freeze-replica"])
+    assert r.passed, r.problems
+    assert "took requests again 0.40s after the thaw" in r.to_text()
+    assert not SCENARIOS["kill-replica"].rejoins  # a killed replica is started again only by restore()
+
+
+async def test_waiting_for_every_replica_ends_when_the_gateway_counts_them_all(monkeypatch):
+    from deploy.drills import scenarios
+
+    counts = iter([4.0, 5.0, 6.0])
+    monkeypatch.setattr(scenarios, "stack_replicas", lambda stack: 6)
+    monkeypatch.setattr(scenarios, "serving_replicas", lambda stack: next(counts))
+    waited = await scenarios.wait_all_serving(object(), timeout=5)
+    assert waited is not None and 0.2 <= waited < 2.0
+    monkeypatch.setattr(scenarios, "serving_replicas", lambda stack: 5.0)
+    assert await scenarios.wait_all_serving(object(), timeout=0.3) is None
+
+
+def test_the_replicas_counted_are_every_zone_s_edge_workers_and_cores(tmp_path):
+    from deploy.drills.scenarios import stack_replicas
+
+    class Stack:
+        topology = load_topology(runner.drill_settings(tmp_path, None, edge_replicas=2).topology)
+
+    assert stack_replicas(Stack()) == 6  # two zones: two edge workers and one core each

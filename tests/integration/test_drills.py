@@ -55,22 +55,28 @@ def test_kill_zone_resumed_a_stream(drills):
     assert report["streams_resumed"] >= 1
 
 
-@pytest.fixture(scope="module", params=[("kill-replica", "edge", "20"), ("kill-core-replica", "core", "10")],
-                ids=["edge", "core"])
-def replica_drill(request, tmp_path_factory) -> tuple[str, str, int, str, Path]:
-    # Each in a stack of its own: the zones' edges on two workers, or their cores on two Tritons,
-    # which the drills above do not need. One part doubled at a time: six Tritons and edge workers
-    # together on two cores slowed the probes enough for the latency ranking to move traffic.
-    scenario, part, embed_rate = request.param
-    out = tmp_path_factory.mktemp(scenario)
-    result = meridian("drill", scenario, "--out", str(out), "--before", "3", "--during", "4", "--after", "3",
-                      "--embed-rate", embed_rate, "--stream-rate", "2", timeout=600)
-    sys.stdout.write(result.stdout[-6000:] + result.stderr[-3000:])
-    return scenario, part, result.returncode, result.stdout + result.stderr[-3000:], out
+# Per part doubled: the drill that kills one replica and the one that freezes one, in one stack.
+REPLICA_DRILLS = {"edge": ("kill-replica", "freeze-replica"), "core": ("kill-core-replica", "freeze-core-replica")}
 
 
-def test_losing_one_of_a_zone_s_replicas_fails_nothing_and_keeps_the_traffic_in_the_zone(replica_drill):
-    scenario, part, code, output, out = replica_drill
+@pytest.fixture(scope="module", params=[("edge", "20"), ("core", "10")], ids=["edge", "core"])
+def replica_drills(request, tmp_path_factory) -> tuple[str, int, str, Path]:
+    # A stack per part: the zones' edges on two workers, or their cores on two Tritons, which the
+    # drills above do not need. One part doubled at a time: six Tritons and edge workers together
+    # on two cores slowed the probes enough for the latency ranking to move traffic.
+    part, embed_rate = request.param
+    out = tmp_path_factory.mktemp(part)
+    result = meridian("drill", *REPLICA_DRILLS[part], "--out", str(out), "--before", "3", "--during", "4",
+                      "--after", "3", "--embed-rate", embed_rate, "--stream-rate", "2", timeout=900)
+    sys.stdout.write(result.stdout[-8000:] + result.stderr[-3000:])
+    return part, result.returncode, result.stdout + result.stderr[-3000:], out
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_losing_one_of_a_zone_s_replicas_fails_nothing_and_keeps_the_traffic_in_the_zone(replica_drills, fault):
+    """Killed (SIGKILL: its connections reset) or frozen (SIGSTOP: they stay open, nothing answers)."""
+    part, code, output, out = replica_drills
+    scenario = REPLICA_DRILLS[part][fault == "freeze"]
     assert code == 0, output[-4000:]
     report = json.loads((out / f"{scenario}.json").read_text())
     assert report["passed"] and report["client_failures"] == 0, report["problems"] + report["failures"]
@@ -79,9 +85,11 @@ def test_losing_one_of_a_zone_s_replicas_fails_nothing_and_keeps_the_traffic_in_
     assert report["zone_share_before"] >= 0.5
     assert report["zone_share_during"] >= max(0.75, report["zone_share_before"] - 0.1), report
     assert report["streams_token_identical"] is True
-    # The zone struck ran two of the part, one of which the drill killed and brought back.
+    # The zone struck ran two of the part, one of which the drill struck and brought back.
     logs = out / "stack" / "logs"
     assert (logs / f"{report['zone']}-{part}.log").exists() and (logs / f"{report['zone']}-{part}-2.log").exists()
     if part == "core":
         # Struck while generating (the drill picks the busy Triton): what it was serving moved on in the zone.
         assert report["replica_moves"] >= 1, report
+    if fault == "freeze":  # thawed, it serves again: the gateway counts every replica it had
+        assert report["rejoin_seconds"] is not None and report["rejoin_seconds"] <= 10, report
