@@ -28,7 +28,7 @@ import yaml
 
 from deploy.drills import report as rpt
 from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
-from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_all_serving, wait_ready
+from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
 from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
 from deploy.settings import Settings
 from gateway.config import ConfigError, load_topology
@@ -41,6 +41,7 @@ MAX_STAY_LOSS = 0.1
 # A replica thawed after a freeze takes requests again within this many seconds (its probes answer
 # within a probe interval; an ejection it earned while frozen may last a few seconds more).
 REJOIN_BOUND_S = 10.0
+SERVING_REPLICAS = "meridian_upstream_serving_replicas"
 
 
 class DrillError(Exception):
@@ -192,10 +193,28 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
         report.return_seconds = _return_seconds(ctx, load, samples)
     if rejoin is not None:
         report.rejoin_seconds = await rejoin
-    if scenario.measure == "return" or rejoin is not None:
-        _judge(report, scenario)
+    _judge(report, scenario)  # again, with what was measured after the samples
     write(report, samples, out_dir)
     return report
+
+
+def stack_replicas(stack: LocalStack) -> int:
+    """The edge workers and core servers of every zone: the replicas the gateway should count."""
+    return sum(len(zone.replica_hosts(part)) for zone in stack.topology.zones for part in ("edge", "core")
+               if getattr(zone, part) is not None)
+
+
+async def wait_all_serving(stack: LocalStack, timeout: float) -> float | None:
+    """Seconds until the gateway counts every replica of the stack as taking requests; None when
+    it did not within `timeout`. A zone is ready with one replica up, so a replica started again
+    (a killed Triton loads for many seconds here) can still be loading when /readyz says 200."""
+    start = time.monotonic()
+    wanted = stack_replicas(stack)
+    while time.monotonic() - start <= timeout:
+        if (await scrape(stack.http_url)).get(SERVING_REPLICAS, 0.0) >= wanted:
+            return round(time.monotonic() - start, 3)
+        await asyncio.sleep(0.1)
+    return None
 
 
 async def _until(load: LoadGenerator, t: float) -> None:

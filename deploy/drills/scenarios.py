@@ -219,35 +219,6 @@ SCENARIOS = {
 
 # -- waiting ------------------------------------------------------------------------------------
 
-SERVING_REPLICAS = "meridian_upstream_serving_replicas"
-
-
-def stack_replicas(stack: LocalStack) -> int:
-    """The edge workers and core servers of every zone: the replicas the gateway should count."""
-    return sum(len(zone.replica_hosts(part)) for zone in stack.topology.zones for part in ("edge", "core")
-               if getattr(zone, part) is not None)
-
-
-def serving_replicas(stack: LocalStack) -> float:
-    """The replicas the gateway counts as taking requests, over every zone and tier (0: no answer)."""
-    _, text = http_get(f"{stack.http_url}/metrics", 2.0)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(SERVING_REPLICAS + "{"))
-
-
-async def wait_all_serving(stack: LocalStack, timeout: float) -> float | None:
-    """Seconds until the gateway counts every replica of the stack as taking requests; None when
-    it did not within `timeout`. A zone is ready with one replica up, so a replica started again
-    (a killed Triton loads for many seconds here) can still be loading when /readyz says 200."""
-    start = time.monotonic()
-    wanted = stack_replicas(stack)
-    while time.monotonic() - start <= timeout:
-        if await asyncio.to_thread(serving_replicas, stack) >= wanted:
-            return round(time.monotonic() - start, 3)
-        await asyncio.sleep(0.1)
-    return None
-
-
-
 async def wait_ready(stack: LocalStack, timeout: float) -> None:
     """Until the gateway's /readyz is 200."""
     deadline = time.monotonic() + timeout

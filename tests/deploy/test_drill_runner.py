@@ -192,21 +192,24 @@ def test_a_frozen_replica_that_never_takes_requests_again_fails():
 
 
 async def test_waiting_for_every_replica_ends_when_the_gateway_counts_them_all(monkeypatch):
-    from deploy.drills import scenarios
-
     counts = iter([4.0, 5.0, 6.0])
-    monkeypatch.setattr(scenarios, "stack_replicas", lambda stack: 6)
-    monkeypatch.setattr(scenarios, "serving_replicas", lambda stack: next(counts))
-    waited = await scenarios.wait_all_serving(object(), timeout=5)
+
+    class Stack:
+        http_url = "http://gw"
+
+    async def scrape(url):
+        return {runner.SERVING_REPLICAS: next(counts)}
+
+    monkeypatch.setattr(runner, "stack_replicas", lambda stack: 6)
+    monkeypatch.setattr(runner, "scrape", scrape)
+    waited = await runner.wait_all_serving(Stack(), timeout=5)
     assert waited is not None and 0.2 <= waited < 2.0
-    monkeypatch.setattr(scenarios, "serving_replicas", lambda stack: 5.0)
-    assert await scenarios.wait_all_serving(object(), timeout=0.3) is None
+    monkeypatch.setattr(runner, "scrape", lambda url: asyncio.sleep(0, {runner.SERVING_REPLICAS: 5.0}))
+    assert await runner.wait_all_serving(Stack(), timeout=0.3) is None
 
 
 def test_the_replicas_counted_are_every_zone_s_edge_workers_and_cores(tmp_path):
-    from deploy.drills.scenarios import stack_replicas
-
     class Stack:
         topology = load_topology(runner.drill_settings(tmp_path, None, edge_replicas=2).topology)
 
-    assert stack_replicas(Stack()) == 6  # two zones: two edge workers and one core each
+    assert runner.stack_replicas(Stack()) == 6  # two zones: two edge workers and one core each
