@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-META_FILE = "meta.json"
-MODEL_FILE = "model.onnx"
+from edge.runtime.model_dir import META_FILE, MODEL_FILE
 
 
 def build_atomically(dest: Path, wanted: str, build: Callable[[Path], None], *, force: bool, tag: str) -> Path:

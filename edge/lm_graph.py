@@ -52,13 +52,14 @@ class DecoderStep(nn.Module):
 def check_supported(config) -> None:
     """Refuse checkpoints whose forward differs from what DecoderStep computes."""
     family = getattr(config, "model_type", "")
+    experts = (getattr(config, k, 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if any(experts):  # asked first: for these the answer is where they do run
+        raise UnsupportedCheckpoint(f"{family}: mixture-of-experts checkpoints belong to the core, not the edge")
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     layer_types = getattr(config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise UnsupportedCheckpoint(f"{family}: sliding-window layers are not supported ({sorted(set(layer_types))})")
-    if getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0):
-        raise UnsupportedCheckpoint(f"{family}: mixture-of-experts checkpoints belong to the core, not the edge")
 
 
 def causal_bias(position_ids: torch.Tensor, past_len: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:

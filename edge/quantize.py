@@ -7,12 +7,15 @@ fp32 graph on fixed inputs: embedding cosine for the encoder, top-1 agreement fo
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE
 
 INT8_METHOD = "onnxruntime.quantization.quantize_dynamic(QInt8 weights, per channel, MatMul with constant B)"
 
@@ -40,6 +43,22 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> list[s
     finally:
         logging.getLogger().setLevel(quiet)
     return excluded
+
+
+def settle_int8(out: Path, meta: dict, measured: dict, *, passed: bool) -> None:
+    """Keep the int8 weights in build `out` only if they passed their gate; meta.json records the
+    measure either way.
+
+    int8 is optional: a failed gate leaves a build that serves in fp32 (and refuses int8, saying
+    why), not no build. Checkpoints whose top choices are close calls, such as random weights,
+    fail it; the default models pass with room to spare.
+    """
+    meta["int8"] = {"method": INT8_METHOD, **measured, "kept": passed}
+    if passed:  # the int8 file counts as part of the build only once it is measured
+        meta["files"] = [*meta["files"], INT8_MODEL_FILE]
+    else:
+        (out / INT8_MODEL_FILE).unlink()
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def embedding_cosine(model_dir: Path, texts: Sequence[str]) -> float:

@@ -6,8 +6,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from edge.runtime.embedding import META_FILE, EmbeddingModel
+from edge.runtime.embedding import EmbeddingModel
 from edge.runtime.generation import SmallLM
+from edge.runtime.model_dir import META_FILE
 
 ServedModel = EmbeddingModel | SmallLM
 TASKS = ("embedding", "generation")

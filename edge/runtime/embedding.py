@@ -16,12 +16,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edge.runtime.model_dir import META_FILE, TOKENIZER_FILE, weights_file
 from edge.runtime.sessions import cpu_session
 
-MODEL_FILE = "model.onnx"
-INT8_MODEL_FILE = "model.int8.onnx"  # the same graph with dynamic int8 weights (optional)
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
 # What one extra session.run costs, in padded tokens: ~1.3 ms of fixed cost per call against ~0.21 ms
 # per token on one core (all-MiniLM-L6-v2, measured at batch 1 and 8), doubled because small calls
 # also run the GEMMs less efficiently. It decides when a batch is worth splitting by length.
@@ -100,14 +97,9 @@ class EmbeddingModel:
     ) -> EmbeddingModel:
         """Load an exported model folder; `threads` bounds each instance's intra-op pool."""
         model_dir = Path(model_dir)
-        weights = INT8_MODEL_FILE if int8 else MODEL_FILE
-        for name in (weights, TOKENIZER_FILE, META_FILE):
-            if not (model_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"{model_dir / name} is missing: run `python -m edge.export DIR` first"
-                )
+        weights = weights_file(model_dir, int8=int8, export_command="python -m edge.export")
         meta = EmbeddingMeta.read(model_dir)
-        sessions = [cpu_session(model_dir / weights, threads) for _ in range(max(1, instances))]
+        sessions = [cpu_session(weights, threads) for _ in range(max(1, instances))]
         return cls(sessions, _tokenizer(model_dir / TOKENIZER_FILE, meta), meta)
 
     @property

@@ -21,13 +21,10 @@ from tokenizers import Tokenizer
 
 from edge.runtime.chat import ChatTemplate, Messages
 from edge.runtime.detokenize import TextStream
+from edge.runtime.model_dir import META_FILE, TOKENIZER_FILE, weights_file
 from edge.runtime.sampling import pick_token, random_seed
 from edge.runtime.sessions import cpu_session
 
-MODEL_FILE = "model.onnx"
-INT8_MODEL_FILE = "model.int8.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
 DEFAULT_MAX_TOKENS = 16  # what OpenAI's completions API assumes when max_tokens is not given
 
 
@@ -122,17 +119,12 @@ class SmallLM:
     def load(cls, model_dir: Path | str, threads: int = 1, *, int8: bool = False) -> SmallLM:
         """Load an exported model folder; `threads` bounds ONNX Runtime's intra-op pool."""
         model_dir = Path(model_dir)
-        weights = INT8_MODEL_FILE if int8 else MODEL_FILE
-        for name in (weights, TOKENIZER_FILE, META_FILE):
-            if not (model_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"{model_dir / name} is missing: run `python -m edge.lm_export DIR` first"
-                )
+        weights = weights_file(model_dir, int8=int8, export_command="python -m edge.lm_export")
         meta = LMMeta.read(model_dir)
         tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        return cls(cpu_session(model_dir / weights, threads), tokenizer, meta)
+        return cls(cpu_session(weights, threads), tokenizer, meta)
 
     def chat_prompt(self, messages: Messages) -> str:
         """The prompt for chat `messages`: the checkpoint's template, else a transcript (`edge.runtime.chat`).
@@ -236,10 +228,12 @@ class SmallLM:
         return logits[0], KVCache(list(present[0::2]), list(present[1::2]))
 
     def greedy_ids(self, prompt: str, steps: int) -> list[int]:
-        """`steps` greedy tokens after `prompt`, ignoring stop conditions (for checks and quality)."""
-        logits, cache = self.forward(self.encode(prompt), KVCache())
+        """Up to `steps` greedy tokens after `prompt`, as many as the context holds, ignoring stop
+        conditions (for checks and quality)."""
+        ids = self.encode(prompt)
+        logits, cache = self.forward(ids, KVCache())
         out: list[int] = []
-        for _ in range(steps):
+        for _ in range(min(steps, self.meta.max_context - len(ids))):
             out.append(int(np.argmax(logits)))
             logits, cache = self.forward([out[-1]], cache)
         return out
