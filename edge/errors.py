@@ -9,6 +9,7 @@ class ErrorKind(Enum):
     """What went wrong, independent of the wire protocol (the server maps kinds to gRPC status)."""
 
     BAD_INPUT = "bad_input"
+    CONTEXT_OVERFLOW = "context_overflow"  # bad input the client can act on: a shorter prompt
     UNKNOWN_MODEL = "unknown_model"
     UNAVAILABLE = "unavailable"
     UNIMPLEMENTED = "unimplemented"

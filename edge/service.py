@@ -22,7 +22,7 @@ from edge.errors import EdgeError, ErrorKind
 from edge.l1cache import L1Cache
 from edge.logs import elapsed_ms, get_logger
 from edge.registry import ServedModel
-from edge.runtime.generation import SmallLM
+from edge.runtime.generation import ContextOverflow, SmallLM
 from edge.validation import (EmbedLimits, GenerateLimits, check_embed_inputs, check_generate, check_prompt,
                              pick_model)
 from edge.wire import embed_response
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # The one place where error kinds become gRPC status codes.
 GRPC_STATUS = {
     ErrorKind.BAD_INPUT: Status.INVALID_ARGUMENT,
+    ErrorKind.CONTEXT_OVERFLOW: Status.OUT_OF_RANGE,
     ErrorKind.UNKNOWN_MODEL: Status.NOT_FOUND,
     ErrorKind.UNAVAILABLE: Status.UNAVAILABLE,
     ErrorKind.UNIMPLEMENTED: Status.UNIMPLEMENTED,
@@ -125,7 +126,9 @@ class EdgeService(EdgeBase):
             try:
                 # Tokenizing a long prompt takes a while too: off the loop like every model step.
                 chunks = await loop.run_in_executor(self.executor, model.stream, prompt, params)
-            except ValueError as exc:  # the runtime's own checks (context length, token ids)
+            except ContextOverflow as exc:
+                raise EdgeError(ErrorKind.CONTEXT_OVERFLOW, str(exc)) from None
+            except ValueError as exc:  # the runtime's other checks (token ids, settings)
                 raise EdgeError(ErrorKind.BAD_INPUT, str(exc)) from None
             while (chunk := await loop.run_in_executor(self.executor, next, chunks, None)) is not None:
                 await stream.send_message(edge_pb2.GenerateChunk(

@@ -20,7 +20,7 @@ from gateway import api, openai_format, tracing
 from gateway.auth import Authenticator, Principal, authorize
 from gateway.cache import CachedAnswer, L2Cache, Lease, cache_key, cacheable, idempotency_key
 from gateway.config import Model, Topology
-from gateway.errors import GatewayError, Kind
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, GatewayError, Kind
 from gateway.failover import Failover
 from gateway.http import REQUEST_ID, ClosingStream, Request, Response, request_id
 from gateway.metrics import Metrics
@@ -346,9 +346,11 @@ class Gateway:
         stream = self.failover.stream(endpoints, call)
         try:
             await stream.start()
-        except BaseException:
+        except BaseException as exc:
             if got is not None:
                 await got.release()
+            if isinstance(exc, GatewayError) and exc.code == CONTEXT_LENGTH_EXCEEDED and exc.param is None:
+                exc.param = "messages" if isinstance(body, api.ChatRequest) else "prompt"  # as OpenAI names it
             raise
         recording = _Recording(stream.first_zone, model.tier)
         finished = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -17,9 +18,10 @@ from gateway.outliers import DEFAULT_POLICY, EjectionPolicy
 from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
-# The core marks refusals of the request itself with this prefix (the stream protocol carries
-# only a message): such errors are the client's and are not retried in another zone.
-INVALID_REQUEST_PREFIX = "bad input:"
+# The core marks refusals of the request itself "bad input: MESSAGE", or "bad input [CODE]: MESSAGE"
+# with an OpenAI error code (the stream protocol carries only a message): such errors are the
+# client's and are not retried in another zone.
+_REFUSAL = re.compile(r"bad input(?: \[(?P<code>[a-z_]+)\])?:(?P<message>.*)", re.IGNORECASE | re.DOTALL)
 _OUTPUTS = ("text_output", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
@@ -163,8 +165,9 @@ def _chunk(result) -> GenerateChunk:
 
 def _classify_error(error: InferenceServerException) -> Exception:
     message = error.message() or str(error)
-    if message.lower().startswith(INVALID_REQUEST_PREFIX):
-        return GatewayError(Kind.BAD_REQUEST, message[len(INVALID_REQUEST_PREFIX):].strip())
+    refused = _REFUSAL.match(message)
+    if refused:  # the request itself: every zone would refuse it
+        return GatewayError(Kind.BAD_REQUEST, refused.group("message").strip(), code=refused.group("code"))
     return UpstreamFailure(f"core failed: {message}")
 
 

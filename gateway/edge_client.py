@@ -16,17 +16,17 @@ from edge.api import edge_pb2
 from edge.api.edge_grpc import EdgeStub
 from gateway.coalescer import Coalescer, EmbedReply
 from gateway.config import Tier
-from gateway.errors import GatewayError, Kind, UpstreamFailure
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, GatewayError, Kind, UpstreamFailure
 from gateway.outliers import DEFAULT_POLICY, EjectionPolicy
 from gateway.replicas import ReplicatedUpstream, Resolver, resolve
 from gateway.upstreams import EmbedResult, GenerateCall, GenerateChunk
 
-# Refusals of the request itself: another zone would refuse it too.
+# Refusals of the request itself: another zone would refuse it too. (kind, OpenAI error code)
 _CLIENT_ERRORS = {
-    Status.INVALID_ARGUMENT: Kind.BAD_REQUEST,
-    Status.NOT_FOUND: Kind.NOT_FOUND,
-    Status.OUT_OF_RANGE: Kind.BAD_REQUEST,
-    Status.FAILED_PRECONDITION: Kind.BAD_REQUEST,
+    Status.INVALID_ARGUMENT: (Kind.BAD_REQUEST, None),
+    Status.NOT_FOUND: (Kind.NOT_FOUND, None),
+    Status.OUT_OF_RANGE: (Kind.BAD_REQUEST, CONTEXT_LENGTH_EXCEEDED),  # the prompt does not fit the context
+    Status.FAILED_PRECONDITION: (Kind.BAD_REQUEST, None),
 }
 
 
@@ -158,9 +158,10 @@ def _floats(embedding: edge_pb2.Embedding) -> np.ndarray:
 
 def _classify(exc: BaseException) -> Exception:
     if isinstance(exc, GRPCError):
-        kind = _CLIENT_ERRORS.get(exc.status)
-        if kind is not None:
-            return GatewayError(kind, exc.message or exc.status.name)
+        refusal = _CLIENT_ERRORS.get(exc.status)
+        if refusal is not None:
+            kind, code = refusal
+            return GatewayError(kind, exc.message or exc.status.name, code=code)
         if exc.status == Status.DEADLINE_EXCEEDED:
             return UpstreamFailure(f"edge timed out: {exc.message}", timeout=True)
         if exc.status == Status.UNAVAILABLE:  # draining or loading: it did none of the work

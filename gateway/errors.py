@@ -35,6 +35,11 @@ class Kind(enum.Enum):
         return self.value[1]
 
 
+# OpenAI's code for a prompt (or prompt and max_tokens) longer than the model's context: clients
+# key on it to shorten and retry.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 class GatewayError(Exception):
     """A refusal or failure that reaches the client as an OpenAI-style error body."""
 

@@ -1,6 +1,6 @@
 """Generation engine: scheduler, KV cache, sampler; it never knows which model family it runs."""
 
 from core.engine.engine import Engine, GenerationResult
-from core.engine.request import GenerationEvent, GenerationRequest
+from core.engine.request import ContextOverflow, GenerationEvent, GenerationRequest
 
-__all__ = ["Engine", "GenerationEvent", "GenerationRequest", "GenerationResult"]
+__all__ = ["ContextOverflow", "Engine", "GenerationEvent", "GenerationRequest", "GenerationResult"]

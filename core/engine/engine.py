@@ -22,7 +22,7 @@ from torch import nn
 
 from core.engine.cuda_graphs import DecodeGraphs
 from core.engine.kv_cache import PagedKVCache
-from core.engine.request import GenerationEvent, GenerationRequest
+from core.engine.request import ContextOverflow, GenerationEvent, GenerationRequest
 from core.engine.sampler import SamplingParams, sample
 from core.engine.scheduler import EventHandler, Scheduler, Sequence
 from core.engine.text import TextStream
@@ -155,9 +155,9 @@ class Engine:
                 raise ValueError(f"{name} holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         total = len(r.prompt_ids) + len(r.prefix_token_ids)
         if total >= self.max_seq_len:
-            raise ValueError(f"prompt of {total} tokens leaves no room in the context of {self.max_seq_len}")
+            raise ContextOverflow(f"prompt of {total} tokens leaves no room in the context of {self.max_seq_len}")
         if len(r.prompt_ids) + r.max_tokens > self.max_seq_len:
-            raise ValueError(f"max_tokens {r.max_tokens} exceeds the context: a prompt of {len(r.prompt_ids)} tokens "
+            raise ContextOverflow(f"max_tokens {r.max_tokens} exceeds the context: a prompt of {len(r.prompt_ids)} tokens "
                              f"leaves room for at most {self.max_seq_len - len(r.prompt_ids)} in {self.max_seq_len}")
         blocks = self.cache.blocks_for(len(r.prompt_ids) + r.max_tokens)
         if blocks > self.cache.num_blocks:

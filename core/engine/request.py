@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class ContextOverflow(ValueError):
+    """The prompt, or the prompt and max_tokens, does not fit in the model's context."""
+
+
 @dataclass
 class GenerationRequest:
     """One completion to generate from `prompt_ids`.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from core.engine import Engine, GenerationEvent, GenerationRequest
+from core.engine import ContextOverflow, Engine, GenerationEvent, GenerationRequest
 from core.model.loader import load_model
 from core.tokenizer import Tokenizer
 from core.triton.live_requests import LiveRequests
@@ -32,6 +32,13 @@ CANCEL_POLL_S = 0.05
 
 class BadInput(ValueError):
     """A request the model refuses, with the message the client sees."""
+
+
+def refusal(exc: ValueError) -> str:
+    """The error text of a refused request: "bad input: MESSAGE", or "bad input [CODE]: MESSAGE"
+    when the client can act on the reason (the gateway hands the code on as OpenAI's `code`)."""
+    code = " [context_length_exceeded]" if isinstance(exc, ContextOverflow) else ""
+    return f"bad input{code}: {exc}"
 
 
 def _optional(request, name: str) -> np.ndarray | None:
@@ -187,7 +194,7 @@ class TritonPythonModel:
                 self.engine.submit(gen, responder)
             except (BadInput, ValueError) as exc:
                 self._forget_quietly(gen)
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}")), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(refusal(exc))), flags=FINAL)
             except Exception as exc:  # never let one request take the model down
                 log.exception("request failed")
                 self._forget_quietly(gen)

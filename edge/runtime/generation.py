@@ -28,6 +28,10 @@ from edge.runtime.sessions import cpu_session
 DEFAULT_MAX_TOKENS = 16  # what OpenAI's completions API assumes when max_tokens is not given
 
 
+class ContextOverflow(ValueError):
+    """The prompt leaves no room for a completion in the model's context."""
+
+
 @dataclass(frozen=True)
 class LMMeta:
     """What `meta.json` says about an exported decoder."""
@@ -261,7 +265,7 @@ class SmallLM:
         if bad:
             raise ValueError(f"prefix_token_ids outside the vocabulary [0, {self.meta.vocab_size}): {bad[:5]}")
         if len(ids) + len(prefix) >= self.meta.max_context:
-            raise ValueError(
+            raise ContextOverflow(
                 f"prompt of {len(ids) + len(prefix)} tokens leaves no room in the context of {self.meta.max_context}"
             )
 

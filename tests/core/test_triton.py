@@ -236,7 +236,7 @@ async def test_triton_generate_endpoints(server, client):
     assert len(events) > 2 and events[-1]["finish_reason"] == "length"
     assert "".join(e["text_output"] for e in events) == grpc["text"]
     status, text = await asyncio.to_thread(post, f"{base}/generate", {"text_input": "Hi", "max_tokens": 99999})
-    assert status == 400 and "bad input: max_tokens 99999 exceeds the context" in text
+    assert status == 400 and "bad input [context_length_exceeded]: max_tokens 99999 exceeds the context" in text
 
 
 def gauge(server: Server, name: str) -> int:

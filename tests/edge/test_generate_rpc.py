@@ -122,7 +122,7 @@ async def test_a_stop_string_ends_the_text_before_it(stub: EdgeStub) -> None:
         (dict(model=LM, prompt="hi", temperature=-1), Status.INVALID_ARGUMENT, "temperature"),
         (dict(model=LM, prompt="hi", temperature=float("inf")), Status.INVALID_ARGUMENT, "finite"),
         (dict(model=LM, prompt="hi", prefix_token_ids=[10**6]), Status.INVALID_ARGUMENT, "vocabulary"),
-        (dict(model=LM, prompt="word " * 5000), Status.INVALID_ARGUMENT, "context"),
+        (dict(model=LM, prompt="word " * 5000), Status.OUT_OF_RANGE, "leaves no room in the context"),
         (dict(model=LM, prompt="hi", stop=["x"] * 20), Status.INVALID_ARGUMENT, "stop strings"),
         (dict(model=LM, prompt="hi", messages=[edge_pb2.ChatMessage(role="user", content="hi")]),
          Status.INVALID_ARGUMENT, "not both"),

@@ -213,11 +213,17 @@ def test_openai_package_unchanged(stack):
     assert {m.id for m in client.models.list()} >= {EMBED_MODEL, CORE_MODEL}
 
 
-async def test_core_refusal_is_400_and_core_keeps_serving(stack):
-    too_long = "word " * 5000  # past the local model's context
+@pytest.mark.parametrize("model", [CORE_MODEL, "edge-small"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_past_the_context_is_openai_s_400_and_the_tier_keeps_serving(stack, model, stream):
+    too_long = "word " * 5000  # past either local model's context
     async with h3_client(stack.h3_host, stack.h3_port, stack.api_key) as c:
-        r = await c.post("/v1/completions", json={"model": CORE_MODEL, "prompt": too_long, "max_tokens": 4})
-        assert r.status == 400, r.body
-        assert r.json()["error"]["type"] == "invalid_request_error"
-        ok = await c.post("/v1/completions", json={"model": CORE_MODEL, "prompt": "fine", "max_tokens": 2})
+        for path, field, value in (("/v1/completions", "prompt", too_long),
+                                   ("/v1/chat/completions", "messages", [{"role": "user", "content": too_long}])):
+            r = await c.post(path, json={"model": model, field: value, "max_tokens": 4, "stream": stream})
+            assert r.status == 400, r.body  # refused before any answer began, streamed or not
+            error = r.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded", field)
+            assert "leaves no room in the context" in error["message"]
+        ok = await c.post("/v1/completions", json={"model": model, "prompt": "fine", "max_tokens": 2})
         assert ok.status == 200
