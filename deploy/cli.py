@@ -189,12 +189,18 @@ def cmd_core(args: argparse.Namespace) -> int:
     """Write a model repository for one checkpoint and exec tritonserver on it."""
     from pathlib import Path
 
+    from core.model.config import ModelConfig
     from core.triton.repository import CoreModelSpec, write_model_repository
     from core.triton.server import TritonServerSpec, remove_stale_shm_regions, tritonserver_command
 
     checkpoint = Path(args.checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
         print(f"error: {checkpoint} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    try:  # here, in one line, rather than from inside Triton's model load after it started
+        ModelConfig.from_file(checkpoint)
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        print(f"error: {checkpoint} cannot be served by the core: {exc}", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "float32")
     work = Path(args.workdir).resolve()
