@@ -20,6 +20,7 @@ from collections.abc import Callable
 from msgspec.structs import replace
 from pathlib import Path
 
+from core.model.config import check_checkpoint
 from core.triton.repository import CoreModelSpec, write_model_repository
 from core.triton.server import TritonServerSpec, remove_stale_shm_regions, tritonserver_command
 from deploy.processes import Child, pid_alive, process_start_time, stop_all
@@ -132,6 +133,12 @@ class LocalStack:
         if missing:
             names = ", ".join(f"{m.name} ({m.path})" for m in missing)
             raise StackError(f"model artefacts missing: {names}. Run `make models` (or `meridian models`) first.")
+        for m in self.topology.models:
+            if m.tier == "core":
+                try:  # before anything starts, rather than from inside each Triton's model load
+                    check_checkpoint(Path(m.path))
+                except ValueError as exc:
+                    raise StackError(f"model {m.name}: {exc}") from None
 
     def _log(self, name: str) -> Path:
         return self.settings.log_dir / f"{name}.log"

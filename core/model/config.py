@@ -152,6 +152,16 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def check_checkpoint(path: Path) -> ModelConfig:
+    """The config of checkpoint folder `path`; a ValueError saying why when the core cannot serve it."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint directory (no config.json)")
+    try:
+        return ModelConfig.from_file(path)
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} cannot be served by the core: {exc}") from None
+
+
 def _first(raw: dict, *keys: str):
     """The value of the first of `keys` that config.json has (transformers writes either spelling)."""
     for key in keys:
