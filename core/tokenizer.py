@@ -7,9 +7,11 @@ transformers' apply_chat_template does, so the core needs no transformers at ser
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -25,6 +27,38 @@ def _token_text(value) -> str | None:
 
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationBlocks(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it for
+    training masks; rendering keeps the body (in its own scope, as transformers' CallBlock)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """`source` in transformers' own environment: trim_blocks, lstrip_blocks, loop controls,
+    generation blocks, its tojson (no HTML escaping) and globals (Llama 3 dates its system turn with
+    strftime_now). The edge renders its models' templates the same way (edge/runtime/chat.py; the
+    layers may not share code)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlocks, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 class Tokenizer:
@@ -43,12 +77,7 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self._template = None
         if template is not None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-                x, indent=indent, ensure_ascii=ensure_ascii)
-            env.globals["raise_exception"] = _raise_exception
-            self._template = env.from_string(template)
+            self._template = compile_chat_template(template)
         self.eos_token_ids = frozenset(self._eos_ids(path))
         self.vocab_size = self._tok.get_vocab_size()
 

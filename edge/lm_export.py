@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
 from edge.lm_graph import DecoderStep, UnsupportedCheckpoint, check_supported
 from edge.quantize import lm_top1_agreement, quantize_int8, settle_int8
+from edge.runtime.chat import ChatTemplate
 from edge.runtime.generation import SmallLM
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
 
@@ -104,6 +105,7 @@ def check_checkpoint(checkpoint: Path) -> None:
     except (OSError, ValueError) as exc:  # unreadable JSON, or a model_type transformers does not know
         raise UnsupportedCheckpoint(f"{checkpoint / 'config.json'}: {exc}") from None
     check_supported(config)
+    read_chat_template(checkpoint)  # one that does not compile fails here, not on every chat request
 
 
 def _build(checkpoint: Path | None, out: Path, fp: str) -> None:
@@ -234,7 +236,12 @@ def read_chat_template(checkpoint: Path) -> dict | None:
         template = template.get("default")
     if not template:
         return None
-    return {"source": template, "bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    found = {"source": template, "bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    try:
+        ChatTemplate(**found).check()
+    except ValueError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from None
+    return found
 
 
 def _verify(model: torch.nn.Module, out: Path) -> None:

@@ -13,6 +13,7 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -41,6 +42,18 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template refused these messages: {exc}") from None
 
+    def check(self) -> None:
+        """Compile the template now (the export does, so that a broken one fails the build, not
+        every chat request); ValueError naming the problem."""
+        if self.source is None:
+            return
+        import jinja2
+
+        try:
+            _compiled(self.source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"the chat template does not compile: {exc.message} (line {exc.lineno})") from None
+
 
 def transcript(messages: Messages) -> str:
     """`role: content` lines and a last `assistant:` line."""
@@ -58,13 +71,34 @@ def _check(messages: Messages) -> None:
 @functools.lru_cache(maxsize=8)
 def _compiled(source: str):
     import jinja2
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlocks(Extension):
+        """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it
+        for training masks; rendering keeps the body (in its own scope, as transformers' CallBlock)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller) -> str:
+            return caller()
 
     def raise_exception(message: str):
         raise jinja2.TemplateError(message)
 
-    # transformers' own environment: trim_blocks, lstrip_blocks, loop controls, its tojson.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # transformers' own environment: trim_blocks, lstrip_blocks, loop controls, generation blocks, its
+    # tojson (no HTML escaping) and its globals (Llama 3's templates date the system turn with strftime_now).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlocks, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)

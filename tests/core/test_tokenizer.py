@@ -69,3 +69,22 @@ def test_a_checkpoint_without_a_chat_template_refuses_chats_naming_what_to_send(
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"send a prompt \(/v1/completions\)"):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_a_llama3_style_template_renders_as_transformers_renders_it(local_checkpoint, tmp_path, messages):
+    """strftime_now, namespaces, tojson without HTML escaping and a {% generation %} block."""
+    import json
+    import shutil
+
+    from tests.support.chat_templates import LLAMA3_TEMPLATE
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(local_checkpoint / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = LLAMA3_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert Tokenizer(tmp_path).apply_chat_template(messages) == expected
+    assert "Today Date: " in expected and '"<Zürich & co>"' in expected

@@ -12,6 +12,7 @@ import pytest
 from edge.lm_export import read_chat_template
 from edge.runtime.chat import ChatTemplate, transcript
 from edge.runtime.generation import SmallLM
+from tests.support.chat_templates import LLAMA3_TEMPLATE
 
 # A ChatML-style template with the constructs real ones use: bos, a system-role branch, loop
 # variables, `raise_exception`, the generation prompt and whitespace control.
@@ -25,6 +26,8 @@ TEMPLATE = (
     "{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}"
 )
 
+TEMPLATES = {"chatml": TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+
 CHATS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Where is Zürich? 🙂"}],
@@ -32,27 +35,42 @@ CHATS = [
 ]
 
 
-@pytest.fixture()
-def checkpoint_with_template(small_lm_dir: Path, tmp_path: Path) -> Path:
-    """The generated checkpoint, given TEMPLATE in its tokenizer_config.json."""
-    checkpoint = shutil.copytree(small_lm_dir / "checkpoint", tmp_path / "checkpoint")
+def with_template(small_lm_dir: Path, dest: Path, template: str) -> Path:
+    """The generated checkpoint, given `template` in its tokenizer_config.json."""
+    checkpoint = shutil.copytree(small_lm_dir / "checkpoint", dest)
     config_path = checkpoint / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = TEMPLATE
+    config["chat_template"] = template
     config_path.write_text(json.dumps(config))
     return checkpoint
 
 
+@pytest.fixture()
+def checkpoint_with_template(small_lm_dir: Path, tmp_path: Path) -> Path:
+    return with_template(small_lm_dir, tmp_path / "checkpoint", TEMPLATE)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("messages", CHATS)
-def test_a_template_renders_as_transformers_renders_it(checkpoint_with_template: Path, messages) -> None:
+def test_a_template_renders_as_transformers_renders_it(small_lm_dir: Path, tmp_path: Path, name: str, messages) -> None:
     from transformers import AutoTokenizer
 
-    exported = read_chat_template(checkpoint_with_template)
-    assert exported is not None and exported["source"] == TEMPLATE
-    reference = AutoTokenizer.from_pretrained(checkpoint_with_template)
+    checkpoint = with_template(small_lm_dir, tmp_path / "checkpoint", TEMPLATES[name])
+    exported = read_chat_template(checkpoint)
+    assert exported is not None and exported["source"] == TEMPLATES[name]
+    reference = AutoTokenizer.from_pretrained(checkpoint)
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ChatTemplate(**exported).render(messages) == expected
-    assert expected.startswith("<s><|im_start|>")  # the bos string came through
+    assert expected.startswith("<s><|")  # the bos string came through
+
+
+def test_a_template_that_does_not_compile_fails_the_export_before_any_work(small_lm_dir: Path, tmp_path: Path) -> None:
+    from edge.lm_export import ExportError, build_small_lm
+
+    checkpoint = with_template(small_lm_dir, tmp_path / "checkpoint", "{% for m in messages %}{{ m['content'] }}")
+    with pytest.raises(ExportError, match=r"the chat template does not compile: .*endfor"):
+        build_small_lm(tmp_path / "export", checkpoint=checkpoint)
+    assert not (tmp_path / "export").exists()
 
 
 def test_a_templated_chat_encodes_to_the_ids_transformers_gives(checkpoint_with_template: Path, small_lm_dir: Path,
