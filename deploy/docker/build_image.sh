@@ -114,7 +114,11 @@ copy_edge_models() {
     for model in all-minilm-l6-v2 edge-small; do
         # Only what the runtime reads: the generated PyTorch checkpoint stays on the host.
         mkdir -p "$CONTEXT/models/edge/$model"
-        cp "$CACHE/edge/$model/"{meta.json,tokenizer.json,model.onnx,model.int8.onnx} "$CONTEXT/models/edge/$model/"
+        cp "$CACHE/edge/$model/"{meta.json,tokenizer.json,model.onnx} "$CONTEXT/models/edge/$model/"
+        # The int8 weights exist only where they passed their quality gate at build time.
+        if [ -f "$CACHE/edge/$model/model.int8.onnx" ]; then
+            cp "$CACHE/edge/$model/model.int8.onnx" "$CONTEXT/models/edge/$model/"
+        fi
     done
 }
 
