@@ -96,6 +96,7 @@ def _compiled(source: str):
 
     # transformers' own environment: trim_blocks, lstrip_blocks, loop controls, generation blocks, its
     # tojson (no HTML escaping) and its globals (Llama 3's templates date the system turn with strftime_now).
+    # The core's twin is core/tokenizer.py's compile_chat_template: edge and core may not import each other.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[GenerationBlocks, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
