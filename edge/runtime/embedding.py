@@ -1,4 +1,4 @@
-"""Sentence embeddings from an exported encoder: tokenize, run ONNX, mean-pool, L2-normalise.
+"""Sentence embeddings from an exported encoder: tokenize, run ONNX, pool (mean or CLS), L2-normalise.
 
 No server code here: the mobile SDK runs this same loop on device. The model folder is what
 `edge.export.build_embedding_model` writes: `model.onnx`, `tokenizer.json` and `meta.json`.
@@ -49,8 +49,8 @@ class EmbeddingMeta:
             normalize=bool(raw["normalize"]),
             fingerprint=str(raw.get("fingerprint", "")),
         )
-        if meta.pooling != "mean":
-            raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported (only 'mean')")
+        if meta.pooling not in POOLINGS:
+            raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported; supported: {', '.join(POOLINGS)}")
         return meta
 
 
@@ -80,6 +80,7 @@ class EmbeddingModel:
         self.sessions = list(sessions)
         self.tokenizer = tokenizer
         self.meta = meta
+        self._pool = POOLINGS[meta.pooling]
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
             self._free.put(session)
@@ -108,7 +109,7 @@ class EmbeddingModel:
         return self.meta.dimension
 
     def embed(self, texts: list[str]) -> EmbedResult:
-        """Embed `texts` exactly as sentence-transformers would (mean pooling, then L2 norm)."""
+        """Embed `texts` exactly as sentence-transformers would (the model's pooling, then L2 norm)."""
         if not texts:
             return EmbedResult(np.zeros((0, self.dimension), np.float32), 0)
         encodings = self.tokenizer.encode_batch(texts)
@@ -128,7 +129,7 @@ class EmbeddingModel:
                 width = int(lengths[rows].max())  # padding is on the right: columns past it are padding only
                 feeds = {name: np.ascontiguousarray(array[rows, :width]) for name, array in inputs.items()}
                 (hidden,) = session.run(["last_hidden_state"], feeds)
-                vectors[rows] = mean_pool(hidden, feeds["attention_mask"])
+                vectors[rows] = self._pool(hidden, feeds["attention_mask"])
         finally:
             self._free.put(session)
         if self.meta.normalize:
@@ -164,6 +165,11 @@ def length_groups(lengths: np.ndarray, call_cost: int = CALL_COST_TOKENS) -> lis
     return groups[::-1]
 
 
+def cls_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each row's first token vector (BERT's [CLS])."""
+    return hidden[:, 0]
+
+
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Average the token vectors of each row over its real (unpadded) tokens."""
     weights = mask[:, :, None].astype(hidden.dtype)
@@ -175,6 +181,9 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Scale each row to unit length (zero rows stay zero), as torch's F.normalize does."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.clip(norms, 1e-12, None)
+
+
+POOLINGS = {"mean": mean_pool, "cls": cls_pool}
 
 
 def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:
