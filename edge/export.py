@@ -83,7 +83,7 @@ INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/")
 
 
 class ExportError(RuntimeError):
-    """The export ran but its result does not match the PyTorch model."""
+    """A source the export cannot take, or an export whose result does not match the PyTorch model."""
 
 
 def source_dir() -> Path:
@@ -112,7 +112,10 @@ def build_embedding_model(dest: Path, *, force: bool = False, source: Path | Non
     in `dest` unless an identical build is there."""
     src = source_dir() if source is None else Path(source).resolve()
     if source is not None:
-        check_source(src)
+        try:
+            check_source(src)
+        except (ValueError, KeyError) as exc:  # a config file that is not JSON, or lacks a key
+            raise ExportError(f"{src}: unreadable sentence-transformers config: {exc!r}") from None
     wanted = fingerprint(src)
     return build_atomically(dest, wanted, lambda out: _build(src, out, wanted, packaged=source is None),
                             force=force, tag=TAG)
