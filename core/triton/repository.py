@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,17 @@ def config_pbtxt(spec: CoreModelSpec) -> str:
 
 
 def write_model_repository(root: Path, models: list[CoreModelSpec]) -> Path:
-    """Write (or refresh) one model directory per spec under `root`; returns `root`."""
+    """Make `root` hold exactly one model directory per spec (written or refreshed); returns `root`.
+
+    Models an earlier run wrote there and these specs no longer name are removed: Triton loads every
+    model of its repository, and one left from a run with another checkpoint would fail this one.
+    """
     root = Path(root)
     project_root = str(Path(core.__file__).resolve().parent.parent)
+    wanted = {spec.name for spec in models}
+    for stale in root.glob("*/config.pbtxt") if root.is_dir() else ():
+        if stale.parent.name not in wanted:
+            shutil.rmtree(stale.parent)
     for spec in models:
         version = root / spec.name / "1"
         version.mkdir(parents=True, exist_ok=True)
