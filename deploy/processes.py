@@ -35,6 +35,7 @@ class Child:
     # what a killed run leaves behind.
     cleanup: Callable[[], object] | None = field(default=None, repr=False)
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    _log_start: int = field(default=0, repr=False)  # where this run's output begins in the log
 
     def start(self, *, die_with_parent: bool = True) -> None:
         """Start the process, its output appended to its log file. Started again, it first kills
@@ -47,6 +48,7 @@ class Child:
         if self.cleanup is not None:
             self.cleanup()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -98,9 +100,12 @@ class Child:
         self.kill()
 
     def log_tail(self, lines: int = 25) -> str:
-        """The last lines of the child's log, for error reports."""
+        """The last lines the child's current run wrote to its log, for error reports (the log is
+        appended to across runs: an earlier run's lines would read as this one's)."""
         try:
-            text = self.log_path.read_text(errors="replace").splitlines()
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_start)
+                text = log.read().decode(errors="replace").splitlines()
         except OSError:
             return ""
         return "\n".join(text[-lines:])

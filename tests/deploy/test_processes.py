@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -58,3 +59,13 @@ def test_a_child_s_cleanup_runs_once_it_is_gone_and_before_each_start(tmp_path: 
     child.start()
     child.stop(timeout=5)
     assert calls == [False, False, False, False]  # every call found no process of it running
+
+
+def test_the_log_tail_is_the_current_run_s_only(tmp_path: Path):
+    log = tmp_path / "child.log"
+    log.write_text("an earlier run's last words\n")
+    child = Child("echo", [sys.executable, "-c", "print('this run')"], log)
+    child.start(die_with_parent=False)
+    child.proc.wait(10)
+    assert child.log_tail() == "this run"
+    assert log.read_text().startswith("an earlier run's")  # still appended, not truncated
