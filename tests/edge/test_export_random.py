@@ -72,7 +72,7 @@ def test_an_export_that_does_not_match_pytorch_is_refused(architecture: Path, tm
         """Export a model with one weight off, then put it back: the ONNX no longer matches PyTorch."""
         import torch
 
-        weight = dict(model.named_parameters())["bert.encoder.layer.0.intermediate.dense.weight"]
+        weight = dict(model.named_parameters())["encoder.layer.0.intermediate.dense.weight"]
         noise = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             weight.add_(noise)

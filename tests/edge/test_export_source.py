@@ -1,8 +1,10 @@
 """An embedding model users bring: a sentence-transformers folder exported and checked against
 sentence-transformers' own `encode`.
 
-Tiny seeded BERT encoders (all-MiniLM-L6-v2's tokenizer, 32 hidden units) stand in for a user's,
-saved by sentence-transformers itself, with mean or CLS pooling, normalised or not.
+Tiny seeded encoders (32 hidden units) stand in for a user's, saved by sentence-transformers itself:
+BERT with all-MiniLM-L6-v2's tokenizer, mean or CLS pooling, normalised or not; RoBERTa, XLM-RoBERTa
+and MPNet with tokenizers of their own kind (byte-level BPE, unigram, WordPiece) trained here, whose
+pad token is 1 and whose position table has rows positions never reach.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge.export import ExportError, build_embedding_model, main
+from edge.lm_checkpoint import CORPUS
 from edge.runtime.embedding import EmbeddingModel
 
 st = pytest.importorskip("sentence_transformers")
@@ -43,6 +46,76 @@ def write_sentence_transformer(dest: Path, package_model_dir: Path, pooling: str
     return dest
 
 
+def write_tokenizer(dest: Path, family: str) -> None:
+    """A small trained tokenizer of the kind `family` ships, saved as transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's order: pad is 1
+    if family == "roberta":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif family == "xlm-roberta":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    else:  # mpnet: WordPiece, BERT's pre-tokenizer, RoBERTa's special tokens
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", model_max_length=MAX_POSITIONS - 2, model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(dest)
+
+
+MAX_POSITIONS = 40  # rows of the position table; RoBERTa-style positions start at 2, so 38 tokens fit
+
+
+def write_family_transformer(dest: Path, family: str) -> Path:
+    """A seeded random `family` encoder with its own kind of tokenizer, as a sentence-transformers folder."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    encoder = dest.parent / f"{dest.name}-encoder"
+    write_tokenizer(encoder, family)
+    vocab = len(json.loads((encoder / "tokenizer.json").read_text())["model"]["vocab"])
+    config = AutoConfig.for_model(family, vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=MAX_POSITIONS,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(encoder)
+    modules = [st_models.Transformer(str(encoder)), st_models.Pooling(32, pooling_mode="mean"), st_models.Normalize()]
+    st.SentenceTransformer(modules=modules, device="cpu").save(str(dest))
+    return dest
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "mpnet"])
+def test_each_encoder_family_embeds_as_sentence_transformers_does(tmp_path: Path, family: str) -> None:
+    source = write_family_transformer(tmp_path / family, family)
+    export = build_embedding_model(tmp_path / "export", source=source)
+    meta = json.loads((export / "meta.json").read_text())
+    assert (meta["family"], meta["inputs"]) == (family, ["input_ids", "attention_mask"])
+    assert meta["padding"] == {"pad_id": 1, "pad_token": "<pad>"}
+    assert meta["max_seq_length"] == MAX_POSITIONS - 2
+    model = EmbeddingModel.load(export)
+    ours = model.embed(TEXTS)
+    expected = st.SentenceTransformer(str(source), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(ours.vectors, expected, atol=2e-5)
+    assert ours.token_counts[3] == MAX_POSITIONS - 2  # the long text fills every position there is
+    assert float(ours.vectors[0] @ ours.vectors[1]) < 0.99  # different texts, different vectors
+    padded = model.tokenizer.encode_batch(["a", "a longer sentence"])[0]
+    assert padded.ids[-1] == 1 and padded.attention_mask[-1] == 0  # batches pad with the family's <pad>
+
+
 @pytest.mark.parametrize(("pooling", "normalize"), [("cls", True), ("mean", False)])
 def test_a_sentence_transformers_folder_embeds_as_its_library_does(
     tmp_path: Path, package_model_dir: Path, pooling: str, normalize: bool
@@ -62,7 +135,7 @@ def test_a_sentence_transformers_folder_embeds_as_its_library_does(
     ("change", "fragment"),
     [
         ("max-pooling", "pooling max is not supported; supported: mean, cls"),
-        ("roberta", "model_type 'roberta' is not supported"),
+        ("distilbert", "model_type 'distilbert' is not supported; supported: bert, roberta, xlm-roberta, mpnet"),
         ("dense-module", "are not supported; supported: Transformer, Pooling[, Normalize]"),
         ("no-tokenizer", "tokenizer.json is missing"),
     ],
@@ -74,9 +147,9 @@ def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
     if change == "max-pooling":
         legacy = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}
         (source / "1_Pooling" / "config.json").write_text(json.dumps(legacy))  # the spelling of older releases
-    elif change == "roberta":
+    elif change == "distilbert":
         config = json.loads((source / "config.json").read_text())
-        (source / "config.json").write_text(json.dumps(config | {"model_type": "roberta"}))
+        (source / "config.json").write_text(json.dumps(config | {"model_type": "distilbert"}))
     elif change == "dense-module":
         modules = json.loads((source / "modules.json").read_text())
         modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
