@@ -2,7 +2,8 @@
 
 All of them run as embeddings, then encoder layers under an additive attention mask, which is what
 `edge.export` traces. Families and the embedding models they carry: bert (all-MiniLM, BGE, GTE, E5),
-roberta and xlm-roberta (multilingual E5, BGE-M3), mpnet (all-mpnet-base-v2). Plain data, no torch:
+roberta and xlm-roberta (multilingual E5, BGE-M3), mpnet (all-mpnet-base-v2), distilbert
+(multi-qa-distilbert, msmarco-distilbert). Plain data, no torch:
 the export's checks of a folder run before anything heavy is imported.
 """
 
@@ -20,6 +21,7 @@ class Family:
     # RoBERTa-style position ids count from padding_idx + 1, so that many rows of the position
     # table are never used; None where positions start at 0 (BERT).
     padding_idx: str | int | None = None  # a config attribute naming it, or the family's constant
+    encoder: str = "encoder"  # the model's attribute holding its layers
 
 
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -30,6 +32,7 @@ FAMILIES = {
     "roberta": Family(ROBERTA_INPUTS, padding_idx="pad_token_id"),
     "xlm-roberta": Family(ROBERTA_INPUTS, padding_idx="pad_token_id"),
     "mpnet": Family(ROBERTA_INPUTS, padding_idx=1),  # MPNetEmbeddings fixes it at 1
+    "distilbert": Family(ROBERTA_INPUTS, encoder="transformer"),  # BERT without token types
 }
 
 
@@ -42,6 +45,11 @@ def family_of(model_type: str | None) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedEncoder(f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def hidden_size(config: Mapping) -> int:
+    """The width of the token states of `config` (config.json's contents): DistilBERT calls it `dim`."""
+    return int(config.get("hidden_size") or config["dim"])
 
 
 def max_positions(config: Mapping) -> int:

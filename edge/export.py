@@ -6,7 +6,7 @@ The build is skipped when DEST already holds a build with the same fingerprint, 
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
 `--source DIR` exports a sentence-transformers model of your own instead: an encoder of a family in
-`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet), mean or CLS pooling, optionally
+`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT), mean or CLS pooling, optionally
 normalised; it is checked against sentence-transformers' own `encode`.
 
 For throughput measurements on machines without the package (its weights are 90 MB):
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
-from edge.encoder_families import UnsupportedEncoder, family_of, max_positions
+from edge.encoder_families import UnsupportedEncoder, family_of, hidden_size, max_positions
 from edge.quantize import embedding_cosine, quantize_int8, settle_int8
 from edge.runtime.embedding import EmbeddingModel
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
@@ -80,7 +80,8 @@ ARCHITECTURE_FILES = ("config.json", TOKENIZER_FILE, "sentence_bert_config.json"
                       "1_Pooling/config.json")
 # The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
 # scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
-INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/")
+# BERT-style names first, then DistilBERT's.
+INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/", r"/ffn/lin[12]/")
 
 
 class ExportError(RuntimeError):
@@ -221,9 +222,10 @@ def _load_torch_model(src: Path, seed: int | None = None) -> torch.nn.Module:
 
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
-            self.input_names = family_of(model.config.model_type).inputs
+            family = family_of(model.config.model_type)
+            self.input_names = family.inputs
             self.embeddings = model.embeddings
-            self.encoder = model.encoder
+            self.encoder = getattr(model, family.encoder)
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
@@ -355,7 +357,7 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
         "padding": _padding(src, model_config),
         "output": OUTPUT_NAME,
         "family": model_config["model_type"],
-        "hidden_size": int(model_config["hidden_size"]),
+        "hidden_size": hidden_size(model_config),
         "source": source,
         "exporter": {
             "version": EXPORTER_VERSION,

@@ -2,9 +2,9 @@
 sentence-transformers' own `encode`.
 
 Tiny seeded encoders (32 hidden units) stand in for a user's, saved by sentence-transformers itself:
-BERT with all-MiniLM-L6-v2's tokenizer, mean or CLS pooling, normalised or not; RoBERTa, XLM-RoBERTa
-and MPNet with tokenizers of their own kind (byte-level BPE, unigram, WordPiece) trained here, whose
-pad token is 1 and whose position table has rows positions never reach.
+BERT and DistilBERT with all-MiniLM-L6-v2's tokenizer, mean or CLS pooling, normalised or not;
+RoBERTa, XLM-RoBERTa and MPNet with tokenizers of their own kind (byte-level BPE, unigram, WordPiece)
+trained here, whose pad token is 1 and whose position table has rows positions never reach.
 """
 
 from __future__ import annotations
@@ -80,17 +80,23 @@ def write_tokenizer(dest: Path, family: str) -> None:
 MAX_POSITIONS = 40  # rows of the position table; RoBERTa-style positions start at 2, so 38 tokens fit
 
 
-def write_family_transformer(dest: Path, family: str) -> Path:
+def write_family_transformer(dest: Path, family: str, package_model_dir: Path) -> Path:
     """A seeded random `family` encoder with its own kind of tokenizer, as a sentence-transformers folder."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     encoder = dest.parent / f"{dest.name}-encoder"
-    write_tokenizer(encoder, family)
+    if family == "distilbert":  # BERT's tokenizer, [PAD] = 0; its config spells the sizes its own way
+        encoder.mkdir()
+        for name in TOKENIZER_FILES:
+            shutil.copy(package_model_dir / name, encoder / name)
+        sizes = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=0)
+    else:
+        write_tokenizer(encoder, family)
+        sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
     vocab = len(json.loads((encoder / "tokenizer.json").read_text())["model"]["vocab"])
-    config = AutoConfig.for_model(family, vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=MAX_POSITIONS,
-                                  pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    config = AutoConfig.for_model(family, vocab_size=vocab, max_position_embeddings=MAX_POSITIONS, **sizes)
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(encoder)
     modules = [st_models.Transformer(str(encoder)), st_models.Pooling(32, pooling_mode="mean"), st_models.Normalize()]
@@ -98,22 +104,31 @@ def write_family_transformer(dest: Path, family: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "mpnet"])
-def test_each_encoder_family_embeds_as_sentence_transformers_does(tmp_path: Path, family: str) -> None:
-    source = write_family_transformer(tmp_path / family, family)
+# family -> (pad token, positions an input may fill)
+FAMILY_CASES = {"roberta": ((1, "<pad>"), MAX_POSITIONS - 2), "xlm-roberta": ((1, "<pad>"), MAX_POSITIONS - 2),
+                "mpnet": ((1, "<pad>"), MAX_POSITIONS - 2), "distilbert": ((0, "[PAD]"), MAX_POSITIONS)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_each_encoder_family_embeds_as_sentence_transformers_does(
+    tmp_path: Path, package_model_dir: Path, family: str
+) -> None:
+    (pad_id, pad_token), positions = FAMILY_CASES[family]
+    source = write_family_transformer(tmp_path / family, family, package_model_dir)
     export = build_embedding_model(tmp_path / "export", source=source)
     meta = json.loads((export / "meta.json").read_text())
-    assert (meta["family"], meta["inputs"]) == (family, ["input_ids", "attention_mask"])
-    assert meta["padding"] == {"pad_id": 1, "pad_token": "<pad>"}
-    assert meta["max_seq_length"] == MAX_POSITIONS - 2
+    assert (meta["family"], meta["inputs"], meta["hidden_size"]) == (family, ["input_ids", "attention_mask"], 32)
+    assert meta["padding"] == {"pad_id": pad_id, "pad_token": pad_token}
+    assert meta["max_seq_length"] == positions
+    assert meta["int8"]["fp32_matmuls"] == 2 * 2  # both feed-forward MatMuls of both layers stay fp32
     model = EmbeddingModel.load(export)
     ours = model.embed(TEXTS)
     expected = st.SentenceTransformer(str(source), device="cpu").encode(TEXTS, convert_to_numpy=True)
     np.testing.assert_allclose(ours.vectors, expected, atol=2e-5)
-    assert ours.token_counts[3] == MAX_POSITIONS - 2  # the long text fills every position there is
+    assert ours.token_counts[3] == positions  # the long text fills every position there is
     assert float(ours.vectors[0] @ ours.vectors[1]) < 0.99  # different texts, different vectors
     padded = model.tokenizer.encode_batch(["a", "a longer sentence"])[0]
-    assert padded.ids[-1] == 1 and padded.attention_mask[-1] == 0  # batches pad with the family's <pad>
+    assert padded.ids[-1] == pad_id and padded.attention_mask[-1] == 0  # batches pad with the family's pad
 
 
 @pytest.mark.parametrize(("pooling", "normalize"), [("cls", True), ("mean", False)])
@@ -135,7 +150,7 @@ def test_a_sentence_transformers_folder_embeds_as_its_library_does(
     ("change", "fragment"),
     [
         ("max-pooling", "pooling max is not supported; supported: mean, cls"),
-        ("distilbert", "model_type 'distilbert' is not supported; supported: bert, roberta, xlm-roberta, mpnet"),
+        ("electra", "model_type 'electra' is not supported; supported: bert, roberta, xlm-roberta, mpnet, distilbert"),
         ("dense-module", "are not supported; supported: Transformer, Pooling[, Normalize]"),
         ("no-tokenizer", "tokenizer.json is missing"),
     ],
@@ -147,9 +162,9 @@ def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
     if change == "max-pooling":
         legacy = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}
         (source / "1_Pooling" / "config.json").write_text(json.dumps(legacy))  # the spelling of older releases
-    elif change == "distilbert":
+    elif change == "electra":
         config = json.loads((source / "config.json").read_text())
-        (source / "config.json").write_text(json.dumps(config | {"model_type": "distilbert"}))
+        (source / "config.json").write_text(json.dumps(config | {"model_type": "electra"}))
     elif change == "dense-module":
         modules = json.loads((source / "modules.json").read_text())
         modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
