@@ -40,6 +40,7 @@ class EmbeddingMeta:
     # What batches are padded with; exports before the encoder families recorded none (BERT's [PAD]).
     pad_id: int = 0
     pad_token: str = "[PAD]"
+    prompt: str = ""  # put before every text, as sentence-transformers' default prompt is
 
     @classmethod
     def read(cls, model_dir: Path) -> EmbeddingMeta:
@@ -54,6 +55,7 @@ class EmbeddingMeta:
             fingerprint=str(raw.get("fingerprint", "")),
             pad_id=int(padding.get("pad_id", 0)),
             pad_token=str(padding.get("pad_token", "[PAD]")),
+            prompt=str(raw.get("prompt", "")),
         )
         if meta.pooling not in POOLINGS:
             raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported; supported: {', '.join(POOLINGS)}")
@@ -114,11 +116,17 @@ class EmbeddingModel:
         """Length of each embedding vector."""
         return self.meta.dimension
 
+    def encode(self, texts: list[str]):
+        """The token encodings of `texts`, after the model's prompt, truncated and padded as one batch."""
+        prompt = self.meta.prompt
+        return self.tokenizer.encode_batch([prompt + t for t in texts] if prompt else texts)
+
     def embed(self, texts: list[str]) -> EmbedResult:
-        """Embed `texts` exactly as sentence-transformers would (the model's pooling, then L2 norm)."""
+        """Embed `texts` exactly as sentence-transformers would (its default prompt, the model's
+        pooling, then L2 norm)."""
         if not texts:
             return EmbedResult(np.zeros((0, self.dimension), np.float32), 0)
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self.encode(texts)
         inputs = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),

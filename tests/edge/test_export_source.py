@@ -100,8 +100,13 @@ def write_family_transformer(dest: Path, family: str, package_model_dir: Path) -
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(encoder)
     modules = [st_models.Transformer(str(encoder)), st_models.Pooling(32, pooling_mode="mean"), st_models.Normalize()]
-    st.SentenceTransformer(modules=modules, device="cpu").save(str(dest))
+    prompts = {"prompts": {"query": PROMPT, "document": ""}, "default_prompt_name": "query"} if family in PROMPTED else {}
+    st.SentenceTransformer(modules=modules, device="cpu", **prompts).save(str(dest))
     return dest
+
+
+PROMPT = "query: "  # E5's convention; encode puts it before every text when it is the default
+PROMPTED = ("xlm-roberta",)
 
 
 # family -> (pad token, positions an input may fill)
@@ -121,6 +126,7 @@ def test_each_encoder_family_embeds_as_sentence_transformers_does(
     assert meta["padding"] == {"pad_id": pad_id, "pad_token": pad_token}
     assert meta["max_seq_length"] == positions
     assert meta["int8"]["fp32_matmuls"] == 2 * 2  # both feed-forward MatMuls of both layers stay fp32
+    assert meta["prompt"] == (PROMPT if family in PROMPTED else "")
     model = EmbeddingModel.load(export)
     ours = model.embed(TEXTS)
     expected = st.SentenceTransformer(str(source), device="cpu").encode(TEXTS, convert_to_numpy=True)
@@ -153,6 +159,7 @@ def test_a_sentence_transformers_folder_embeds_as_its_library_does(
         ("electra", "model_type 'electra' is not supported; supported: bert, roberta, xlm-roberta, mpnet, distilbert"),
         ("dense-module", "are not supported; supported: Transformer, Pooling[, Normalize]"),
         ("no-tokenizer", "tokenizer.json is missing"),
+        ("prompt-left-out", "a default prompt left out of the pooling (include_prompt: false) is not supported"),
     ],
 )
 def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
@@ -169,6 +176,11 @@ def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
         modules = json.loads((source / "modules.json").read_text())
         modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
         (source / "modules.json").write_text(json.dumps(modules))
+    elif change == "prompt-left-out":
+        (source / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": {"query": PROMPT}, "default_prompt_name": "query"}))
+        pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+        (source / "1_Pooling" / "config.json").write_text(json.dumps(pooling | {"include_prompt": False}))
     else:
         (source / "tokenizer.json").unlink()
     with pytest.raises(ExportError, match=re.escape(fragment)):
