@@ -10,6 +10,10 @@ once the whole layer with it matches a torch computation. Where the layer launch
 gate/up still runs (PDL, decode sizes), what one kernel leaves of the SMs decides how soon the
 other starts, so there the best PAIR_TOP of each are timed again in pairs, as the whole layer. On
 Hopper every candidate is also tried with its tiles read through TMA descriptors ("TMA": true).
+Up to GEMV_TUNE_MAX_TOKENS tokens (bf16) the layer as GEMVs (`kernels.moe_gemv`) is tuned too, each
+kernel's launch parameters in turn, timed as the whole layer; its entry ("GEMV": true) is written
+only where it beats the grouped GEMMs. `--gemv-only` tunes just that and compares it with the
+entry already in the file, leaving the GEMM entries as they are.
 `--precompile N` compiles every candidate first in N processes; `--fp8` tunes the w8a8 path (files
 named ..._fp8_w8a8_...).
 """
@@ -131,6 +135,48 @@ def tma_capable() -> bool:
 
 
 PAIR_TOP = 4  # per kernel, at the sizes timed in pairs (16 layer timings per point)
+GEMV_TUNE_MAX_TOKENS = 4  # tried up to here; on the H200 it won at 1 and 2 tokens
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernels: thin slices of weight rows (the
+# stage count moved nothing in a first sweep on the H200)
+GEMV_GU = list(itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (3,)))
+GEMV_DN = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3,)))
+
+
+def _gemv_kernel_cfg(c) -> dict:
+    return dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c))
+
+
+def layer_us(x, w13, w2, routings, config) -> float:
+    """The layer's time with `config` (inf for None)."""
+    if config is None:
+        return float("inf")
+    return time_fn(lambda: [fm.fused_moe(x, w13, w2, w, ids, config=config) for w, ids in routings],
+                   budget_ms=30) / ROUTINGS
+
+
+def tune_gemv(x, w13, w2, routings) -> tuple[float, dict]:
+    """(layer us, config) of the layer as GEMVs: gate/up's parameters with down at the default,
+    then down's with the best gate/up, every candidate timed as the whole layer."""
+    config = json.loads(json.dumps(fm.GEMV_DEFAULT))
+    best = layer_us(x, w13, w2, routings, config)
+    for part, cands in (("gate_up", GEMV_GU), ("down", GEMV_DN)):
+        for c in cands:
+            trial = dict(config, **{part: _gemv_kernel_cfg(c)})
+            try:
+                us = layer_us(x, w13, w2, routings, trial)
+            except Exception as exc:  # noqa: BLE001 -- out of registers: not a candidate here
+                print(f"  skip gemv {part} {c}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            if us < best:
+                best, config = us, trial
+    print(f"  GEMV: {best:.1f} us {config}", flush=True)
+    return best, config
+
+
+def grouped_entry(table: dict, tokens: int) -> dict | None:
+    """The grouped-GEMM entry the table gives `tokens` with its GEMV entries left out (the nearest,
+    as `kernels.fused_moe.nearest_entry` picks): what a GEMV entry must beat."""
+    return fm.nearest_entry({int(t): c for t, c in table.items() if not c.get("GEMV")}, tokens)
 
 
 def tune_point(x, w13, w2, routings, e, k, bm, scales):
@@ -250,6 +296,8 @@ def main():
     p.add_argument("--out", default=str(fm.CONFIG_DIR))
     p.add_argument("--fp8", action="store_true", help="tune the fp8 w8a8 path instead of bf16")
     p.add_argument("--precompile", type=int, default=0, help="compile all candidates first in N processes")
+    p.add_argument("--gemv-only", action="store_true",
+                   help="tune only the GEMV layer, against the entries already in the file")
     args = p.parse_args()
     device = torch.cuda.get_device_name()
     out_dir = Path(args.out)
@@ -257,7 +305,7 @@ def main():
     shapes = args.shapes.split(",")
     tokens = [int(s) for s in args.tokens.split(",")]
     tasks = []
-    for name in shapes:
+    for name in shapes if not args.gemv_only else ():
         e, h, i, k = SHAPES[name]
         for t in tokens:
             for bm in block_m_candidates(t, k, e):
@@ -284,7 +332,13 @@ def main():
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
             routings = [make_routing(t, e, k, seed) for seed in range(ROUTINGS)]
             results = []
-            for bm in block_m_candidates(t, k, e):
+            if args.gemv_only:
+                existing = grouped_entry(table, t)
+                results.append((layer_us(x, w13, w2, routings, existing), existing))
+                print(f"{name} T={t}: the file's grouped-GEMM entry for it {results[0][0]:.1f} us", flush=True)
+            if t <= GEMV_TUNE_MAX_TOKENS and not args.fp8:
+                results.append(tune_gemv(x, w13, w2, routings))
+            for bm in block_m_candidates(t, k, e) if not args.gemv_only else ():
                 try:
                     us, gu, dn = tune_point(x, w13, w2, routings, e, k, bm, scales)
                 except Exception as exc:  # noqa: BLE001
@@ -295,14 +349,22 @@ def main():
             # fastest first; a choice whose layer output disagrees with torch is never written
             chosen = None
             for us, config in sorted(results, key=lambda r: r[0]):
+                if config is None:
+                    continue
                 err = layer_error(x, w13, w2, routings[0], config, scales)
                 if err < (3e-2 if args.fp8 else 1e-2):
                     chosen = (us, config)
                     break
                 print(f"{name} T={t}: rejected {config}: error {err:.3g}", file=sys.stderr)
-            if chosen:
+            if chosen and args.gemv_only and not chosen[1].get("GEMV"):
+                # the grouped GEMMs stay: drop a GEMV entry an earlier run left here, add nothing
+                if table.get(str(t), {}).get("GEMV"):
+                    del table[str(t)]
+                print(f"{name} T={t}: the grouped GEMMs stay ({chosen[0]:.1f} us)", flush=True)
+            elif chosen:
                 table[str(t)] = chosen[1]
                 print(f"{name} T={t}: {chosen[0]:.1f} us {chosen[1]}", flush=True)
+            if chosen:
                 path.write_text(
                     json.dumps(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), indent=1) + "\n"
                 )

@@ -4,6 +4,7 @@ projection that applies the top-k weight and sums into an fp32 buffer (atomics);
 last program per column tile also writes the output in x's dtype (no cast launch). bf16/fp16/fp32,
 and DeepSeek-V3's w8a8 fp8 with 128x128 weight block scales (activations quantized per token per
 128 columns: inside the GEMMs at decode sizes, else once by a launch of their own before each GEMM).
+At one or two tokens a tuned config may ask for `kernels.moe_gemv` instead (`"GEMV": true`).
 Reference: `kernels.reference.fused_moe` / `fused_moe_fp8`.
 
 Layout (as vLLM's fused MoE): slot s = token * top_k + j; `sorted_ids` lists the slots expert by
@@ -25,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels import moe_gemv
 
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3 on Hopper
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -49,6 +52,14 @@ CAST_TILE = 8192  # elements per step of that pass
 # the extra launches would cost more than the repeated quantization of a few rows.
 PREQUANT_MIN_SLOTS = TINY_MAX + 1
 QUANT_ROWS = 32  # rows per program of the quantization launch
+# Where no tuned file exists, layers of at most this many tokens run as GEMVs (`kernels.moe_gemv`),
+# bf16/fp16/fp32 only: on the H200 they beat the grouped GEMMs at 1 and 2 tokens, not at 4.
+GEMV_MAX_TOKENS = 2
+GEMV_DEFAULT = {
+    "GEMV": True,
+    "gate_up": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    "down": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,6 +584,8 @@ def config_file_name(num_experts: int, hidden: int, inter: int, dtype: str, devi
 
 def default_config(tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> dict:
     """Heuristic configuration where no tuned file exists."""
+    if tokens <= GEMV_MAX_TOKENS and not fp8:
+        return json.loads(json.dumps(GEMV_DEFAULT))  # a copy callers may change
     rows = tokens * top_k / max(1, num_experts)  # mean rows per expert
     bk = 128 if fp8 else 64
     if rows <= 16:
@@ -618,18 +631,26 @@ def _devices_like(device: str, capability: tuple[int, int]) -> list[str]:
     return [device] + sorted(name for name, cap in known.items() if tuple(cap) == capability and name != device)
 
 
+def nearest_entry(table: dict[int, dict], tokens: int) -> dict | None:
+    """The entry of a tuned table for `tokens`: the nearest token count's. A GEMV entry serves only
+    token counts up to its own: it was faster there, and is slower a little further up."""
+    usable = [t for t, c in table.items() if not c.get("GEMV") or tokens <= t]
+    return table[min(usable, key=lambda t: abs(t - tokens))] if usable else None
+
+
 def get_config(x: torch.Tensor, w13: torch.Tensor, top_k: int, fp8: bool = False) -> dict:
     """Tuned configuration for this shape on this GPU, or on a GPU of the same architecture
-    (nearest token count), else the default."""
+    (`nearest_entry`), else the default."""
     tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
     devices = ["cpu"]
     if x.is_cuda:
         devices = _devices_like(torch.cuda.get_device_name(x.device), torch.cuda.get_device_capability(x.device))
     for device in devices:
-        table = _tuned(config_file_name(num_experts, hidden, inter, dtype_tag(x, fp8), device))
-        if table:
-            return table[min(table, key=lambda t: abs(t - tokens))]
+        entry = nearest_entry(_tuned(config_file_name(num_experts, hidden, inter, dtype_tag(x, fp8), device)) or {},
+                              tokens)
+        if entry:
+            return entry
     return default_config(tokens, top_k, num_experts, fp8)
 
 
@@ -885,6 +906,7 @@ def fused_moe(
     Launches: the alignment (none for at most TINY_MAX slots), gate/up, down, and a cast to x's
     dtype only above FUSED_CAST_MAX_TOKENS tokens (below, the down kernel writes the cast
     output itself); fp8 from PREQUANT_MIN_SLOTS slots also quantizes x and h before their GEMMs.
+    A "GEMV" config runs `kernels.moe_gemv` instead: gate/up and down, nothing else.
     None syncs the host."""
     fp8 = w13_scale is not None
     tokens, hidden = x.shape
@@ -897,9 +919,16 @@ def fused_moe(
     if tokens == 0:
         return x.new_zeros(0, hidden) if out is None else out
     cfg = config or get_config(x, w13, top_k, fp8)
-    bm = cfg["BLOCK_M"]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+    if cfg.get("GEMV") and fp8:  # the GEMVs are bf16/fp16/fp32 only
+        cfg = default_config(tokens, top_k, num_experts, fp8)
+    if cfg.get("GEMV"):
+        buf, counters = workspace(tokens, hidden, x.device)
+        final = out if out is not None else torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+        return moe_gemv.gemv_moe(x, w13, w2, topk_weights, topk_ids, cfg, buf, counters, final,
+                                 pdl=use_pdl(x, fused_cast=True))
+    bm = cfg["BLOCK_M"]
     pl = plan(topk_ids, num_experts, bm)
     buf, counters = workspace(tokens, hidden, x.device)
     acc, zero = buf[: tokens * hidden].view(tokens, hidden), buf

@@ -329,6 +329,7 @@ def test_a_gpu_without_tuned_files_takes_those_of_its_architecture(tmp_path, mon
     """An H200 runs the H100's tiles (same compute capability); another architecture does not."""
     (tmp_path / fm.DEVICES_FILE).write_text(json.dumps({"GPU A": [9, 0], "GPU C": [8, 0]}))
     monkeypatch.setattr(fm, "CONFIG_DIR", tmp_path)
+    monkeypatch.delenv("MERIDIAN_MOE_CONFIG_DIR", raising=False)  # set when timing a copy of the configs
     fm._devices_like.cache_clear()
     try:
         assert fm._devices_like("GPU B", (9, 0)) == ["GPU B", "GPU A"]
@@ -344,3 +345,82 @@ def test_shipped_configs_name_their_devices():
     suffixes = {fm.config_file_name(0, 0, 0, "", device).removeprefix("E0_H0_I0_") for device in known}
     for path in fm.CONFIG_DIR.glob("E*_H*_I*_*.json"):
         assert any(path.name.endswith(suffix) for suffix in suffixes), path.name
+
+
+# GEMV path (kernels.moe_gemv): one or two tokens, one program per (slot, column tile).
+GEMV = {
+    "GEMV": True,
+    "gate_up": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    "down": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+}
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("t", [1, 2])
+def test_gemv_bf16_random_routing(t, top_k, device):
+    x, w13, w2 = make_layer(t, 64, 48, 8, torch.bfloat16, device)
+    w, ids = random_routing(t, 8, top_k, device)
+    check(x, w13, w2, w, ids, GEMV, 1e-2)
+
+
+def test_gemv_ragged_shapes_and_fp32(device):
+    """Hidden and inter multiples of neither BLOCK_K nor BLOCK_N (masked K steps, wrapped columns),
+    both tokens on the same experts, fp32 throughout."""
+    x, w13, w2 = make_layer(2, 80, 72, 6, torch.float32, device)
+    w, ids = random_routing(1, 6, 3, device)
+    check(x, w13, w2, w.repeat(2, 1), ids.repeat(2, 1), GEMV, 5e-3 if device == "cuda" else 1e-5)
+
+
+def test_gemv_into_given_output_and_again(device):
+    """`out` receives the result; the counters the last slot of each column tile resets serve the
+    next call, and the sums are zeroed again (a second call with other routing is exact too)."""
+    x, w13, w2 = make_layer(1, 64, 48, 8, torch.bfloat16, device)
+    out = torch.full_like(x, float("nan"))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        w, ids = random_routing(1, 8, 6, device)
+        res = fm.fused_moe(x, w13, w2, w, ids.long(), config=GEMV, out=out)
+        assert res.data_ptr() == out.data_ptr()
+        assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 1e-2
+
+
+def test_gemv_is_the_default_at_one_or_two_tokens_only():
+    assert fm.default_config(1, 8, 64)["GEMV"] and fm.default_config(2, 6, 64)["GEMV"]
+    assert "GEMV" not in fm.default_config(3, 6, 64) and "GEMV" not in fm.default_config(1, 8, 32, fp8=True)
+
+
+def test_a_gemv_entry_serves_only_token_counts_up_to_its_own(tmp_path, monkeypatch):
+    name = fm.config_file_name(8, 64, 48, "bf16", "cpu")
+    gemm = {"BLOCK_M": 16, "gate_up": SMALL["gate_up"], "down": SMALL["down"]}
+    (tmp_path / name).write_text(json.dumps({"2": GEMV, "4": gemm}))
+    monkeypatch.setenv("MERIDIAN_MOE_CONFIG_DIR", str(tmp_path))
+    fm._tuned.cache_clear()
+    try:
+        w13 = torch.zeros(8, 96, 64, dtype=torch.bfloat16)
+        picked = {t: fm.get_config(torch.zeros(t, 64, dtype=torch.bfloat16), w13, 2) for t in (1, 2, 3, 16)}
+    finally:
+        fm._tuned.cache_clear()
+    assert picked[1] is picked[2] and picked[1]["GEMV"]
+    assert "GEMV" not in picked[3] and "GEMV" not in picked[16]  # 3 is as near 2 as 4, but past it
+
+
+def test_a_gemv_config_with_fp8_weights_takes_the_grouped_path(device):
+    x, w13, w2 = make_layer(1, 256, 256, 4, torch.bfloat16, device)
+    w, ids = random_routing(1, 4, 2, device)
+    w13q, w13s = reference.quant_fp8_blocks(w13.float().cpu())
+    w2q, w2s = reference.quant_fp8_blocks(w2.float().cpu())
+    args = (x, w13q.to(device), w2q.to(device), w, ids)
+    out = fm.fused_moe(*args, w13_scale=w13s.to(device), w2_scale=w2s.to(device), config=GEMV)
+    ref = reference.fused_moe_fp8(x.cpu(), w13q, w2q, w.cpu(), ids.cpu(), w13s, w2s)
+    assert rel_err(out.cpu(), ref.float()) < (2e-2 if device == "cuda" else 3e-2)
+
+
+def test_gemv_final_cast_under_contention(device):
+    """Eight slots race on each column tile's counter (concurrently on the GPU, where PDL also
+    starts down before gate/up ends): repeated calls, each with its own routing, all match."""
+    x, w13, w2 = make_layer(2, 256, 128, 16, torch.bfloat16, device)
+    for _ in range(20 if device == "cuda" else 1):
+        w, ids = random_routing(2, 16, 8, device)
+        out = torch.full_like(x, float("nan"))
+        fm.fused_moe(x, w13, w2, w, ids, config=GEMV, out=out)
+        assert rel_err(out.cpu(), gold(x, w13, w2, w, ids)) < 1e-2
