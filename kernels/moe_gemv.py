@@ -6,8 +6,8 @@ gate/up programs of 512 KB, one per SM), so each GEMM's ramp and tail are a thir
 each program multiplies one slot's vector by a thin slice of its expert's rows (16 rows: 528
 programs of 128 KB at V2-Lite's one token), in fp32 on the CUDA cores: memory-bound work with many
 loads in flight and a short tail. Measured on the H200 (bf16, one layer under CUDA graphs):
-V2-Lite 1 token 31.0 us against 34.4 for the grouped GEMMs (81% of the weight-streaming roofline
-against 73%), 2 tokens 56 against 58; at 4 tokens the GEMMs are faster again, so tuned configs
+V2-Lite 1 token 30.0 us against 34.0 for the grouped GEMMs (82% of the weight-streaming roofline
+against 72%), 2 tokens 53.5 against 58.9; at 4 tokens the GEMMs are faster again, so tuned configs
 ask for this path (`"GEMV": true`) only at the token counts where it measured faster.
 
 gate/up: program (slot s, column tile n) computes h[s, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n])
