@@ -370,6 +370,8 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
         "inputs": list(family_of(model_config.get("model_type")).inputs),
         "padding": _padding(src, model_config),
         "prompt": _default_prompt(src),
+        # sentence-transformers before 6 wrote this flag; 6 bakes it into tokenizer.json instead
+        "lowercase": bool(st_config.get("do_lower_case", False)),
         "output": OUTPUT_NAME,
         "family": model_config["model_type"],
         "hidden_size": hidden_size(model_config),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from edge.runtime.model_dir import META_FILE, TOKENIZER_FILE, weights_file
 from edge.runtime.sessions import cpu_session
@@ -41,6 +41,7 @@ class EmbeddingMeta:
     pad_id: int = 0
     pad_token: str = "[PAD]"
     prompt: str = ""  # put before every text, as sentence-transformers' default prompt is
+    lowercase: bool = False  # lowercase every text before its tokenizer's own normalisation
 
     @classmethod
     def read(cls, model_dir: Path) -> EmbeddingMeta:
@@ -56,6 +57,7 @@ class EmbeddingMeta:
             pad_id=int(padding.get("pad_id", 0)),
             pad_token=str(padding.get("pad_token", "[PAD]")),
             prompt=str(raw.get("prompt", "")),
+            lowercase=bool(raw.get("lowercase", False)),
         )
         if meta.pooling not in POOLINGS:
             raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported; supported: {', '.join(POOLINGS)}")
@@ -203,6 +205,10 @@ POOLINGS = {"mean": mean_pool, "cls": cls_pool}
 def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:
     """The model's tokenizer, truncating at max_seq_length and padding to the batch's longest."""
     tokenizer = Tokenizer.from_file(str(path))
+    if meta.lowercase and tokenizer.normalizer is None:
+        tokenizer.normalizer = normalizers.Lowercase()
+    elif meta.lowercase and tokenizer.normalizer.normalize_str("A") != "a":  # as sentence-transformers does
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), tokenizer.normalizer])
     # A tokenizer.json may ship with truncation and fixed-length padding of its training setup
     # (all-MiniLM-L6-v2's: 128), or with none; sentence-transformers sets both, so we must too.
     tokenizer.enable_truncation(max_length=meta.max_seq_length)

@@ -102,11 +102,15 @@ def write_family_transformer(dest: Path, family: str, package_model_dir: Path) -
     modules = [st_models.Transformer(str(encoder)), st_models.Pooling(32, pooling_mode="mean"), st_models.Normalize()]
     prompts = {"prompts": {"query": PROMPT, "document": ""}, "default_prompt_name": "query"} if family in PROMPTED else {}
     st.SentenceTransformer(modules=modules, device="cpu", **prompts).save(str(dest))
+    if family in LOWERCASED:  # as sentence-transformers before 6 wrote it
+        config = json.loads((dest / "sentence_bert_config.json").read_text())
+        (dest / "sentence_bert_config.json").write_text(json.dumps(config | {"do_lower_case": True}))
     return dest
 
 
 PROMPT = "query: "  # E5's convention; encode puts it before every text when it is the default
 PROMPTED = ("xlm-roberta",)
+LOWERCASED = ("roberta",)  # a cased byte-level BPE: lowercasing changes its tokens
 
 
 # family -> (pad token, positions an input may fill)
@@ -127,6 +131,7 @@ def test_each_encoder_family_embeds_as_sentence_transformers_does(
     assert meta["max_seq_length"] == positions
     assert meta["int8"]["fp32_matmuls"] == 2 * 2  # both feed-forward MatMuls of both layers stay fp32
     assert meta["prompt"] == (PROMPT if family in PROMPTED else "")
+    assert meta["lowercase"] == (family in LOWERCASED)
     model = EmbeddingModel.load(export)
     ours = model.embed(TEXTS)
     expected = st.SentenceTransformer(str(source), device="cpu").encode(TEXTS, convert_to_numpy=True)
