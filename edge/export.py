@@ -6,8 +6,9 @@ The build is skipped when DEST already holds a build with the same fingerprint, 
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
 `--source DIR` exports a sentence-transformers model of your own instead: an encoder of a family in
-`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT), mean or CLS pooling, optionally
-normalised; it is checked against sentence-transformers' own `encode`.
+`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT), mean or CLS pooling, an
+optional Dense layer (DENSE_FILE, applied by the runtime), optionally normalised; it is checked
+against sentence-transformers' own `encode`.
 
 For throughput measurements on machines without the package (its weights are 90 MB):
 `python -m edge.export ARCH --architecture-only` copies what defines the model but its weights
@@ -35,7 +36,7 @@ import numpy as np
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
 from edge.encoder_families import UnsupportedEncoder, family_of, hidden_size, max_positions
 from edge.quantize import embedding_cosine, quantize_int8, settle_int8
-from edge.runtime.embedding import EmbeddingModel
+from edge.runtime.embedding import DENSE_FILE, EmbeddingModel
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
 
 if TYPE_CHECKING:  # torch is imported lazily: `--help` and the up-to-date check stay fast
@@ -80,6 +81,12 @@ ARCHITECTURE_FILES = ("config.json", TOKENIZER_FILE, "sentence_bert_config.json"
                       "1_Pooling/config.json")
 # Read when present: the pad token and length limit, and the prompt put before every text.
 OPTIONAL_FILES = ("tokenizer_config.json", "config_sentence_transformers.json")
+# The pipelines of sentence-transformers modules the export takes (by module class name).
+PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"],
+             ["Transformer", "Pooling", "Dense"], ["Transformer", "Pooling", "Dense", "Normalize"])
+# A Dense module's activation (its config's class path) -> the runtime's name for it.
+DENSE_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
+                     "torch.nn.modules.activation.ReLU": "relu"}
 # The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
 # scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
 # BERT-style names first, then DistilBERT's.
@@ -105,7 +112,9 @@ def fingerprint(src: Path) -> str:
     from edge import quantize  # the int8 recipe: editing it rebuilds on the next run
 
     digest.update(file_sha256(Path(quantize.__file__)).encode())
-    for name in (*WEIGHT_FILES, *ARCHITECTURE_FILES, *OPTIONAL_FILES):
+    dense = _dense_dir(src)
+    dense_files = sorted(str(f.relative_to(src)) for f in dense.iterdir() if f.is_file()) if dense else []
+    for name in (*WEIGHT_FILES, *ARCHITECTURE_FILES, *OPTIONAL_FILES, *dense_files):
         if (src / name).is_file():
             digest.update(name.encode() + file_sha256(src / name).encode())
     return f"edge-export-v{EXPORTER_VERSION}-{digest.hexdigest()[:16]}"
@@ -138,9 +147,12 @@ def check_source(src: Path) -> None:
     except UnsupportedEncoder as exc:
         raise ExportError(f"{src}: {exc}") from None
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((src / "modules.json").read_text())]
-    if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        raise ExportError(f"{src}: modules {modules} are not supported; supported: Transformer, Pooling[, Normalize]")
-    _pooling(src)
+    if modules not in PIPELINES:
+        raise ExportError(f"{src}: modules {modules} are not supported; supported: Transformer, Pooling[, Dense][, Normalize]")
+    _, pooled = _pooling(src)
+    dense = _dense_config(src)
+    if dense and int(dense["in_features"]) != pooled:
+        raise ExportError(f"{src}: the Dense module takes {dense['in_features']} features, the pooling gives {pooled}")
     pooling = json.loads((src / "1_Pooling" / "config.json").read_text())
     if _default_prompt(src) and pooling.get("include_prompt") is False:
         raise ExportError(f"{src}: a default prompt left out of the pooling (include_prompt: false) is not supported")
@@ -184,6 +196,8 @@ def _build(src: Path, out: Path, fp: str, *, seed: int | None = None, packaged: 
             onnx.checker.check_model(str(out / MODEL_FILE))
         with _step("write tokenizer and meta"):
             shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+            if _dense_dir(src) is not None:
+                _write_dense(src, out)
             meta = _meta(src, fp, seed, packaged)
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with _step("verify against pytorch"):
@@ -287,6 +301,45 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
+def _dense_dir(src: Path) -> Path | None:
+    """The folder of the Dense module after the pooling, if the pipeline has one."""
+    path = src / "modules.json"
+    modules = json.loads(path.read_text()) if path.is_file() else []
+    return next((src / m["path"] for m in modules if m["type"].endswith(".Dense")), None)
+
+
+def _dense_config(src: Path) -> dict | None:
+    """The Dense module's config, checked: an activation the runtime applies, weights present."""
+    folder = _dense_dir(src)
+    if folder is None:
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in DENSE_ACTIVATIONS:
+        supported = ", ".join(a.rsplit(".", 1)[-1] for a in DENSE_ACTIVATIONS)
+        raise ExportError(f"{folder}: Dense activation {activation} is not supported; supported: {supported}")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ExportError(f"{folder}: the Dense module has no weights ({' or '.join(WEIGHT_FILES)})")
+    return config | {"activation": DENSE_ACTIVATIONS[activation]}
+
+
+def _write_dense(src: Path, out: Path) -> None:
+    """The Dense module's weights as DENSE_FILE (the runtime applies them in numpy after pooling)."""
+    folder = _dense_dir(src)
+    if (folder / WEIGHT_FILES[0]).is_file():
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(folder / WEIGHT_FILES[0]))
+    else:
+        import torch
+
+        tensors = {k: v.float().numpy() for k, v in torch.load(folder / WEIGHT_FILES[1], map_location="cpu").items()}
+    arrays = {"weight": tensors["linear.weight"].astype(np.float32)}
+    if "linear.bias" in tensors:
+        arrays["bias"] = tensors["linear.bias"].astype(np.float32)
+    np.savez(out / DENSE_FILE, **arrays)
+
+
 def _pooling(src: Path) -> tuple[str, int]:
     """The pooling of `src`, "mean" or "cls" (sentence-transformers' other modes are refused), and
     the dimension it yields. Both spellings of 1_Pooling/config.json: sentence-transformers 6 writes
@@ -353,6 +406,7 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
     st_config = json.loads((src / "sentence_bert_config.json").read_text())
     pooling, dimension = _pooling(src)
     modules = json.loads((src / "modules.json").read_text())
+    dense = _dense_config(src)
     if seed is not None:  # the package may not be installed here: name the architecture files instead
         source = {"architecture": str(src)}
     elif packaged:
@@ -362,16 +416,18 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
     meta = {
         "name": "all-minilm-l6-v2" if packaged else src.name,
         "task": "embedding",
-        "dimension": dimension,
+        "dimension": int(dense["out_features"]) if dense else dimension,
         "max_seq_length": _max_seq_length(src, st_config, model_config),
         "pooling": pooling,
-        "files": [TOKENIZER_FILE],
+        "files": [TOKENIZER_FILE, *([DENSE_FILE] if dense else [])],
         "normalize": any(m["type"].endswith(".Normalize") for m in modules),
         "inputs": list(family_of(model_config.get("model_type")).inputs),
         "padding": _padding(src, model_config),
         "prompt": _default_prompt(src),
         # sentence-transformers before 6 wrote this flag; 6 bakes it into tokenizer.json instead
         "lowercase": bool(st_config.get("do_lower_case", False)),
+        "dense": None if dense is None else {"file": DENSE_FILE, "activation": dense["activation"],
+                                             "in_features": dimension, "out_features": int(dense["out_features"])},
         "output": OUTPUT_NAME,
         "family": model_config["model_type"],
         "hidden_size": hidden_size(model_config),
@@ -410,12 +466,15 @@ def _verify(model: torch.nn.Module, out: Path) -> None:
     (onnx_hidden,) = runtime.session.run([OUTPUT_NAME], {name: t.numpy() for name, t in feeds.items()})
     real = mask.numpy().astype(bool)
     hidden_diff = float(np.abs(onnx_hidden - hidden.numpy())[real].max())
-    if hidden.shape[-1] != runtime.dimension:
-        raise ExportError(f"token states have {hidden.shape[-1]} dimensions, the pooling config says {runtime.dimension}")
+    if hidden.shape[-1] != runtime.pooled_dimension:
+        raise ExportError(f"token states have {hidden.shape[-1]} dimensions, the pooling config says "
+                          f"{runtime.pooled_dimension}")
     if runtime.meta.pooling == "cls":
         pooled = hidden[:, 0]
     else:
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
+    if runtime.dense is not None:  # the same arrays: this checks the graph and the pooling, not the layer
+        pooled = torch.from_numpy(runtime.dense(pooled.numpy()))
     expected = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
     cosine = _min_cosine(result.vectors, expected)
     _progress(f"  max |onnx - torch| on token states {hidden_diff:.2e}; min cosine {cosine:.6f}")

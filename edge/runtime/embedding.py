@@ -1,7 +1,9 @@
-"""Sentence embeddings from an exported encoder: tokenize, run ONNX, pool (mean or CLS), L2-normalise.
+"""Sentence embeddings from an exported encoder: tokenize, run ONNX, pool (mean or CLS), project
+(an optional Dense layer), L2-normalise.
 
 No server code here: the mobile SDK runs this same loop on device. The model folder is what
-`edge.export.build_embedding_model` writes: `model.onnx`, `tokenizer.json` and `meta.json`.
+`edge.export.build_embedding_model` writes: `model.onnx`, `tokenizer.json` and `meta.json`, and
+`dense.npz` for a model with a Dense layer after its pooling.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class EmbeddingMeta:
     pad_token: str = "[PAD]"
     prompt: str = ""  # put before every text, as sentence-transformers' default prompt is
     lowercase: bool = False  # lowercase every text before its tokenizer's own normalisation
+    dense_activation: str | None = None  # a Dense layer after pooling (DENSE_FILE), with this activation
 
     @classmethod
     def read(cls, model_dir: Path) -> EmbeddingMeta:
@@ -58,10 +61,45 @@ class EmbeddingMeta:
             pad_token=str(padding.get("pad_token", "[PAD]")),
             prompt=str(raw.get("prompt", "")),
             lowercase=bool(raw.get("lowercase", False)),
+            dense_activation=(raw.get("dense") or {}).get("activation"),
         )
+        if meta.dense_activation is not None and meta.dense_activation not in ACTIVATIONS:
+            raise ValueError(f"{model_dir}: Dense activation {meta.dense_activation!r} is not supported; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
         if meta.pooling not in POOLINGS:
             raise ValueError(f"{model_dir}: pooling {meta.pooling!r} is not supported; supported: {', '.join(POOLINGS)}")
         return meta
+
+
+ACTIVATIONS = {"identity": lambda v: v, "tanh": np.tanh, "relu": lambda v: np.maximum(v, 0.0)}
+DENSE_FILE = "dense.npz"  # weight [out, in] and, when the layer has one, bias [out]
+
+
+@dataclass(frozen=True)
+class Dense:
+    """sentence-transformers' Dense module after the pooling: activation(v @ weight.T + bias)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    activation: str
+
+    @classmethod
+    def load(cls, model_dir: Path, activation: str) -> Dense:
+        """The layer `edge.export` wrote to DENSE_FILE."""
+        path = model_dir / DENSE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: meta.json names a Dense layer; export the model again")
+        with np.load(path) as arrays:
+            bias = arrays["bias"].astype(np.float32) if "bias" in arrays else None
+            return cls(arrays["weight"].astype(np.float32), bias, activation)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        out = vectors @ self.weight.T
+        return ACTIVATIONS[self.activation](out if self.bias is None else out + self.bias)
 
 
 @dataclass(frozen=True)
@@ -83,13 +121,15 @@ class EmbeddingModel:
     """
 
     def __init__(
-        self, sessions: Sequence[ort.InferenceSession], tokenizer: Tokenizer, meta: EmbeddingMeta
+        self, sessions: Sequence[ort.InferenceSession], tokenizer: Tokenizer, meta: EmbeddingMeta,
+        dense: Dense | None = None,
     ) -> None:
         if not sessions:
             raise ValueError("at least one session is required")
         self.sessions = list(sessions)
         self.tokenizer = tokenizer
         self.meta = meta
+        self.dense = dense
         self._pool = POOLINGS[meta.pooling]
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
@@ -110,13 +150,19 @@ class EmbeddingModel:
         model_dir = Path(model_dir)
         weights = weights_file(model_dir, int8=int8, export_command="python -m edge.export")
         meta = EmbeddingMeta.read(model_dir)
+        dense = None if meta.dense_activation is None else Dense.load(model_dir, meta.dense_activation)
         sessions = [cpu_session(weights, threads) for _ in range(max(1, instances))]
-        return cls(sessions, _tokenizer(model_dir / TOKENIZER_FILE, meta), meta)
+        return cls(sessions, _tokenizer(model_dir / TOKENIZER_FILE, meta), meta, dense)
 
     @property
     def dimension(self) -> int:
         """Length of each embedding vector."""
         return self.meta.dimension
+
+    @property
+    def pooled_dimension(self) -> int:
+        """Length of the pooled token states: the embedding's, unless a Dense layer follows."""
+        return self.dimension if self.dense is None else self.dense.in_features
 
     def encode(self, texts: list[str]):
         """The token encodings of `texts`, after the model's prompt, truncated and padded as one batch."""
@@ -136,7 +182,7 @@ class EmbeddingModel:
         if "token_type_ids" in self._input_names:
             inputs["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
         lengths = inputs["attention_mask"].sum(axis=1)
-        vectors = np.empty((len(texts), self.dimension), np.float32)
+        vectors = np.empty((len(texts), self.pooled_dimension), np.float32)
         # A batch is padded to its longest input: one 256-token input among 31 short ones would make
         # the model run 32 x 256 tokens. Rows of similar length run together instead.
         session = self._free.get()  # blocks only when more threads call than there are instances
@@ -148,6 +194,8 @@ class EmbeddingModel:
                 vectors[rows] = self._pool(hidden, feeds["attention_mask"])
         finally:
             self._free.put(session)
+        if self.dense is not None:
+            vectors = self.dense(vectors)
         if self.meta.normalize:
             vectors = l2_normalize(vectors)
         counts = tuple(int(n) for n in lengths)

@@ -28,8 +28,10 @@ TEXTS = ["Hello world.", "Zürich, 東京 and 🙂", "", " ".join(["A long sente
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def write_sentence_transformer(dest: Path, package_model_dir: Path, pooling: str, normalize: bool) -> Path:
-    """A seeded random BERT saved as a sentence-transformers model folder."""
+def write_sentence_transformer(dest: Path, package_model_dir: Path, pooling: str, normalize: bool,
+                               dense: int | None = None) -> Path:
+    """A seeded random BERT saved as a sentence-transformers model folder (with a Dense layer of
+    `dense` outputs after the pooling, if asked)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -42,6 +44,8 @@ def write_sentence_transformer(dest: Path, package_model_dir: Path, pooling: str
         if (package_model_dir / name).is_file():
             shutil.copy(package_model_dir / name, encoder / name)
     modules = [st_models.Transformer(str(encoder), max_seq_length=48), st_models.Pooling(32, pooling_mode=pooling)]
+    if dense:
+        modules.append(st_models.Dense(32, dense, activation_function=torch.nn.Tanh()))
     st.SentenceTransformer(modules=modules + ([st_models.Normalize()] if normalize else []), device="cpu").save(str(dest))
     return dest
 
@@ -157,14 +161,31 @@ def test_a_sentence_transformers_folder_embeds_as_its_library_does(
     assert ours.token_counts[3] == 48  # truncated at the folder's max_seq_length
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_dense_layer_after_the_pooling_projects_as_its_library_does(
+    tmp_path: Path, package_model_dir: Path, normalize: bool
+) -> None:
+    """LaBSE and distiluse end in a Dense layer (tanh) after their pooling."""
+    source = write_sentence_transformer(tmp_path / "dense", package_model_dir, "cls", normalize, dense=12)
+    export = build_embedding_model(tmp_path / "export", source=source)
+    meta = json.loads((export / "meta.json").read_text())
+    assert meta["dimension"] == 12 and meta["dense"]["activation"] == "tanh" and (export / "dense.npz").is_file()
+    ours = EmbeddingModel.load(export).embed(TEXTS)
+    expected = st.SentenceTransformer(str(source), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    assert ours.vectors.shape == (len(TEXTS), 12)
+    np.testing.assert_allclose(ours.vectors, expected, atol=2e-5)
+    assert normalize or np.abs(ours.vectors).max() < 1  # tanh's range, as the layer's own output
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
         ("max-pooling", "pooling max is not supported; supported: mean, cls"),
         ("electra", "model_type 'electra' is not supported; supported: bert, roberta, xlm-roberta, mpnet, distilbert"),
-        ("dense-module", "are not supported; supported: Transformer, Pooling[, Normalize]"),
+        ("two-dense-modules", "are not supported; supported: Transformer, Pooling[, Dense][, Normalize]"),
         ("no-tokenizer", "tokenizer.json is missing"),
         ("prompt-left-out", "a default prompt left out of the pooling (include_prompt: false) is not supported"),
+        ("gelu-dense", "Dense activation torch.nn.modules.activation.GELU is not supported; supported: Tanh, Identity, ReLU"),
     ],
 )
 def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
@@ -177,10 +198,17 @@ def test_a_folder_the_export_cannot_take_is_refused_before_any_work(
     elif change == "electra":
         config = json.loads((source / "config.json").read_text())
         (source / "config.json").write_text(json.dumps(config | {"model_type": "electra"}))
-    elif change == "dense-module":
+    elif change == "two-dense-modules":
         modules = json.loads((source / "modules.json").read_text())
-        modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        for idx in (2, 3):
+            modules.insert(idx, {"idx": idx, "name": str(idx), "path": f"{idx}_Dense",
+                                 "type": "sentence_transformers.models.Dense"})
         (source / "modules.json").write_text(json.dumps(modules))
+    elif change == "gelu-dense":
+        source = write_sentence_transformer(tmp_path / "src-dense", package_model_dir, "mean", True, dense=8)
+        config = json.loads((source / "2_Dense" / "config.json").read_text())
+        (source / "2_Dense" / "config.json").write_text(
+            json.dumps(config | {"activation_function": "torch.nn.modules.activation.GELU"}))
     elif change == "prompt-left-out":
         (source / "config_sentence_transformers.json").write_text(
             json.dumps({"prompts": {"query": PROMPT}, "default_prompt_name": "query"}))
