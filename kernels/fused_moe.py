@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import moe_gemv
+from kernels.workspace import ZERO_BLOCK, workspace, zero_program_share, zero_share
 
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3 on Hopper
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -308,12 +309,8 @@ def _gate_up_kernel(
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    # Zero this program's share of the fp32 output the down kernel will atomically add into:
-    # saves a memset launch, and stream order puts it before the down kernel.
-    z0 = pid * zero_per_prog
-    for z in range(z0, tl.minimum(z0 + zero_per_prog, n_zero), ZERO_BLOCK):
-        zo = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(zero_ptr + zo, tl.zeros([ZERO_BLOCK], tl.float32), mask=zo < n_zero)
+    # this program's share of the fp32 output (and counters) the down kernel adds into
+    zero_program_share(zero_ptr, n_zero, zero_per_prog, ZERO_BLOCK)
 
     pid_m, pid_n = _tile_ids(pid, num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert, slot = _block_rows(
@@ -768,8 +765,7 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
     w_tiles = _tiles(w13.view(-1, hidden), [cfg["BLOCK_N"], bk]) if cfg.pop("TMA", False) else None
     ws = w13_scale if fp8 else w13  # any pointer when not fp8
     grid = max_blocks * triton.cdiv(inter, cfg["BLOCK_N"])
-    zero_block = 1024
-    per_prog = triton.cdiv(triton.cdiv(out.numel(), grid), zero_block) * zero_block
+    per_prog = zero_share(out.numel(), grid)
     _gate_up_kernel[(grid,)](
         x,
         w13 if w_tiles is None else w_tiles,
@@ -797,7 +793,7 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
         BLOCK_K=bk,
         EVEN_K=hidden % bk == 0,
         FP8=fp8,
-        ZERO_BLOCK=zero_block,
+        ZERO_BLOCK=ZERO_BLOCK,
         UPCAST=_interpreted(),
         PDL=pdl,
         TMA=w_tiles is not None,
@@ -805,14 +801,6 @@ def gate_up(x, w13, h, out, pl: Plan, top_k, cfg, block_m, w13_scale=None, pdl=F
         **pl.constexprs(),
         **cfg,
     )
-
-
-def workspace(tokens: int, hidden: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 sums [tokens, hidden], int32 counters [column tiles at the smallest BLOCK_N]) in
-    one buffer, so the gate/up kernel's zeroing pass clears both (0.0 and 0 share their bits)."""
-    n_cnt = triton.cdiv(hidden, 16)
-    buf = torch.empty(tokens * hidden + n_cnt, dtype=torch.float32, device=device)
-    return buf, buf[tokens * hidden :].view(torch.int32)
 
 
 def down(h, w2, out, pl: Plan, topk_weights, top_k, cfg, block_m, w2_scale=None, final=None, counters=None,

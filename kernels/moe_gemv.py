@@ -23,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.workspace import COUNTER_COLUMNS, ZERO_BLOCK, zero_program_share, zero_share
+
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3 on Hopper
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # an older Triton: callers pass pdl=False
     gdc_launch_dependents = gdc_wait = None
 
-ZERO_BLOCK = 1024
 # The down kernel's column tiles each need a counter; the workspace holds one per 16 columns.
-MIN_DOWN_BLOCK_N = 16
+MIN_DOWN_BLOCK_N = COUNTER_COLUMNS
 
 
 @triton.jit
@@ -44,13 +45,7 @@ def _gemv_gate_up_kernel(
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    # Zero this program's share of what down adds into (saves a memset launch; stream order, or
-    # down's wait on this grid, puts it first).
-    z0 = pid * zero_per_prog
-    for z in range(z0, tl.minimum(z0 + zero_per_prog, n_zero), ZERO_BLOCK):
-        zo = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(zero_ptr + zo, tl.zeros([ZERO_BLOCK], tl.float32), mask=zo < n_zero)
-
+    zero_program_share(zero_ptr, n_zero, zero_per_prog, ZERO_BLOCK)  # what down adds into
     n_tiles = tl.cdiv(I, BLOCK_N)
     slot = pid // n_tiles
     offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,7 +154,7 @@ def gemv_moe(
     sums = workspace[: tokens * hidden].view(tokens, hidden)
     ids = topk_ids.reshape(-1)
     grid = slots * triton.cdiv(inter, up["BLOCK_N"])
-    per_prog = triton.cdiv(triton.cdiv(workspace.numel(), grid), ZERO_BLOCK) * ZERO_BLOCK
+    per_prog = zero_share(workspace.numel(), grid)
     _gemv_gate_up_kernel[(grid,)](
         x, w13, ids, h, workspace, workspace.numel(), per_prog, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),

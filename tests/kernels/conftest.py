@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     # Triton picks the interpreter when a kernel is decorated, so set it before the kernel
     # modules load, and reload them if another test folder loaded them first.
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kernels.moe_gemv", "kernels.fused_moe", "kernels.router", "kernels.rmsnorm"):
+    for _name in ("kernels.workspace", "kernels.moe_gemv", "kernels.fused_moe", "kernels.router", "kernels.rmsnorm"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
