@@ -7,8 +7,8 @@ the PyTorch model before it counts, and appears atomically (built beside DEST, t
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
 `--source DIR` exports a sentence-transformers model of your own instead: an encoder of a family in
 `edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT), mean or CLS pooling, an
-optional Dense layer (DENSE_FILE, applied by the runtime), optionally normalised; it is checked
-against sentence-transformers' own `encode`.
+optional Dense layer (DENSE_FILE, applied by the runtime), optionally normalised (what the folder
+says is read by `edge.st_folder`); it is checked against sentence-transformers' own `encode`.
 
 For throughput measurements on machines without the package (its weights are 90 MB):
 `python -m edge.export ARCH --architecture-only` copies what defines the model but its weights
@@ -33,11 +33,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge import st_folder
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
-from edge.encoder_families import UnsupportedEncoder, family_of, hidden_size, max_positions
+from edge.encoder_families import family_of
 from edge.quantize import embedding_cosine, quantize_int8, settle_int8
 from edge.runtime.embedding import DENSE_FILE, EmbeddingModel
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
+from edge.st_folder import ARCHITECTURE_FILES, OPTIONAL_FILES, WEIGHT_FILES
 
 if TYPE_CHECKING:  # torch is imported lazily: `--help` and the up-to-date check stay fast
     import torch
@@ -75,18 +77,6 @@ QUALITY_TEXTS = (
     VERIFY_TEXTS[4],
 )
 MIN_INT8_COSINE = 0.99
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# What defines the model except its weights: enough to build it with random weights elsewhere.
-ARCHITECTURE_FILES = ("config.json", TOKENIZER_FILE, "sentence_bert_config.json", "modules.json",
-                      "1_Pooling/config.json")
-# Read when present: the pad token and length limit, and the prompt put before every text.
-OPTIONAL_FILES = ("tokenizer_config.json", "config_sentence_transformers.json")
-# The pipelines of sentence-transformers modules the export takes (by module class name).
-PIPELINES = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"],
-             ["Transformer", "Pooling", "Dense"], ["Transformer", "Pooling", "Dense", "Normalize"])
-# A Dense module's activation (its config's class path) -> the runtime's name for it.
-DENSE_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
-                     "torch.nn.modules.activation.ReLU": "relu"}
 # The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
 # scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
 # BERT-style names first, then DistilBERT's.
@@ -112,7 +102,7 @@ def fingerprint(src: Path) -> str:
     from edge import quantize  # the int8 recipe: editing it rebuilds on the next run
 
     digest.update(file_sha256(Path(quantize.__file__)).encode())
-    dense = _dense_dir(src)
+    dense = st_folder.dense_dir(src)
     dense_files = sorted(str(f.relative_to(src)) for f in dense.iterdir() if f.is_file()) if dense else []
     for name in (*WEIGHT_FILES, *ARCHITECTURE_FILES, *OPTIONAL_FILES, *dense_files):
         if (src / name).is_file():
@@ -125,10 +115,7 @@ def build_embedding_model(dest: Path, *, force: bool = False, source: Path | Non
     in `dest` unless an identical build is there."""
     src = source_dir() if source is None else Path(source).resolve()
     if source is not None:
-        try:
-            check_source(src)
-        except (ValueError, KeyError) as exc:  # a config file that is not JSON, or lacks a key
-            raise ExportError(f"{src}: unreadable sentence-transformers config: {exc!r}") from None
+        check_source(src)
     wanted = fingerprint(src)
     return build_atomically(dest, wanted, lambda out: _build(src, out, wanted, packaged=source is None),
                             force=force, tag=TAG)
@@ -136,26 +123,12 @@ def build_embedding_model(dest: Path, *, force: bool = False, source: Path | Non
 
 def check_source(src: Path) -> None:
     """Refuse, before any work, a sentence-transformers folder this export cannot take, saying why."""
-    if not src.is_dir():
-        raise ExportError(f"{src} is not a folder")
-    for name in ARCHITECTURE_FILES:
-        if not (src / name).is_file():
-            raise ExportError(f"{src / name} is missing: expected a sentence-transformers model folder "
-                              f"(SentenceTransformer.save writes one), with a fast tokenizer")
     try:
-        family_of(json.loads((src / "config.json").read_text()).get("model_type"))
-    except UnsupportedEncoder as exc:
-        raise ExportError(f"{src}: {exc}") from None
-    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((src / "modules.json").read_text())]
-    if modules not in PIPELINES:
-        raise ExportError(f"{src}: modules {modules} are not supported; supported: Transformer, Pooling[, Dense][, Normalize]")
-    _, pooled = _pooling(src)
-    dense = _dense_config(src)
-    if dense and int(dense["in_features"]) != pooled:
-        raise ExportError(f"{src}: the Dense module takes {dense['in_features']} features, the pooling gives {pooled}")
-    pooling = json.loads((src / "1_Pooling" / "config.json").read_text())
-    if _default_prompt(src) and pooling.get("include_prompt") is False:
-        raise ExportError(f"{src}: a default prompt left out of the pooling (include_prompt: false) is not supported")
+        st_folder.check(src)
+    except st_folder.UnsupportedFolder as exc:
+        raise ExportError(str(exc)) from None
+    except (ValueError, KeyError) as exc:  # a config file that is not JSON, or lacks a key
+        raise ExportError(f"{src}: unreadable sentence-transformers config: {exc!r}") from None
 
 
 def write_architecture(dest: Path) -> Path:
@@ -196,8 +169,8 @@ def _build(src: Path, out: Path, fp: str, *, seed: int | None = None, packaged: 
             onnx.checker.check_model(str(out / MODEL_FILE))
         with _step("write tokenizer and meta"):
             shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
-            if _dense_dir(src) is not None:
-                _write_dense(src, out)
+            if st_folder.dense_dir(src) is not None:
+                st_folder.write_dense(src, out)
             meta = _meta(src, fp, seed, packaged)
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with _step("verify against pytorch"):
@@ -301,112 +274,10 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _dense_dir(src: Path) -> Path | None:
-    """The folder of the Dense module after the pooling, if the pipeline has one."""
-    path = src / "modules.json"
-    modules = json.loads(path.read_text()) if path.is_file() else []
-    return next((src / m["path"] for m in modules if m["type"].endswith(".Dense")), None)
-
-
-def _dense_config(src: Path) -> dict | None:
-    """The Dense module's config, checked: an activation the runtime applies, weights present."""
-    folder = _dense_dir(src)
-    if folder is None:
-        return None
-    config = json.loads((folder / "config.json").read_text())
-    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    if activation not in DENSE_ACTIVATIONS:
-        supported = ", ".join(a.rsplit(".", 1)[-1] for a in DENSE_ACTIVATIONS)
-        raise ExportError(f"{folder}: Dense activation {activation} is not supported; supported: {supported}")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ExportError(f"{folder}: the Dense module has no weights ({' or '.join(WEIGHT_FILES)})")
-    return config | {"activation": DENSE_ACTIVATIONS[activation]}
-
-
-def _write_dense(src: Path, out: Path) -> None:
-    """The Dense module's weights as DENSE_FILE (the runtime applies them in numpy after pooling)."""
-    folder = _dense_dir(src)
-    if (folder / WEIGHT_FILES[0]).is_file():
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(folder / WEIGHT_FILES[0]))
-    else:
-        import torch
-
-        tensors = {k: v.float().numpy() for k, v in torch.load(folder / WEIGHT_FILES[1], map_location="cpu").items()}
-    arrays = {"weight": tensors["linear.weight"].astype(np.float32)}
-    if "linear.bias" in tensors:
-        arrays["bias"] = tensors["linear.bias"].astype(np.float32)
-    np.savez(out / DENSE_FILE, **arrays)
-
-
-def _pooling(src: Path) -> tuple[str, int]:
-    """The pooling of `src`, "mean" or "cls" (sentence-transformers' other modes are refused), and
-    the dimension it yields. Both spellings of 1_Pooling/config.json: sentence-transformers 6 writes
-    `pooling_mode: "cls"` and `embedding_dimension`, earlier ones a flag per mode and
-    `word_embedding_dimension`."""
-    config = json.loads((src / "1_Pooling" / "config.json").read_text())
-    if isinstance(config.get("pooling_mode"), str):
-        modes = [config["pooling_mode"]]
-    else:
-        modes = sorted(k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
-                       for k, on in config.items() if k.startswith("pooling_mode_") and on)
-    if modes not in (["mean"], ["cls"]):
-        raise ExportError(f"{src}: pooling {'+'.join(modes) or 'none'} is not supported; supported: mean, cls")
-    return modes[0], int(config.get("embedding_dimension") or config["word_embedding_dimension"])
-
-
-def _max_seq_length(src: Path, st_config: dict, model_config: dict) -> int:
-    """Where sentence-transformers truncates: sentence_bert_config.json's `max_seq_length` (releases
-    before 6), else the tokenizer's `model_max_length` (6 writes it there), else the position table;
-    never past what the position table holds."""
-    positions = max_positions(model_config)
-    if st_config.get("max_seq_length"):
-        return min(int(st_config["max_seq_length"]), positions)
-    limit = _tokenizer_config(src).get("model_max_length")
-    if isinstance(limit, int) and limit < 1_000_000:  # transformers writes a huge number for "none"
-        return min(limit, positions)
-    return positions
-
-
-def _default_prompt(src: Path) -> str:
-    """What sentence-transformers' `encode` puts before every text unless told otherwise: the prompt
-    config_sentence_transformers.json names as `default_prompt_name`, or nothing."""
-    path = src / "config_sentence_transformers.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    name = config.get("default_prompt_name")
-    return str((config.get("prompts") or {}).get(name, "")) if name else ""
-
-
-def _tokenizer_config(src: Path) -> dict:
-    """tokenizer_config.json of `src`, or nothing when the folder has none."""
-    path = src / "tokenizer_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _padding(src: Path, model_config: dict) -> dict:
-    """The pad token batches are padded with: tokenizer.json's own padding, else tokenizer_config's
-    pad token, else the model config's pad_token_id (BERT's [PAD] is 0, RoBERTa's <pad> 1)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(src / TOKENIZER_FILE))
-    if tokenizer.padding:
-        return {"pad_id": int(tokenizer.padding["pad_id"]), "pad_token": str(tokenizer.padding["pad_token"])}
-    token = _tokenizer_config(src).get("pad_token")
-    token = token.get("content") if isinstance(token, dict) else token  # older files spell it out
-    if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-        return {"pad_id": tokenizer.token_to_id(token), "pad_token": token}
-    pad_id = int(model_config.get("pad_token_id") or 0)
-    return {"pad_id": pad_id, "pad_token": tokenizer.id_to_token(pad_id) or ""}
-
-
 def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) -> dict:
-    """What the runtime needs to know to turn token states into sentence embeddings."""
-    model_config = json.loads((src / "config.json").read_text())
-    st_config = json.loads((src / "sentence_bert_config.json").read_text())
-    pooling, dimension = _pooling(src)
-    modules = json.loads((src / "modules.json").read_text())
-    dense = _dense_config(src)
+    """What the runtime needs to know to turn token states into sentence embeddings (what the folder
+    says, `st_folder.describe`), and where the build came from."""
+    folder = st_folder.describe(src)
     if seed is not None:  # the package may not be installed here: name the architecture files instead
         source = {"architecture": str(src)}
     elif packaged:
@@ -416,21 +287,9 @@ def _meta(src: Path, fp: str, seed: int | None = None, packaged: bool = True) ->
     meta = {
         "name": "all-minilm-l6-v2" if packaged else src.name,
         "task": "embedding",
-        "dimension": int(dense["out_features"]) if dense else dimension,
-        "max_seq_length": _max_seq_length(src, st_config, model_config),
-        "pooling": pooling,
-        "files": [TOKENIZER_FILE, *([DENSE_FILE] if dense else [])],
-        "normalize": any(m["type"].endswith(".Normalize") for m in modules),
-        "inputs": list(family_of(model_config.get("model_type")).inputs),
-        "padding": _padding(src, model_config),
-        "prompt": _default_prompt(src),
-        # sentence-transformers before 6 wrote this flag; 6 bakes it into tokenizer.json instead
-        "lowercase": bool(st_config.get("do_lower_case", False)),
-        "dense": None if dense is None else {"file": DENSE_FILE, "activation": dense["activation"],
-                                             "in_features": dimension, "out_features": int(dense["out_features"])},
+        **folder,
+        "files": [TOKENIZER_FILE, *([DENSE_FILE] if folder["dense"] else [])],
         "output": OUTPUT_NAME,
-        "family": model_config["model_type"],
-        "hidden_size": hidden_size(model_config),
         "source": source,
         "exporter": {
             "version": EXPORTER_VERSION,
