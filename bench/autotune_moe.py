@@ -157,7 +157,7 @@ def layer_us(x, w13, w2, routings, config) -> float:
 def tune_gemv(x, w13, w2, routings) -> tuple[float, dict]:
     """(layer us, config) of the layer as GEMVs: gate/up's parameters with down at the default,
     then down's with the best gate/up, every candidate timed as the whole layer."""
-    config = json.loads(json.dumps(fm.GEMV_DEFAULT))
+    config = fm.gemv_default()
     best = layer_us(x, w13, w2, routings, config)
     for part, cands in (("gate_up", GEMV_GU), ("down", GEMV_DN)):
         for c in cands:

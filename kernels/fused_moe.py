@@ -15,6 +15,7 @@ shapes alone (capturable in a CUDA graph) can skip the blocks it does not need.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -579,10 +580,15 @@ def config_file_name(num_experts: int, hidden: int, inter: int, dtype: str, devi
     return f"E{num_experts}_H{hidden}_I{inter}_{dtype}_{gpu}.json"
 
 
+def gemv_default() -> dict:
+    """A copy of GEMV_DEFAULT, the callers' to change."""
+    return copy.deepcopy(GEMV_DEFAULT)
+
+
 def default_config(tokens: int, top_k: int, num_experts: int, fp8: bool = False) -> dict:
     """Heuristic configuration where no tuned file exists."""
     if tokens <= GEMV_MAX_TOKENS and not fp8:
-        return json.loads(json.dumps(GEMV_DEFAULT))  # a copy callers may change
+        return gemv_default()
     rows = tokens * top_k / max(1, num_experts)  # mean rows per expert
     bk = 128 if fp8 else 64
     if rows <= 16:

@@ -253,10 +253,9 @@ POOLINGS = {"mean": mean_pool, "cls": cls_pool}
 def _tokenizer(path: Path, meta: EmbeddingMeta) -> Tokenizer:
     """The model's tokenizer, truncating at max_seq_length and padding to the batch's longest."""
     tokenizer = Tokenizer.from_file(str(path))
-    if meta.lowercase and tokenizer.normalizer is None:
-        tokenizer.normalizer = normalizers.Lowercase()
-    elif meta.lowercase and tokenizer.normalizer.normalize_str("A") != "a":  # as sentence-transformers does
-        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), tokenizer.normalizer])
+    own = tokenizer.normalizer
+    if meta.lowercase and (own is None or own.normalize_str("A") != "a"):  # as sentence-transformers does
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *([own] if own else [])])
     # A tokenizer.json may ship with truncation and fixed-length padding of its training setup
     # (all-MiniLM-L6-v2's: 128), or with none; sentence-transformers sets both, so we must too.
     tokenizer.enable_truncation(max_length=meta.max_seq_length)
