@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from edge.runtime.model_dir import META_FILE, TOKENIZER_FILE, weights_file
 from edge.runtime.sessions import cpu_session
@@ -164,7 +164,7 @@ class EmbeddingModel:
         """Length of the pooled token states: the embedding's, unless a Dense layer follows."""
         return self.dimension if self.dense is None else self.dense.in_features
 
-    def encode(self, texts: list[str]):
+    def encode(self, texts: list[str]) -> list[Encoding]:
         """The token encodings of `texts`, after the model's prompt, truncated and padded as one batch."""
         prompt = self.meta.prompt
         return self.tokenizer.encode_batch([prompt + t for t in texts] if prompt else texts)
