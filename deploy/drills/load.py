@@ -31,6 +31,7 @@ class Sample:
     text: str = ""
     body: dict = field(default_factory=dict)
     streaming: bool = False  # a stream that has received text and not finished yet
+    answered: bool = False  # the request is over (answered, failed or timed out)
     chunks: int = 0  # events with text a stream has received so far
     resumed: int = 0  # zones the gateway moved this stream through (its SSE comment says)
     attempts: int = 1  # upstream tries the gateway made before the answer began (x-meridian-attempts)
@@ -74,10 +75,16 @@ class LoadGenerator:
             await asyncio.gather(*tasks)
         return self.samples
 
-    def streams_in_flight(self, zone: str | None = None, min_chunks: int = 1) -> int:
-        """Streams that have sent at least `min_chunks` pieces of text and not finished (served by
-        `zone`, if given): the ones a fault must resume."""
-        return sum(1 for s in self.samples if s.streaming and s.chunks >= min_chunks and zone in (None, s.zone))
+    def streams_in_flight(self, zone: str | None = None, min_chunks: int = 1, min_left: int = 0) -> int:
+        """Streams that have sent at least `min_chunks` pieces of text, may send `min_left` more
+        (by their max_tokens) and have not finished (served by `zone`, if given): the ones a
+        fault must resume."""
+        return sum(1 for s in self.samples if s.streaming and s.chunks >= min_chunks and zone in (None, s.zone)
+                   and s.body.get("max_tokens", s.chunks + min_left) - s.chunks >= min_left)
+
+    def in_flight(self, kind: str) -> int:
+        """Requests of `kind` sent and not over yet."""
+        return sum(1 for s in self.samples if s.kind == kind and not s.answered)
 
     def now(self) -> float:
         """Seconds since the load began."""
@@ -114,6 +121,7 @@ class LoadGenerator:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as exc:
             sample.ok, sample.error = False, f"{type(exc).__name__}: {exc}"
         sample.latency = time.monotonic() - started
+        sample.answered = True
 
     async def _unary(self, session, path: str, sample: Sample) -> None:
         async with session.post(self.base_url + path, data=json.dumps(sample.body)) as r:

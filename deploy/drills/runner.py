@@ -42,6 +42,9 @@ MAX_STAY_LOSS = 0.1
 # within a probe interval; an ejection it earned while frozen may last a few seconds more).
 REJOIN_BOUND_S = 10.0
 SERVING_REPLICAS = "meridian_upstream_serving_replicas"
+# The stream a fault strikes has this many tokens to come at least: time for a replica fault to
+# find the server generating it (its gauges refresh every 50 ms) while it still is.
+STRIKE_TOKENS_LEFT = 8
 
 
 class DrillError(Exception):
@@ -168,12 +171,9 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
     load.begin()
     task = asyncio.create_task(load.run(timing.before_s + during + timing.after_s))
     await _until(load, timing.before_s)
-    # Strike while a stream is mid-flight in the zone struck, so that resumption is part of every
-    # drill: not one the ranking sent to the other zone (it would finish untouched), and one a few
-    # chunks in (a sampled stream that ends at its second token would be over before the fault lands).
     give_up = load.now() + 2.0
     struck = ctx.zone if scenario.hits_zone else None
-    while load.streams_in_flight(struck, min_chunks=3) == 0 and load.now() < give_up:
+    while not _time_to_strike(load, struck) and load.now() < give_up:
         await asyncio.sleep(0.005)
     fault_at = load.now()
     print(f"drill {scenario.name}: fault at {fault_at:.1f}s", flush=True)
@@ -196,6 +196,18 @@ async def run_one(ctx: Context, scenario: Scenario, timing: Timing, rates: Rates
     _judge(report, scenario)  # again, with what was measured after the samples
     write(report, samples, out_dir)
     return report
+
+
+def _time_to_strike(load: LoadGenerator, zone: str | None) -> bool:
+    """Whether a stream is mid-flight in the zone struck, so that resumption is part of every
+    drill: not one the ranking sent to the other zone (it would finish untouched), one a few
+    chunks in (a sampled stream that ends at its second token is over before the fault lands),
+    with tokens still to come, and with no completion in flight. A replica fault strikes the core
+    its gauges show busy: beside a completion, that may be the completion's, done before the
+    fault lands (the schedules start together, so one begins with every other stream), and then
+    nothing struck was in flight."""
+    return (load.streams_in_flight(zone, min_chunks=3, min_left=STRIKE_TOKENS_LEFT) > 0
+            and load.in_flight("complete") == 0)
 
 
 def stack_replicas(stack: LocalStack) -> int:

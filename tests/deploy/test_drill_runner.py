@@ -156,6 +156,23 @@ def test_the_strike_waits_for_a_stream_a_few_chunks_into_the_zone_struck():
     assert load.streams_in_flight("zone-a", min_chunks=3) == 0
     load.samples[1].chunks = 3
     assert load.streams_in_flight("zone-a", min_chunks=3) == 1
+    # By its max_tokens, a stream 20 tokens into 24 has 4 to come: too few to strike.
+    load.samples[1].body, load.samples[1].chunks = {"max_tokens": 24}, 20
+    assert load.streams_in_flight("zone-a", min_chunks=3, min_left=8) == 0
+    assert not runner._time_to_strike(load, "zone-a")
+    load.samples[1].chunks = 16
+    assert load.streams_in_flight("zone-a", min_chunks=3, min_left=8) == 1
+    assert runner._time_to_strike(load, "zone-a")
+    # ... but not beside a completion: a replica fault could strike its core, not the stream's.
+    load.samples.append(Sample("complete", 0.0))
+    assert not runner._time_to_strike(load, "zone-a")
+    load.samples[-1].answered = True
+    assert runner._time_to_strike(load, "zone-a")
+    # By its max_tokens, a stream 20 tokens into 24 has 4 to come: too few to strike.
+    load.samples[1].body, load.samples[1].chunks = {"max_tokens": 24}, 20
+    assert load.streams_in_flight("zone-a", min_chunks=3, min_left=8) == 0
+    load.samples[1].chunks = 16
+    assert load.streams_in_flight("zone-a", min_chunks=3, min_left=8) == 1
 
 
 def test_a_zone_that_keeps_its_traffic_through_the_loss_of_a_replica_passes():
