@@ -1,9 +1,10 @@
 """The text encoder families the embedding export takes, and what sets each apart.
 
-All of them run as embeddings, then encoder layers under an additive attention mask, which is what
+All of them run as embeddings, then encoder layers under additive attention masks, which is what
 `edge.export` traces. Families and the embedding models they carry: bert (all-MiniLM, BGE, GTE, E5),
 roberta and xlm-roberta (multilingual E5, BGE-M3), mpnet (all-mpnet-base-v2), distilbert
-(multi-qa-distilbert, msmarco-distilbert). Plain data, no torch:
+(multi-qa-distilbert, msmarco-distilbert), modernbert (gte-modernbert, modernbert-embed: rotary
+positions, and a sliding attention window on all but every n-th layer). Plain data, no torch:
 the export's checks of a folder run before anything heavy is imported.
 """
 
@@ -22,6 +23,9 @@ class Family:
     # table are never used; None where positions start at 0 (BERT).
     padding_idx: str | int | None = None  # a config attribute naming it, or the family's constant
     encoder: str = "encoder"  # the model's attribute holding its layers
+    # The layers alternate global attention with a window of `config.sliding_window` tokens either
+    # side (ModernBERT): the export hands the model a mask of each kind instead of one mask.
+    sliding_window: bool = False
 
 
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -33,6 +37,7 @@ FAMILIES = {
     "xlm-roberta": Family(ROBERTA_INPUTS, padding_idx="pad_token_id"),
     "mpnet": Family(ROBERTA_INPUTS, padding_idx=1),  # MPNetEmbeddings fixes it at 1
     "distilbert": Family(ROBERTA_INPUTS, encoder="transformer"),  # BERT without token types
+    "modernbert": Family(ROBERTA_INPUTS, encoder="layers", sliding_window=True),
 }
 
 
@@ -54,7 +59,8 @@ def hidden_size(config: Mapping) -> int:
 
 def max_positions(config: Mapping) -> int:
     """The longest input the position table of `config` (config.json's contents) allows: all of it
-    for BERT, less the rows RoBERTa-style families skip (514 rows hold 512 positions)."""
+    for BERT (and ModernBERT's rotary positions: the length it was trained for), less the rows
+    RoBERTa-style families skip (514 rows hold 512 positions)."""
     family = family_of(config.get("model_type"))
     rows = int(config["max_position_embeddings"])
     if family.padding_idx is None:

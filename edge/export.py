@@ -6,7 +6,7 @@ The build is skipped when DEST already holds a build with the same fingerprint, 
 the PyTorch model before it counts, and appears atomically (built beside DEST, then renamed).
 torch, transformers and onnx are build-time needs only: the worker itself runs on onnxruntime.
 `--source DIR` exports a sentence-transformers model of your own instead: an encoder of a family in
-`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT), mean or CLS pooling, an
+`edge.encoder_families` (BERT, RoBERTa, XLM-RoBERTa, MPNet, DistilBERT, ModernBERT), mean or CLS pooling, an
 optional Dense layer (DENSE_FILE, applied by the runtime), optionally normalised (what the folder
 says is read by `edge.st_folder`); it is checked against sentence-transformers' own `encode`.
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from edge import st_folder
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
-from edge.encoder_families import family_of
+from edge.encoder_families import Family, family_of
 from edge.quantize import embedding_cosine, quantize_int8, settle_int8
 from edge.runtime.embedding import DENSE_FILE, EmbeddingModel
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
@@ -79,8 +79,8 @@ QUALITY_TEXTS = (
 MIN_INT8_COSINE = 0.99
 # The feed-forward MatMuls stay fp32: with them in int8 (GELU outliers, per-tensor activation
 # scales) the worst sentence fell to cosine 0.984; without them it is 0.993 (measured on QUALITY_TEXTS).
-# BERT-style names first, then DistilBERT's.
-INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/", r"/ffn/lin[12]/")
+# BERT-style names first, then DistilBERT's, then ModernBERT's (its gated feed-forward).
+INT8_KEEP_FP32 = (r"/intermediate/dense/", r"/layer\.\d+/output/dense/", r"/ffn/lin[12]/", r"/mlp/W[io]/")
 
 
 class ExportError(RuntimeError):
@@ -209,26 +209,64 @@ def _load_torch_model(src: Path, seed: int | None = None) -> torch.nn.Module:
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(src), attn_implementation="eager")
         _randomize(encoder, seed)
 
-    class TokenStates(torch.nn.Module):
-        """Embeddings + encoder layers with an explicit additive mask, so tracing keeps every axis dynamic."""
+    family = family_of(encoder.config.model_type)
+    plain, windowed = _token_states_wrappers()
+    wrapper = windowed if family.sliding_window else plain
+    # eval() on the wrapper, not only on the encoder: the exporter restores the wrapper's mode afterwards,
+    # and a fresh Module is in training mode (dropout on), which would poison the verification.
+    return wrapper(encoder, family).eval()
 
-        def __init__(self, model: torch.nn.Module) -> None:
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `keep` is 1, the dtype's lowest value where it is 0: the mask the eager attention adds."""
+    import torch
+
+    return (1.0 - keep.to(dtype)) * torch.finfo(dtype).min
+
+
+def _token_states_wrappers() -> tuple[type, type]:
+    """The modules the export traces, returning the token states from the family's inputs (defined
+    here: torch is imported lazily)."""
+    import torch
+
+    class TokenStates(torch.nn.Module):
+        """Embeddings + encoder layers with an explicit additive mask, so tracing keeps every axis
+        dynamic: transformers' own mask builder branches on Python values, which tracing would freeze."""
+
+        def __init__(self, model: torch.nn.Module, family: Family) -> None:
             super().__init__()
-            family = family_of(model.config.model_type)
             self.input_names = family.inputs
+            self.vocab_size = model.config.vocab_size
             self.embeddings = model.embeddings
             self.encoder = getattr(model, family.encoder)
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             hidden = self.embeddings(input_ids=input_ids, **types)
-            # transformers' own mask builder branches on Python values, which tracing would freeze.
-            bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            bias = _additive(attention_mask[:, None, None, :], hidden.dtype)
             return self.encoder(hidden, attention_mask=bias)[0]  # mpnet's is a tuple, the rest a ModelOutput
 
-    # eval() on the wrapper, not only on the encoder: the exporter restores the wrapper's mode afterwards,
-    # and a fresh Module is in training mode (dropout on), which would poison the verification.
-    return TokenStates(encoder).eval()
+    class WindowedTokenStates(torch.nn.Module):
+        """The whole model, handed one additive mask per kind of layer (ModernBERT): the padding
+        mask for its global layers, and for the others also |query - key| <= the window, as
+        transformers' sliding-window mask has it."""
+
+        def __init__(self, model: torch.nn.Module, family: Family) -> None:
+            super().__init__()
+            self.input_names = family.inputs
+            self.vocab_size = model.config.vocab_size
+            self.window = model.config.sliding_window
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            dtype = self.model.embeddings.tok_embeddings.weight.dtype
+            keep = attention_mask[:, None, None, :]
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            near = (positions[:, None] - positions[None, :]).abs() <= self.window
+            masks = {"full_attention": _additive(keep, dtype), "sliding_attention": _additive(keep * near, dtype)}
+            return self.model(input_ids=input_ids, attention_mask=masks).last_hidden_state
+
+    return TokenStates, WindowedTokenStates
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -254,7 +292,7 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
     # The TorchScript exporter (dynamo=False) needs nothing beyond torch; the dynamo exporter
     # would need onnxscript, which the project does not install.
     names = model.input_names
-    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 8, 9]]) % model.embeddings.word_embeddings.num_embeddings
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 8, 9]]) % model.vocab_size
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     example = (ids, mask, torch.zeros_like(ids))[: len(names)]
     axes = {name: {0: "batch", 1: "sequence"} for name in (*names, OUTPUT_NAME)}

@@ -4,7 +4,8 @@ sentence-transformers' own `encode`.
 Tiny seeded encoders (32 hidden units) stand in for a user's, saved by sentence-transformers itself:
 BERT and DistilBERT with all-MiniLM-L6-v2's tokenizer, mean or CLS pooling, normalised or not;
 RoBERTa, XLM-RoBERTa and MPNet with tokenizers of their own kind (byte-level BPE, unigram, WordPiece)
-trained here, whose pad token is 1 and whose position table has rows positions never reach.
+trained here, whose pad token is 1 and whose position table has rows positions never reach;
+ModernBERT (byte-level BPE) with a sliding window far shorter than the long text.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def write_family_transformer(dest: Path, family: str, package_model_dir: Path) -
             shutil.copy(package_model_dir / name, encoder / name)
         sizes = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=0)
     else:
-        write_tokenizer(encoder, family)
+        write_tokenizer(encoder, "roberta" if family == "modernbert" else family)
         sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        if family == "modernbert":  # a global layer, then one that sees 4 tokens either side
+            sizes |= dict(cls_token_id=0, sep_token_id=2, global_attn_every_n_layers=2, local_attention=8)
     vocab = len(json.loads((encoder / "tokenizer.json").read_text())["model"]["vocab"])
     config = AutoConfig.for_model(family, vocab_size=vocab, max_position_embeddings=MAX_POSITIONS, **sizes)
     torch.manual_seed(0)
@@ -119,7 +122,9 @@ LOWERCASED = ("roberta",)  # a cased byte-level BPE: lowercasing changes its tok
 
 # family -> (pad token, positions an input may fill)
 FAMILY_CASES = {"roberta": ((1, "<pad>"), MAX_POSITIONS - 2), "xlm-roberta": ((1, "<pad>"), MAX_POSITIONS - 2),
-                "mpnet": ((1, "<pad>"), MAX_POSITIONS - 2), "distilbert": ((0, "[PAD]"), MAX_POSITIONS)}
+                "mpnet": ((1, "<pad>"), MAX_POSITIONS - 2), "distilbert": ((0, "[PAD]"), MAX_POSITIONS),
+                # Rotary positions skip no rows; the RoBERTa-style tokenizer's model_max_length bounds it.
+                "modernbert": ((1, "<pad>"), MAX_POSITIONS - 2)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
@@ -181,7 +186,7 @@ def test_a_dense_layer_after_the_pooling_projects_as_its_library_does(
     ("change", "fragment"),
     [
         ("max-pooling", "pooling max is not supported; supported: mean, cls"),
-        ("electra", "model_type 'electra' is not supported; supported: bert, roberta, xlm-roberta, mpnet, distilbert"),
+        ("electra", "model_type 'electra' is not supported; supported: bert, roberta, xlm-roberta, mpnet, distilbert, modernbert"),
         ("two-dense-modules", "are not supported; supported: Transformer, Pooling[, Dense][, Normalize]"),
         ("no-tokenizer", "tokenizer.json is missing"),
         ("prompt-left-out", "a default prompt left out of the pooling (include_prompt: false) is not supported"),
