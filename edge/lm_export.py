@@ -203,7 +203,7 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
     eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     context = int(cfg.max_position_embeddings)
-    if getattr(cfg, "sliding_window", None):  # mistral: attention beyond the window is not exported
+    if getattr(cfg, "sliding_window", None):  # mistral, gemma3: attention beyond the window is not exported
         context = min(context, int(cfg.sliding_window))
     return {
         "name": checkpoint.name if checkpoint.name != CHECKPOINT_DIR else "edge-small",

@@ -4,8 +4,10 @@ Written out explicitly (embed, per layer: norm, q/k/v, rotary, cache concat, gro
 causal mask built from positions, MLP; final norm, last-position logits) over the checkpoint's own
 modules, so the traced ONNX graph has no Python-side branches on shapes and every axis stays dynamic.
 transformers' own forward builds its masks and caches with Python logic that tracing would freeze.
-Families: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms); the export checks the result
-against transformers' generate, token for token.
+Families: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3_text (Gemma 3's text
+models: q/k norms, norms after attention and the MLP as well as before, a rotary table per layer
+type, sliding-window layers); the export checks the result against transformers' generate, token
+for token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Families whose sliding-window layers the export serves as full attention: it bounds the context
+# to the window (edge.lm_export), within which the two are the same.
+WINDOW_BOUNDED = ("gemma3_text",)
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -29,24 +34,47 @@ class DecoderStep(nn.Module):
         self.model = model.model
         self.lm_head = model.lm_head
         self.num_layers = len(self.model.layers)
+        # Gemma 3 rotates local and global layers with different bases; the others share one table.
+        self.layer_types = list(model.config.layer_types) if model.config.model_type in WINDOW_BOUNDED else None
+        self.logit_cap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
-        hidden = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(hidden, position_ids)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        hidden = self.model.embed_tokens(input_ids)  # Gemma's module scales by sqrt(hidden) itself
+        rotary = self._rotary(hidden, position_ids)
         presents: list[torch.Tensor] = []
         mask = None
         for i, layer in enumerate(self.model.layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]
             if mask is None:
                 mask = causal_bias(position_ids, past_k.shape[2], hidden.dtype)
+            cos, sin = rotary[self.layer_types[i] if self.layer_types else None]
             attn_out, k, v = _attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_k, past_v, mask)
             presents += [k, v]
-            hidden = hidden + attn_out
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = _after_attention(layer, hidden, attn_out)
         hidden = self.model.norm(hidden[:, -1:, :])  # only the last position is ever sampled from
         logits = self.lm_head(hidden)[:, 0, :].float()
+        if self.logit_cap:
+            logits = torch.tanh(logits / self.logit_cap) * self.logit_cap
         return (logits, *presents)
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """(cos, sin) per layer type (one entry, None, where every layer shares the table), broadcast over heads."""
+        if self.layer_types is None:
+            tables = {None: self.model.rotary_emb(hidden, position_ids)}
+        else:
+            tables = {t: self.model.rotary_emb(hidden, position_ids, t) for t in sorted(set(self.layer_types))}
+        return {t: (cos[:, None], sin[:, None]) for t, (cos, sin) in tables.items()}
+
+
+def _after_attention(layer: nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The residual adds and the MLP after a layer's attention: Llama's one norm before the MLP (its
+    post_attention_layernorm), or Gemma's sandwich (a norm on the attention's output, and one before
+    and one after the MLP)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        hidden = hidden + layer.post_attention_layernorm(attn_out)
+        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    hidden = hidden + attn_out
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def check_supported(config) -> None:
@@ -58,7 +86,7 @@ def check_supported(config) -> None:
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    if family not in WINDOW_BOUNDED and any(t != "full_attention" for t in layer_types):
         raise UnsupportedCheckpoint(f"{family}: sliding-window layers are not supported ({sorted(set(layer_types))})")
 
 
@@ -87,7 +115,11 @@ def _attention(attn, x, cos, sin, past_k, past_v, mask):
     groups = int(attn.num_key_value_groups)  # a constant of the checkpoint, not a traced shape
     k_all = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     v_all = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-    scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
+    scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores + mask
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_all).transpose(1, 2).reshape(batch, seq, -1)
     return attn.o_proj(out), k, v

@@ -3,7 +3,7 @@
 Tiny random checkpoints (seeded, built in a second each) stand in for a user's: they carry what sets
 each family apart (qwen2's q/k/v biases and tied embeddings, qwen3's per-head q/k norms and a head
 size that is not hidden / heads, mistral's sliding window, llama's attention bias, multi-query
-attention and llama3 / yarn rotary scaling). Their weights are drawn wider than transformers'
+attention and llama3 / yarn rotary scaling, gemma3's extra norms and rotary bases per layer type). Their weights are drawn wider than transformers'
 default (0.2 instead of 0.02) so that greedy text varies from token to token: at 0.02 a random
 model repeats one token, which any export would match.
 """
@@ -33,6 +33,10 @@ FAMILIES = {
     "llama-mqa-llama3-rope": ("llama", dict(attention_bias=True, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE)),
     "llama-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 64})),
+    # A local layer (rotary base 10k) then a global one (1M), as Gemma 3 alternates them. Untied: with
+    # its embeddings scaled by sqrt(hidden) and tied, a random Gemma repeats one token (qwen2 ties).
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=64, tie_word_embeddings=False,
+                                   layer_types=["sliding_attention", "full_attention"])),
 }
 PROMPTS = ("A zone fails over", "Embeddings turn a sentence", "Café 🙂 unseen words")
 
