@@ -191,6 +191,7 @@ def route(
     correction_bias: torch.Tensor | None = None,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    group_score: str = "top2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.route` in fewer ops: no casts of what is fp32 already, groups dropped by one mask."""
     logits = logits if logits.dtype == torch.float32 else logits.float()
@@ -198,7 +199,8 @@ def route(
     choice = scores if correction_bias is None else scores + correction_bias
     if n_group > 1:
         grouped = choice.view(len(choice), n_group, -1)
-        keep = grouped.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1, sorted=False).indices
+        ranked = grouped.topk(2, dim=-1).values.sum(-1) if group_score == "top2" else grouped.amax(-1)
+        keep = ranked.topk(topk_group, dim=-1, sorted=False).indices
         dropped = torch.ones(grouped.shape[:2], dtype=torch.bool).scatter_(1, keep, False)
         choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(scores)
     ids = choice.topk(top_k, dim=-1, sorted=False).indices

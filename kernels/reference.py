@@ -31,12 +31,14 @@ def route(
     correction_bias: torch.Tensor | None = None,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    group_score: str = "top2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert choice for each token: (weights fp32 [T, k], ids int32 [T, k]).
 
-    scoring="softmax": Mixtral / Qwen3-MoE. scoring="sigmoid": DeepSeek-V3, where the correction bias
-    steers the choice but not the weights, and experts are picked only inside the `topk_group` groups
-    whose two best biased scores sum highest.
+    scoring="softmax": Mixtral / Qwen3-MoE / DeepSeek-V2. scoring="sigmoid": DeepSeek-V3, where the
+    correction bias steers the choice but not the weights. With `n_group` > 1, experts are picked only
+    inside the `topk_group` groups that score highest: by the sum of their two best (biased) scores
+    (group_score="top2", DeepSeek-V3) or by their best one ("max", DeepSeek-V2's group_limited_greedy).
     """
     logits = logits.float()
     scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
@@ -44,7 +46,7 @@ def route(
     if n_group > 1:
         t, e = choice.shape
         grouped = choice.view(t, n_group, e // n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1) if group_score == "top2" else grouped.amax(-1)
         keep = group_scores.topk(topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)

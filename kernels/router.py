@@ -30,6 +30,7 @@ def _route_kernel(
     G_PAD: tl.constexpr,
     K_PAD: tl.constexpr,
     NORM: tl.constexpr,
+    GROUP_TOP2: tl.constexpr,
 ):
     """One program routes BLOCK_T tokens; top-k by repeated arg-max (k is small)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -52,17 +53,18 @@ def _route_kernel(
     neg = -float("inf")
     choice = tl.where(col_ok[None, :], choice, neg)
     if N_GROUP > 1:
-        # a group's score is the sum of its two best (biased) scores
+        # a group's score: the sum of its two best (biased) scores (DeepSeek-V3), or its best (V2)
         group = cols // (E // N_GROUP)
         gidx = tl.arange(0, G_PAD)
         gscore = tl.full([BLOCK_T, G_PAD], neg, tl.float32)
         for g in tl.static_range(N_GROUP):
             in_g = (group == g)[None, :]
             c = tl.where(in_g, choice, neg)
-            first = tl.argmax(c, axis=1)
             best = tl.max(c, axis=1)
-            second = tl.max(tl.where(cols[None, :] == first[:, None], neg, c), axis=1)
-            gscore = tl.where(gidx[None, :] == g, (best + second)[:, None], gscore)
+            if GROUP_TOP2:
+                first = tl.argmax(c, axis=1)
+                best = best + tl.max(tl.where(cols[None, :] == first[:, None], neg, c), axis=1)
+            gscore = tl.where(gidx[None, :] == g, best[:, None], gscore)
         keep = tl.zeros([BLOCK_T, E_PAD], tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
             gbest = tl.argmax(gscore, axis=1)
@@ -100,9 +102,10 @@ def route(
     correction_bias: torch.Tensor | None = None,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    group_score: str = "top2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert choice for each token: (weights fp32 [T, k], ids int32 [T, k]); see `reference.route`."""
-    assert scoring in ("softmax", "sigmoid")
+    assert scoring in ("softmax", "sigmoid") and group_score in ("top2", "max")
     t, e = logits.shape
     assert e % n_group == 0 and top_k <= e
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
@@ -132,6 +135,7 @@ def route(
         G_PAD=triton.next_power_of_2(n_group),
         K_PAD=triton.next_power_of_2(top_k),
         NORM=norm_topk_prob,
+        GROUP_TOP2=group_score == "top2",
         num_warps=4,
     )
     return weights, ids

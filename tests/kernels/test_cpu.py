@@ -74,6 +74,7 @@ ROUTES = [  # (experts, top_k, options, with a correction bias)
     (64, 8, dict(scoring="sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5), True),
     (16, 1, dict(scoring="sigmoid", n_group=4, topk_group=2), True),
     (12, 3, dict(scoring="softmax", routed_scaling_factor=1.5), False),
+    (32, 6, dict(scoring="softmax", n_group=8, topk_group=3, group_score="max", norm_topk_prob=False), False),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Router kernel against the reference: softmax top-k (Mixtral, Qwen3-MoE) and DeepSeek-V3's
-sigmoid scoring with correction bias and group-limited top-k."""
+"""Router kernel against the reference: softmax top-k (Mixtral, Qwen3-MoE), DeepSeek-V3's
+sigmoid scoring with correction bias and group-limited top-k, and DeepSeek-V2's groups ranked by
+their best expert."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ CASES = {
         "bias": True,
     },
     "odd_experts": {"e": 12, "top_k": 3, "kw": {"scoring": "softmax"}},
+    # DeepSeek-V2's group_limited_greedy: softmax, groups ranked by their best expert, no renormalisation.
+    "v2_groups": {
+        "e": 32,
+        "top_k": 6,
+        "kw": {"scoring": "softmax", "n_group": 8, "topk_group": 3, "group_score": "max",
+               "norm_topk_prob": False, "routed_scaling_factor": 16.0},
+    },
 }
 
 
