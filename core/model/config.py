@@ -6,7 +6,9 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("deepseek_v3", "qwen3_moe", "mixtral")
+SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral")
+# DeepSeek-V2's expert choice (its topk_method): over all experts, or inside the groups ranked best.
+DEEPSEEK_V2_TOPK = ("greedy", "group_limited_greedy")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     scoring: str = "softmax"
+    group_score: str = "top2"  # how groups rank: their two best scores summed (V3), or their best (V2)
+    correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias steers the expert choice
     first_k_dense_replace: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
@@ -98,26 +102,8 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             rope=_rope(raw),
         )
-        if model_type == "deepseek_v3":
-            values.update(
-                head_dim=raw["qk_rope_head_dim"],  # transformers sets it so; rope acts on these dims only
-                rope_interleave=raw.get("rope_interleave", True),
-                n_routed_experts=raw["n_routed_experts"],
-                num_experts_per_tok=raw["num_experts_per_tok"],
-                moe_intermediate_size=raw["moe_intermediate_size"],
-                n_shared_experts=raw.get("n_shared_experts") or 0,
-                n_group=raw.get("n_group") or 1,
-                topk_group=raw.get("topk_group") or 1,
-                routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
-                norm_topk_prob=raw.get("norm_topk_prob", True),
-                scoring=raw.get("scoring_func", "sigmoid"),
-                first_k_dense_replace=raw.get("first_k_dense_replace") or 0,
-                q_lora_rank=raw.get("q_lora_rank"),
-                kv_lora_rank=raw["kv_lora_rank"],
-                qk_rope_head_dim=raw["qk_rope_head_dim"],
-                qk_nope_head_dim=raw["qk_nope_head_dim"],
-                v_head_dim=raw["v_head_dim"],
-            )
+        if model_type in ("deepseek_v3", "deepseek_v2"):
+            values.update(_deepseek(raw))
         elif model_type == "qwen3_moe":
             values.update(
                 n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
@@ -168,6 +154,45 @@ def _first(raw: dict, *keys: str):
         if raw.get(key) is not None:
             return raw[key]
     raise KeyError(f"config.json has none of {', '.join(keys)}")
+
+
+def _deepseek(raw: dict) -> dict:
+    """DeepSeek-V3's fields, and V2's: the same latent attention and experts, routed by a softmax
+    with no correction bias, never renormalised (transformers ignores V2's norm_topk_prob), inside
+    the groups whose best expert scores highest when its topk_method is group_limited_greedy."""
+    values = dict(
+        head_dim=raw["qk_rope_head_dim"],  # transformers sets it so; rope acts on these dims only
+        rope_interleave=raw.get("rope_interleave", True),
+        n_routed_experts=raw["n_routed_experts"],
+        num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        n_shared_experts=raw.get("n_shared_experts") or 0,
+        n_group=raw.get("n_group") or 1,
+        topk_group=raw.get("topk_group") or 1,
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+        norm_topk_prob=raw.get("norm_topk_prob", True),
+        scoring=raw.get("scoring_func", "sigmoid"),
+        correction_bias=True,
+        first_k_dense_replace=raw.get("first_k_dense_replace") or 0,
+        q_lora_rank=raw.get("q_lora_rank"),
+        kv_lora_rank=raw["kv_lora_rank"],
+        qk_rope_head_dim=raw["qk_rope_head_dim"],
+        qk_nope_head_dim=raw["qk_nope_head_dim"],
+        v_head_dim=raw["v_head_dim"],
+    )
+    if raw["model_type"] == "deepseek_v3":
+        return values
+    method = raw.get("topk_method", "greedy")
+    if method not in DEEPSEEK_V2_TOPK:
+        raise ValueError(f"unsupported topk_method {method!r} for deepseek_v2; supported: {', '.join(DEEPSEEK_V2_TOPK)}")
+    if (raw.get("moe_layer_freq") or 1) != 1:  # transformers makes every layer past the dense ones MoE
+        raise ValueError(f"unsupported moe_layer_freq {raw['moe_layer_freq']} for deepseek_v2; supported: 1")
+    grouped = method == "group_limited_greedy"
+    return values | dict(
+        rope_interleave=True,  # V2 rotates pairs as complex numbers: V3's interleaved layout
+        scoring="softmax", correction_bias=False, norm_topk_prob=False, group_score="max",
+        n_group=values["n_group"] if grouped else 1, topk_group=values["topk_group"] if grouped else 1,
+    )
 
 
 def _rope(raw: dict) -> RopeConfig:

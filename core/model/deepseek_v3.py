@@ -1,5 +1,7 @@
 """DeepSeek-V3: multi-head latent attention (low-rank q and kv, decoupled RoPE), dense MLP layers
 first, then MoE layers with shared experts and sigmoid, bias-corrected, group-limited routing.
+DeepSeek-V2 (and V2-Lite) is the same network routed by a softmax without the bias (its config,
+`ModelConfig`, says how), so it runs on this code too.
 
 Parameter names equal the checkpoint's, so loading is a plain mapping (routed experts are stacked).
 """
@@ -113,7 +115,7 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.self_attn = MLAttention(cfg)
         if index >= cfg.first_k_dense_replace:
-            self.mlp = MoE(cfg, correction_bias=True)
+            self.mlp = MoE(cfg, correction_bias=cfg.correction_bias)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -290,6 +290,7 @@ class Router(nn.Module):
             topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
+            group_score=cfg.group_score,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

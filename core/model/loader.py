@@ -34,7 +34,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 def family(model_type: str) -> type[nn.Module]:
     """The model class for a config's model_type."""
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "deepseek_v2"):
         from core.model.deepseek_v3 import DeepseekV3ForCausalLM
 
         return DeepseekV3ForCausalLM

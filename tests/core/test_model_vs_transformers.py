@@ -34,6 +34,15 @@ DEEPSEEK = {
                                   n_shared_experts=1, rope_interleave=False, norm_topk_prob=False,
                                   rope_scaling=dict(YARN, factor=8.0, mscale=0.707, mscale_all_dim=0.707)),
 }
+# DeepSeek-V2: V2-Lite's routing (greedy over all experts, no q LoRA), and V2's (its groups ranked by
+# their best expert, q LoRA, YaRN); both softmax, no correction bias, never renormalised.
+DEEPSEEK_V2 = {
+    "v2-lite-greedy": dict(BASE, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None, n_routed_experts=16,
+                           num_experts_per_tok=6, n_shared_experts=2, topk_method="greedy", routed_scaling_factor=1.0),
+    "v2-group-limited-yarn": dict(BASE, num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=32,
+                                  n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                                  n_shared_experts=1, topk_method="group_limited_greedy", rope_scaling=YARN),
+}
 GQA = dict(vocab_size=320, hidden_size=64, intermediate_size=80, num_attention_heads=4, max_position_embeddings=256,
            initializer_range=0.1, bos_token_id=None, eos_token_id=None)
 QWEN3 = {
@@ -53,7 +62,8 @@ MIXTRAL = {
     "mixtral-mha-headdim": dict(GQA, num_hidden_layers=2, num_key_value_heads=4, head_dim=20, num_local_experts=4,
                                 num_experts_per_tok=1, rope_theta=1e4),
 }
-CONFIGS = {**{("deepseek_v3", k): v for k, v in DEEPSEEK.items()}, **{("qwen3_moe", k): v for k, v in QWEN3.items()},
+CONFIGS = {**{("deepseek_v3", k): v for k, v in DEEPSEEK.items()}, **{("deepseek_v2", k): v for k, v in DEEPSEEK_V2.items()},
+           **{("qwen3_moe", k): v for k, v in QWEN3.items()},
            **{("mixtral", k): v for k, v in MIXTRAL.items()}}
 
 
@@ -192,4 +202,15 @@ def test_fp8_block_scaled_checkpoint(tmp_path):
 def test_unsupported_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"topk_method": "noaux_tc"}, "unsupported topk_method 'noaux_tc' for deepseek_v2"),
+    ({"moe_layer_freq": 2}, "unsupported moe_layer_freq 2 for deepseek_v2"),
+])
+def test_a_deepseek_v2_routing_we_do_not_run_is_a_clear_error(tmp_path, change, fragment):
+    config = transformers.AutoConfig.for_model("deepseek_v2", **DEEPSEEK_V2["v2-lite-greedy"]).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=fragment):
         load_model(tmp_path)

@@ -31,6 +31,12 @@ FAMILIES = {
     "mixtral": dict(hidden_size=80, intermediate_size=112, num_hidden_layers=2, num_attention_heads=5,
                     num_key_value_heads=1, num_local_experts=6, num_experts_per_tok=2,
                     max_position_embeddings=512, rope_theta=20000.0),
+    # V2-Lite's shape of routing: greedy over every expert, no q LoRA, shared experts.
+    "deepseek_v2": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        kv_lora_rank=32, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, topk_method="greedy",
+                        max_position_embeddings=512),
 }
 
 
