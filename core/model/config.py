@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral")
+SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral")
 # DeepSeek-V2's expert choice (its topk_method): over all experts, or inside the groups ranked best.
 DEEPSEEK_V2_TOPK = ("greedy", "group_limited_greedy")
 
@@ -43,6 +43,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k and v only, not on the output projection (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -53,6 +54,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     n_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's one shared expert, gated by a sigmoid
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -114,6 +116,19 @@ class ModelConfig:
                 mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
                 # transformers reads the window only when use_sliding_window is set
                 sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None,
+            )
+        elif model_type == "qwen2_moe":
+            if raw.get("use_sliding_window"):  # per-layer windows past max_window_layers: not implemented
+                raise ValueError("unsupported use_sliding_window for qwen2_moe; supported: false")
+            values.update(
+                qkv_bias=raw.get("qkv_bias", True),
+                n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                moe_intermediate_size=raw["moe_intermediate_size"],
+                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
+                norm_topk_prob=raw.get("norm_topk_prob", False),
+                decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
+                mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
             )
         elif model_type == "mixtral":
             values.update(

@@ -223,7 +223,7 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention (Mixtral, Qwen3-MoE); the cache holds rotated keys and values per kv head.
+    """Grouped-query attention (Mixtral, Qwen2-MoE, Qwen3-MoE); the cache holds rotated keys and values per kv head.
 
     `qk_norm`: Qwen3 RMS-normalises each head of q and k before the rotation.
     """
@@ -232,9 +232,10 @@ class GQAttention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = Linear(h, self.heads * d, bias=cfg.attention_bias)
-        self.k_proj = Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = Linear(h, self.kv_heads * d, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = Linear(h, self.heads * d, bias=qkv_bias)
+        self.k_proj = Linear(h, self.kv_heads * d, bias=qkv_bias)
+        self.v_proj = Linear(h, self.kv_heads * d, bias=qkv_bias)
         self.o_proj = Linear(self.heads * d, h, bias=cfg.attention_bias)
         if qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)

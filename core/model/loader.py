@@ -42,6 +42,10 @@ def family(model_type: str) -> type[nn.Module]:
         from core.model.qwen3_moe import Qwen3MoeForCausalLM
 
         return Qwen3MoeForCausalLM
+    if model_type == "qwen2_moe":
+        from core.model.qwen2_moe import Qwen2MoeForCausalLM
+
+        return Qwen2MoeForCausalLM
     if model_type == "mixtral":
         from core.model.mixtral import MixtralForCausalLM
 

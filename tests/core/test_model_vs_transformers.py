@@ -55,6 +55,15 @@ QWEN3 = {
                                moe_intermediate_size=24, attention_bias=True, use_sliding_window=True,
                                sliding_window=8),
 }
+QWEN2_MOE = {  # q/k/v biases, the gated shared expert, dense layers by mlp_only_layers and decoder_sparse_step
+    "qwen2-moe-shared-gate": dict(GQA, num_hidden_layers=3, num_key_value_heads=2, num_experts=8,
+                                  num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                  norm_topk_prob=False),
+    "qwen2-moe-dense-layers-norm": dict(GQA, num_hidden_layers=4, num_key_value_heads=4, num_experts=6,
+                                        num_experts_per_tok=3, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=32, norm_topk_prob=True,
+                                        mlp_only_layers=[0], decoder_sparse_step=2, rope_theta=1e6),
+}
 MIXTRAL = {
     "mixtral-8x2": dict(GQA, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
     "mixtral-sliding-mqa": dict(GQA, num_hidden_layers=2, num_key_value_heads=1, num_local_experts=6,
@@ -63,7 +72,7 @@ MIXTRAL = {
                                 num_experts_per_tok=1, rope_theta=1e4),
 }
 CONFIGS = {**{("deepseek_v3", k): v for k, v in DEEPSEEK.items()}, **{("deepseek_v2", k): v for k, v in DEEPSEEK_V2.items()},
-           **{("qwen3_moe", k): v for k, v in QWEN3.items()},
+           **{("qwen3_moe", k): v for k, v in QWEN3.items()}, **{("qwen2_moe", k): v for k, v in QWEN2_MOE.items()},
            **{("mixtral", k): v for k, v in MIXTRAL.items()}}
 
 
@@ -213,4 +222,11 @@ def test_a_deepseek_v2_routing_we_do_not_run_is_a_clear_error(tmp_path, change, 
     config = transformers.AutoConfig.for_model("deepseek_v2", **DEEPSEEK_V2["v2-lite-greedy"]).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(config | change))
     with pytest.raises(ValueError, match=fragment):
+        load_model(tmp_path)
+
+
+def test_qwen2_moe_sliding_windows_are_a_clear_error(tmp_path):
+    config = transformers.AutoConfig.for_model("qwen2_moe", **QWEN2_MOE["qwen2-moe-shared-gate"]).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config | {"use_sliding_window": True, "sliding_window": 16}))
+    with pytest.raises(ValueError, match="unsupported use_sliding_window for qwen2_moe"):
         load_model(tmp_path)
