@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral")
+SUPPORTED_FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 # DeepSeek-V2's expert choice (its topk_method): over all experts, or inside the groups ranked best.
 DEEPSEEK_V2_TOPK = ("greedy", "group_limited_greedy")
 
@@ -44,6 +44,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qkv_bias: bool = False  # biases on q, k and v only, not on the output projection (Qwen2)
+    clip_qkv: float | None = None  # q, k and v clamped to +-this (OLMoE)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -137,6 +138,14 @@ class ModelConfig:
                 moe_intermediate_size=raw["intermediate_size"],
                 norm_topk_prob=True,
                 sliding_window=raw.get("sliding_window"),
+            )
+        elif model_type == "olmoe":
+            values.update(
+                n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                moe_intermediate_size=raw["intermediate_size"],  # every layer's MLP is the experts
+                norm_topk_prob=raw.get("norm_topk_prob", False),
+                clip_qkv=raw.get("clip_qkv"),
             )
         quant = raw.get("quantization_config") or {}
         if quant.get("quant_method") == "fp8":

@@ -223,12 +223,14 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class GQAttention(nn.Module):
-    """Grouped-query attention (Mixtral, Qwen2-MoE, Qwen3-MoE); the cache holds rotated keys and values per kv head.
+    """Grouped-query attention (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); the cache holds rotated keys and
+    values per kv head.
 
-    `qk_norm`: Qwen3 RMS-normalises each head of q and k before the rotation.
+    `qk_norm`: "head", Qwen3 RMS-normalises each head of q and k before the rotation; "projection",
+    OLMoE normalises the whole q and k projections. `cfg.clip_qkv` clamps q, k and v (OLMoE's option).
     """
 
-    def __init__(self, cfg: ModelConfig, qk_norm: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, qk_norm: str | None = None) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
@@ -237,18 +239,26 @@ class GQAttention(nn.Module):
         self.k_proj = Linear(h, self.kv_heads * d, bias=qkv_bias)
         self.v_proj = Linear(h, self.kv_heads * d, bias=qkv_bias)
         self.o_proj = Linear(self.heads * d, h, bias=cfg.attention_bias)
-        if qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        assert qk_norm in (None, "head", "projection")
+        if qk_norm is not None:
+            whole = qk_norm == "projection"
+            self.q_norm = RMSNorm(self.heads * d if whole else d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_heads * d if whole else d, cfg.rms_norm_eps)
         self.qk_norm = qk_norm
+        self.clip = cfg.clip_qkv
         self.scale = d**-0.5
 
     def forward(self, x: torch.Tensor, batch: Batch, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        if self.qk_norm:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), batch.cos, batch.sin)
         k = apply_rope(k.transpose(1, 2), batch.cos, batch.sin)

@@ -46,6 +46,10 @@ def family(model_type: str) -> type[nn.Module]:
         from core.model.qwen2_moe import Qwen2MoeForCausalLM
 
         return Qwen2MoeForCausalLM
+    if model_type == "olmoe":
+        from core.model.olmoe import OlmoeForCausalLM
+
+        return OlmoeForCausalLM
     if model_type == "mixtral":
         from core.model.mixtral import MixtralForCausalLM
 

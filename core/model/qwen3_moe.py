@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.index = index
-        self.self_attn = GQAttention(cfg, qk_norm=True)
+        self.self_attn = GQAttention(cfg, qk_norm="head")
         self.mlp = MoE(cfg) if is_sparse(cfg, index) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

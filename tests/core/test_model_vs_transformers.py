@@ -64,6 +64,11 @@ QWEN2_MOE = {  # q/k/v biases, the gated shared expert, dense layers by mlp_only
                                         shared_expert_intermediate_size=32, norm_topk_prob=True,
                                         mlp_only_layers=[0], decoder_sparse_step=2, rope_theta=1e6),
 }
+OLMOE = {  # q/k norms over the whole projections, and clamped q/k/v
+    "olmoe-gqa": dict(GQA, num_hidden_layers=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
+    "olmoe-clip-norm": dict(GQA, num_hidden_layers=2, num_key_value_heads=4, num_experts=6, num_experts_per_tok=3,
+                            clip_qkv=0.5, norm_topk_prob=True),
+}
 MIXTRAL = {
     "mixtral-8x2": dict(GQA, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
     "mixtral-sliding-mqa": dict(GQA, num_hidden_layers=2, num_key_value_heads=1, num_local_experts=6,
@@ -73,6 +78,7 @@ MIXTRAL = {
 }
 CONFIGS = {**{("deepseek_v3", k): v for k, v in DEEPSEEK.items()}, **{("deepseek_v2", k): v for k, v in DEEPSEEK_V2.items()},
            **{("qwen3_moe", k): v for k, v in QWEN3.items()}, **{("qwen2_moe", k): v for k, v in QWEN2_MOE.items()},
+           **{("olmoe", k): v for k, v in OLMOE.items()},
            **{("mixtral", k): v for k, v in MIXTRAL.items()}}
 
 

@@ -34,6 +34,8 @@ FAMILIES = {
     "qwen2_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, max_position_embeddings=512),
+    "olmoe": dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=512),
     # V2-Lite's shape of routing: greedy over every expert, no q LoRA, shared experts.
     "deepseek_v2": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                         num_attention_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
