@@ -6,8 +6,9 @@ modules, so the traced ONNX graph has no Python-side branches on shapes and ever
 transformers' own forward builds its masks and caches with Python logic that tracing would freeze.
 Families: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3_text (Gemma 3's text
 models: q/k norms, norms after attention and the MLP as well as before, a rotary table per layer
-type, sliding-window layers); the export checks the result against transformers' generate, token
-for token.
+type, sliding-window layers), granite (Llama scaled: embeddings, residual branches and logits by
+the config's multipliers), smollm3 (Llama with no rotation on every n-th layer); the export checks
+the result against transformers' generate, token for token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "smollm3")
 # Families whose sliding-window layers the export serves as full attention: it bounds the context
 # to the window (edge.lm_export), within which the two are the same.
 WINDOW_BOUNDED = ("gemma3_text",)
@@ -37,9 +38,17 @@ class DecoderStep(nn.Module):
         # Gemma 3 rotates local and global layers with different bases; the others share one table.
         self.layer_types = list(model.config.layer_types) if model.config.model_type in WINDOW_BOUNDED else None
         self.logit_cap = getattr(model.config, "final_logit_softcapping", None)
+        # Granite's multipliers (1 elsewhere); its attention_multiplier is the attention's own scaling.
+        self.embedding_multiplier = getattr(model.config, "embedding_multiplier", 1.0)
+        self.residual_multiplier = getattr(model.config, "residual_multiplier", 1.0)
+        self.logits_scaling = getattr(model.config, "logits_scaling", 1.0)
+        # SmolLM3: layer i rotates q and k only where no_rope_layers[i] is 1.
+        self.rotates = [bool(r) for r in getattr(model.config, "no_rope_layers", None) or [1] * self.num_layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
         hidden = self.model.embed_tokens(input_ids)  # Gemma's module scales by sqrt(hidden) itself
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         rotary = self._rotary(hidden, position_ids)
         presents: list[torch.Tensor] = []
         mask = None
@@ -47,12 +56,14 @@ class DecoderStep(nn.Module):
             past_k, past_v = past[2 * i], past[2 * i + 1]
             if mask is None:
                 mask = causal_bias(position_ids, past_k.shape[2], hidden.dtype)
-            cos, sin = rotary[self.layer_types[i] if self.layer_types else None]
+            cos, sin = rotary[self.layer_types[i] if self.layer_types else None] if self.rotates[i] else (None, None)
             attn_out, k, v = _attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_k, past_v, mask)
             presents += [k, v]
-            hidden = _after_attention(layer, hidden, attn_out)
+            hidden = _after_attention(layer, hidden, attn_out, self.residual_multiplier)
         hidden = self.model.norm(hidden[:, -1:, :])  # only the last position is ever sampled from
         logits = self.lm_head(hidden)[:, 0, :].float()
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
         if self.logit_cap:
             logits = torch.tanh(logits / self.logit_cap) * self.logit_cap
         return (logits, *presents)
@@ -66,13 +77,17 @@ class DecoderStep(nn.Module):
         return {t: (cos[:, None], sin[:, None]) for t, (cos, sin) in tables.items()}
 
 
-def _after_attention(layer: nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def _after_attention(layer: nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """The residual adds and the MLP after a layer's attention: Llama's one norm before the MLP (its
     post_attention_layernorm), or Gemma's sandwich (a norm on the attention's output, and one before
-    and one after the MLP)."""
+    and one after the MLP). Each branch is scaled by `scale` before it is added (Granite's
+    residual_multiplier)."""
     if hasattr(layer, "pre_feedforward_layernorm"):
         hidden = hidden + layer.post_attention_layernorm(attn_out)
         return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    if scale != 1.0:
+        hidden = hidden + attn_out * scale
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)) * scale
     hidden = hidden + attn_out
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -108,8 +123,9 @@ def _attention(attn, x, cos, sin, past_k, past_v, mask):
     if hasattr(attn, "q_norm"):  # qwen3 normalises each head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    if cos is not None:  # None: a layer without rotary positions (SmolLM3's NoPE layers)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
     k = torch.cat([past_k, k], dim=2)
     v = torch.cat([past_v, v], dim=2)
     groups = int(attn.num_key_value_groups)  # a constant of the checkpoint, not a traced shape

@@ -3,7 +3,8 @@
 Tiny random checkpoints (seeded, built in a second each) stand in for a user's: they carry what sets
 each family apart (qwen2's q/k/v biases and tied embeddings, qwen3's per-head q/k norms and a head
 size that is not hidden / heads, mistral's sliding window, llama's attention bias, multi-query
-attention and llama3 / yarn rotary scaling, gemma3's extra norms and rotary bases per layer type). Their weights are drawn wider than transformers'
+attention and llama3 / yarn rotary scaling, gemma3's extra norms and rotary bases per layer type,
+granite's multipliers, smollm3's layers without rotary positions). Their weights are drawn wider than transformers'
 default (0.2 instead of 0.02) so that greedy text varies from token to token: at 0.02 a random
 model repeats one token, which any export would match.
 """
@@ -33,6 +34,9 @@ FAMILIES = {
     "llama-mqa-llama3-rope": ("llama", dict(attention_bias=True, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE)),
     "llama-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 64})),
+    "granite": ("granite", dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                                logits_scaling=2.0)),
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # the second layer has no rotary positions
     # A local layer (rotary base 10k) then a global one (1M), as Gemma 3 alternates them. Untied: with
     # its embeddings scaled by sqrt(hidden) and tied, a random Gemma repeats one token (qwen2 ties).
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=64, tie_word_embeddings=False,
