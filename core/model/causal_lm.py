@@ -15,6 +15,24 @@ from core.model.config import ModelConfig
 from core.model.layers import Linear, RMSNorm, RotaryEmbedding, causal_mask
 
 
+class DecoderLayer(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)): the layer of every family here. `mlp_name` is
+    the checkpoint's name for the feed-forward part ("mlp"; Mixtral's is "block_sparse_moe")."""
+
+    def __init__(self, cfg: ModelConfig, index: int, attention: nn.Module, mlp: nn.Module, mlp_name: str = "mlp") -> None:
+        super().__init__()
+        self.index = index
+        self.self_attn = attention
+        self.mlp_name = mlp_name
+        self.add_module(mlp_name, mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, self.index)
+        return x + self._modules[self.mlp_name](self.post_attention_layernorm(x))
+
+
 class Backbone(nn.Module):
     """Embeddings, decoder layers and the final norm (the checkpoint's `model.` prefix)."""
 
@@ -81,3 +99,16 @@ class CausalLM(nn.Module):
             else:
                 x = x[torch.arange(x.shape[0], device=x.device), lengths - 1].unsqueeze(1)
         return self.lm_head(self.model.norm(x))[:rows].float()
+
+
+class GQACausalLM(CausalLM):
+    """A family of grouped-query attention layers: the cache holds rotated keys and values,
+    [kv heads, head dim] per token, and a configured sliding window masks past it."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module]) -> None:
+        super().__init__(cfg, layers, cfg.head_dim)
+        self.sliding_window = cfg.sliding_window
+
+    def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
+        kv = (self.config.num_key_value_heads, self.config.head_dim)
+        return [(kv, kv)] * self.config.num_hidden_layers

@@ -107,30 +107,8 @@ class ModelConfig:
         )
         if model_type in ("deepseek_v3", "deepseek_v2"):
             values.update(_deepseek(raw))
-        elif model_type == "qwen3_moe":
-            values.update(
-                n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
-                num_experts_per_tok=raw["num_experts_per_tok"],
-                moe_intermediate_size=raw["moe_intermediate_size"],
-                norm_topk_prob=raw.get("norm_topk_prob", False),
-                decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
-                mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
-                # transformers reads the window only when use_sliding_window is set
-                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None,
-            )
-        elif model_type == "qwen2_moe":
-            if raw.get("use_sliding_window"):  # per-layer windows past max_window_layers: not implemented
-                raise ValueError("unsupported use_sliding_window for qwen2_moe; supported: false")
-            values.update(
-                qkv_bias=raw.get("qkv_bias", True),
-                n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
-                num_experts_per_tok=raw["num_experts_per_tok"],
-                moe_intermediate_size=raw["moe_intermediate_size"],
-                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
-                norm_topk_prob=raw.get("norm_topk_prob", False),
-                decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
-                mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
-            )
+        elif model_type in ("qwen3_moe", "qwen2_moe"):
+            values.update(_qwen_moe(raw))
         elif model_type == "mixtral":
             values.update(
                 n_routed_experts=_first(raw, "num_local_experts", "num_experts"),
@@ -178,6 +156,25 @@ def _first(raw: dict, *keys: str):
         if raw.get(key) is not None:
             return raw[key]
     raise KeyError(f"config.json has none of {', '.join(keys)}")
+
+
+def _qwen_moe(raw: dict) -> dict:
+    """Qwen3-MoE's fields, and Qwen2-MoE's: biases on q/k/v and a shared expert besides."""
+    values = dict(
+        n_routed_experts=_first(raw, "num_experts", "num_local_experts"),
+        num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        norm_topk_prob=raw.get("norm_topk_prob", False),
+        decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
+        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+    )
+    if raw["model_type"] == "qwen3_moe":
+        # transformers reads the window only when use_sliding_window is set
+        return values | dict(sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None)
+    if raw.get("use_sliding_window"):  # per-layer windows past max_window_layers: not implemented
+        raise ValueError("unsupported use_sliding_window for qwen2_moe; supported: false")
+    return values | dict(qkv_bias=raw.get("qkv_bias", True),
+                         shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0)
 
 
 def _deepseek(raw: dict) -> dict:

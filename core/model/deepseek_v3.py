@@ -13,7 +13,7 @@ from torch import nn
 
 from kernels.cpu import invariant_rows, pad_rows
 from core.model.batch import Batch
-from core.model.causal_lm import CausalLM
+from core.model.causal_lm import CausalLM, DecoderLayer
 from core.model.config import ModelConfig
 from core.model.layers import (
     MLP, Linear, MergedLinear, MoE, RMSNorm, apply_rope, attention, grouped_attention, yarn_mscale,
@@ -107,31 +107,15 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(h, b, t, -1).transpose(0, 1)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention then pre-norm MLP (dense below first_k_dense_replace, MoE above)."""
-
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__()
-        self.index = index
-        self.self_attn = MLAttention(cfg)
-        if index >= cfg.first_k_dense_replace:
-            self.mlp = MoE(cfg, correction_bias=cfg.correction_bias)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, self.index)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class DeepseekV3ForCausalLM(CausalLM):
     """DeepSeek-V3 on the shared forward pass; rope acts on the qk_rope_head_dim dims only."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.qk_rope_head_dim,
-                         cfg.rope_interleave)
+        # Dense MLPs below first_k_dense_replace, experts (and shared experts) from there on.
+        layers = [DecoderLayer(cfg, i, MLAttention(cfg), MoE(cfg, correction_bias=cfg.correction_bias)
+                               if i >= cfg.first_k_dense_replace else MLP(cfg.hidden_size, cfg.intermediate_size))
+                  for i in range(cfg.num_hidden_layers)]
+        super().__init__(cfg, layers, cfg.qk_rope_head_dim, cfg.rope_interleave)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
         """Per layer, the per-token shape the cache stores: the kv latent and the shared rope key, side by side."""

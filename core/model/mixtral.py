@@ -7,39 +7,15 @@ down), so loading is a plain mapping.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from core.model.batch import Batch
-from core.model.causal_lm import CausalLM
+from core.model.causal_lm import DecoderLayer, GQACausalLM
 from core.model.config import ModelConfig
-from core.model.layers import GQAttention, MoE, RMSNorm
+from core.model.layers import GQAttention, MoE
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention then the pre-norm sparse MoE block."""
-
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__()
-        self.index = index
-        self.self_attn = GQAttention(cfg)
-        self.block_sparse_moe = MoE(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, self.index)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-
-class MixtralForCausalLM(CausalLM):
+class MixtralForCausalLM(GQACausalLM):
     """Mixtral on the shared forward pass."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.head_dim)
-        self.sliding_window = cfg.sliding_window
-
-    def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
-        """Per layer: rotated keys and values, [kv heads, head dim] per token."""
-        kv = (self.config.num_key_value_heads, self.config.head_dim)
-        return [(kv, kv)] * self.config.num_hidden_layers
+        layers = [DecoderLayer(cfg, i, GQAttention(cfg), MoE(cfg), mlp_name="block_sparse_moe")
+                  for i in range(cfg.num_hidden_layers)]
+        super().__init__(cfg, layers)

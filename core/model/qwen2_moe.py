@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.model.batch import Batch
-from core.model.causal_lm import CausalLM
+from core.model.causal_lm import DecoderLayer, GQACausalLM
 from core.model.config import ModelConfig
-from core.model.layers import MLP, Experts, GQAttention, Linear, RMSNorm, Router
+from core.model.layers import MLP, Experts, GQAttention, Linear, Router
 from core.model.qwen3_moe import is_sparse
 
 
@@ -34,29 +33,11 @@ class SparseMoeBlock(nn.Module):
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention then pre-norm MLP (MoE or dense)."""
-
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__()
-        self.index = index
-        self.self_attn = GQAttention(cfg)
-        self.mlp = SparseMoeBlock(cfg) if is_sparse(cfg, index) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, self.index)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Qwen2MoeForCausalLM(CausalLM):
+class Qwen2MoeForCausalLM(GQACausalLM):
     """Qwen2-MoE on the shared forward pass."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)], cfg.head_dim)
-
-    def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
-        """Per layer: rotated keys and values, [kv heads, head dim] per token."""
-        kv = (self.config.num_key_value_heads, self.config.head_dim)
-        return [(kv, kv)] * self.config.num_hidden_layers
+        layers = [DecoderLayer(cfg, i, GQAttention(cfg),
+                               SparseMoeBlock(cfg) if is_sparse(cfg, i) else MLP(cfg.hidden_size, cfg.intermediate_size))
+                  for i in range(cfg.num_hidden_layers)]
+        super().__init__(cfg, layers)
