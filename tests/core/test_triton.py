@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import socket
-import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from core.model.loader import load_model
 from core.tokenizer import Tokenizer
 from core.triton.repository import CoreModelSpec, write_model_repository
 from core.triton.server import TritonServerSpec, tritonserver_command
+from deploy.processes import Child
 
 grpcclient = pytest.importorskip("tritonclient.grpc.aio")
 from tritonclient.grpc import InferInput
@@ -64,26 +64,22 @@ def server(local_checkpoint, tmp_path_factory):
     http, grpc, metrics = free_ports(3)
     argv, env = tritonserver_command(TritonServerSpec(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
                                                       backend_dir=tmp / "backends"))
-    log = open(tmp / "tritonserver.log", "wb")
+    # As the launcher runs it: in a process group of its own, stopped with the group, so that none
+    # of its python stubs (which outlive a Triton killed after its shutdown timeout) is left behind.
+    triton = Child("tritonserver", argv, tmp / "tritonserver.log", env=env)
     started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    triton.start()
     try:
         base = f"http://127.0.0.1:{http}/v2"
         while not (_ready(f"{base}/health/ready") and _ready(f"{base}/models/{MODEL_NAME}/ready")):
-            if proc.poll() is not None or time.monotonic() - started > READY_TIMEOUT_S:
-                pytest.fail(f"tritonserver did not become ready:\n{(tmp / 'tritonserver.log').read_text()[-4000:]}")
+            if not triton.alive() or time.monotonic() - started > READY_TIMEOUT_S:
+                pytest.fail(f"tritonserver did not become ready:\n{triton.log_tail(60)}")
             time.sleep(0.2)
         ready_s = time.monotonic() - started
         print(f"tritonserver ready in {ready_s:.1f}s")
         yield Server(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics", ready_s)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        triton.stop(timeout=20)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
