@@ -107,14 +107,18 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(h, b, t, -1).transpose(0, 1)
 
 
+def feed_forward(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index`'s MLP: dense below first_k_dense_replace, experts (and shared experts) from there on."""
+    if index < cfg.first_k_dense_replace:
+        return MLP(cfg.hidden_size, cfg.intermediate_size)
+    return MoE(cfg, correction_bias=cfg.correction_bias)
+
+
 class DeepseekV3ForCausalLM(CausalLM):
     """DeepSeek-V3 on the shared forward pass; rope acts on the qk_rope_head_dim dims only."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        # Dense MLPs below first_k_dense_replace, experts (and shared experts) from there on.
-        layers = [DecoderLayer(cfg, i, MLAttention(cfg), MoE(cfg, correction_bias=cfg.correction_bias)
-                               if i >= cfg.first_k_dense_replace else MLP(cfg.hidden_size, cfg.intermediate_size))
-                  for i in range(cfg.num_hidden_layers)]
+        layers = [DecoderLayer(cfg, i, MLAttention(cfg), feed_forward(cfg, i)) for i in range(cfg.num_hidden_layers)]
         super().__init__(cfg, layers, cfg.qk_rope_head_dim, cfg.rope_interleave)
 
     def cache_layout(self) -> list[tuple[tuple[int, ...], ...]]:
