@@ -35,8 +35,10 @@ class DecoderStep(nn.Module):
         self.model = model.model
         self.lm_head = model.lm_head
         self.num_layers = len(self.model.layers)
-        # Gemma 3 rotates local and global layers with different bases; the others share one table.
-        self.layer_types = list(model.config.layer_types) if model.config.model_type in WINDOW_BOUNDED else None
+        # A rotary module with a table per layer type (Gemma 3's local and global bases) is asked
+        # for each type; the other families' one table serves every layer.
+        per_type = hasattr(self.model.rotary_emb, "layer_types")
+        self.layer_types = list(model.config.layer_types) if per_type else None
         self.logit_cap = getattr(model.config, "final_logit_softcapping", None)
         # Granite's multipliers (1 elsewhere); its attention_multiplier is the attention's own scaling.
         self.embedding_multiplier = getattr(model.config, "embedding_multiplier", 1.0)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import rank_groups
+
 
 # CPU BLAS rounds a row differently with the row count of the call (GEMV and small-M paths below
 # 4 rows; another split of the work across threads for odd counts). Row counts that are multiples
@@ -199,8 +201,7 @@ def route(
     choice = scores if correction_bias is None else scores + correction_bias
     if n_group > 1:
         grouped = choice.view(len(choice), n_group, -1)
-        ranked = grouped.topk(2, dim=-1).values.sum(-1) if group_score == "top2" else grouped.amax(-1)
-        keep = ranked.topk(topk_group, dim=-1, sorted=False).indices
+        keep = rank_groups(grouped, group_score).topk(topk_group, dim=-1, sorted=False).indices
         dropped = torch.ones(grouped.shape[:2], dtype=torch.bool).scatter_(1, keep, False)
         choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view_as(scores)
     ids = choice.topk(top_k, dim=-1, sorted=False).indices

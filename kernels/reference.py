@@ -46,7 +46,7 @@ def route(
     if n_group > 1:
         t, e = choice.shape
         grouped = choice.view(t, n_group, e // n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1) if group_score == "top2" else grouped.amax(-1)
+        group_scores = rank_groups(grouped, group_score)
         keep = group_scores.topk(topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, e)
@@ -57,6 +57,12 @@ def route(
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def rank_groups(grouped: torch.Tensor, group_score: str) -> torch.Tensor:
+    """Each group's score from its experts' [T, groups, experts per group]: the sum of its two best
+    ("top2", DeepSeek-V3) or its best ("max", DeepSeek-V2)."""
+    return grouped.topk(2, dim=-1).values.sum(-1) if group_score == "top2" else grouped.amax(-1)
 
 
 def fused_moe(

@@ -8,6 +8,7 @@ we run as one product (`MergedLinear`: gate and up, MLA's two down-projections) 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -32,29 +33,24 @@ _EXPERT_PROJ = {
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+# model_type -> the module and class of its model, imported when asked for. DeepSeek-V2 runs on the
+# V3 code (its config says how it routes).
+_FAMILY_CLASSES = {
+    "deepseek_v3": ("core.model.deepseek_v3", "DeepseekV3ForCausalLM"),
+    "deepseek_v2": ("core.model.deepseek_v3", "DeepseekV3ForCausalLM"),
+    "qwen3_moe": ("core.model.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("core.model.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "olmoe": ("core.model.olmoe", "OlmoeForCausalLM"),
+    "mixtral": ("core.model.mixtral", "MixtralForCausalLM"),
+}
+
+
 def family(model_type: str) -> type[nn.Module]:
     """The model class for a config's model_type."""
-    if model_type in ("deepseek_v3", "deepseek_v2"):
-        from core.model.deepseek_v3 import DeepseekV3ForCausalLM
-
-        return DeepseekV3ForCausalLM
-    if model_type == "qwen3_moe":
-        from core.model.qwen3_moe import Qwen3MoeForCausalLM
-
-        return Qwen3MoeForCausalLM
-    if model_type == "qwen2_moe":
-        from core.model.qwen2_moe import Qwen2MoeForCausalLM
-
-        return Qwen2MoeForCausalLM
-    if model_type == "olmoe":
-        from core.model.olmoe import OlmoeForCausalLM
-
-        return OlmoeForCausalLM
-    if model_type == "mixtral":
-        from core.model.mixtral import MixtralForCausalLM
-
-        return MixtralForCausalLM
-    raise ValueError(f"unsupported model_type {model_type!r}")
+    if model_type not in _FAMILY_CLASSES:
+        raise ValueError(f"unsupported model_type {model_type!r}")
+    module, name = _FAMILY_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
