@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 EMBED_MODEL = "all-minilm-l6-v2"
+# The tier that serves each kind of request the load sends.
+TIER_OF_KIND = {"embed": "edge", "complete": "core", "stream": "core"}
 
 
 @dataclass

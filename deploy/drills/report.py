@@ -37,6 +37,7 @@ class DrillReport:
     rejoin_seconds: float | None = None  # freeze-*: from the thaw until the replica took requests again
     bound_seconds: float = 1.0
     zone: str = ""  # the zone the fault hit ("" when it hit none)
+    zone_tier: str | None = None  # a replica drill's tier: the shares below count its requests alone
     zone_share_before: float | None = None  # of the answers before the fault, the share that zone served
     zone_share_during: float | None = None  # and of the answers to requests made during the fault
     passed: bool = False
@@ -68,7 +69,8 @@ class DrillReport:
             lines.append(f"  the frozen replica took requests again {self.rejoin_seconds:.2f}s after the thaw")
         if self.zone:
             before, during = (("?" if v is None else f"{v:.0%}") for v in (self.zone_share_before, self.zone_share_during))
-            lines.append(f"  fault hit {self.zone}, which served {before} of the requests before it, {during} during it")
+            which = f"the {self.zone_tier} requests" if self.zone_tier else "the requests"
+            lines.append(f"  fault hit {self.zone}, which served {before} of {which} before it, {during} during it")
         lines += [f"  FAILED: {p}" for p in self.problems]
         lines += [f"  ! {f}" for f in self.failures[:10]]
         return "\n".join(lines)

@@ -27,7 +27,7 @@ import msgspec
 import yaml
 
 from deploy.drills import report as rpt
-from deploy.drills.load import EMBED_MODEL, LoadGenerator, Rates, Sample, stream_text
+from deploy.drills.load import EMBED_MODEL, TIER_OF_KIND, LoadGenerator, Rates, Sample, stream_text
 from deploy.drills.scenarios import SCENARIOS, Context, Scenario, wait_ready
 from deploy.launcher import LocalStack, StackError, free_port, resolve_topology
 from deploy.settings import Settings
@@ -264,9 +264,9 @@ def summarise(scenario: Scenario, zone: str, samples: list[Sample], fault_at: fl
         failures=[f"{s.kind} at {s.started:.2f}s: {s.status} {s.error}" for s in failures],
     )
     if scenario.hits_zone:
-        r.zone = zone
-        r.zone_share_before = zone_share(samples, zone, fault_at)
-        r.zone_share_during = zone_share(samples, zone, fault_end, since=fault_at)
+        r.zone, r.zone_tier = zone, scenario.struck_tier
+        r.zone_share_before = zone_share(samples, zone, fault_at, tier=r.zone_tier)
+        r.zone_share_during = zone_share(samples, zone, fault_end, since=fault_at, tier=r.zone_tier)
     if scenario.measure == "shift" or scenario.leaves_zone:
         r.shift_seconds = rpt.first_time(samples, fault_at, lambda s: bool(s.zone) and s.zone != zone)
     _judge(r, scenario)
@@ -279,10 +279,12 @@ def busiest_zone(samples: list[Sample]) -> str | None:
     return served.most_common(1)[0][0] if served else None
 
 
-def zone_share(samples: list[Sample], zone: str, until: float, since: float = 0.0) -> float | None:
-    """The share of the answers started from `since` and finished before `until` that `zone`
-    served (None: no answer named a zone)."""
-    done = [s for s in samples if s.ok and s.zone and s.started >= since and s.started + s.latency < until]
+def zone_share(samples: list[Sample], zone: str, until: float, since: float = 0.0,
+               tier: str | None = None) -> float | None:
+    """The share of the answers (of `tier`'s requests, or all) started from `since` and finished
+    before `until` that `zone` served (None: no answer named a zone)."""
+    done = [s for s in samples if s.ok and s.zone and s.started >= since and s.started + s.latency < until
+            and (tier is None or TIER_OF_KIND[s.kind] == tier)]
     return sum(1 for s in done if s.zone == zone) / len(done) if done else None
 
 
@@ -297,7 +299,8 @@ def _judge(r: rpt.DrillReport, scenario: Scenario) -> None:
         problems.append(f"recovery took {r.recovery_seconds:.2f}s (bound {scenario.bound_s:.1f}s)")
     if scenario.measure == "stays" and not _stayed(r):
         during = "none" if r.zone_share_during is None else f"{r.zone_share_during:.0%}"
-        problems.append(f"traffic left {r.zone} during the fault (it served {during} of the answers then)")
+        what = f"{r.zone_tier} traffic" if r.zone_tier else "traffic"
+        problems.append(f"{what} left {r.zone} during the fault (it served {during} of the answers then)")
     elif scenario.measure == "shift" and (r.shift_seconds is None or r.shift_seconds > scenario.bound_s):
         problems.append(f"traffic did not leave {r.zone} within {scenario.bound_s:.1f}s")
     elif scenario.measure == "return" and (r.return_seconds is None or r.return_seconds > scenario.bound_s):

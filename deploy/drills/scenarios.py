@@ -43,6 +43,15 @@ class Scenario:
     edge_replicas: int = 1
     core_replicas: int = 1
 
+    @property
+    def struck_tier(self) -> str | None:
+        """The tier one of whose replicas the fault strikes (the drill judges the zone's share of
+        that tier's traffic: the other tier's, ranked by probe latency on a shared machine, may move
+        for reasons of the host's, not the fault's); None for a fault on the whole zone."""
+        if self.edge_replicas > 1:
+            return "edge"
+        return "core" if self.core_replicas > 1 else None
+
     async def setup(self, ctx: Context) -> None:
         if self.needs_zone_down_first:
             await kill_zone(ctx)

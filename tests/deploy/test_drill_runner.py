@@ -184,7 +184,25 @@ def test_a_zone_that_keeps_its_traffic_through_the_loss_of_a_replica_passes():
 def test_traffic_that_leaves_the_zone_when_a_replica_is_lost_fails():
     r = judged("kill-replica", served("zone-a", "zone-b"), "zone-a")
     assert not r.passed
-    assert r.problems == ["traffic left zone-a during the fault (it served 0% of the answers then)"]
+    assert r.problems == ["edge traffic left zone-a during the fault (it served 0% of the answers then)"]
+
+
+def test_a_replica_drill_judges_the_zone_s_share_of_the_struck_tier_alone():
+    # A core replica lost: embeddings (the edge's) that the latency ranking moved to the other zone
+    # for a while do not fail it; completions (the core's) that left the zone do.
+    embeds = served("zone-a", "zone-b")
+    completions = [Sample(s.kind, s.started + 0.05, s.latency, True, 200, "zone-a") for s in embeds[::5]]
+    for s in completions:
+        s.kind = "complete"
+    r = judged("kill-core-replica", embeds + completions, "zone-a")
+    assert r.passed, r.problems
+    assert r.zone_tier == "core" and r.zone_share_during == 1.0
+    assert "of the core requests" in r.to_text()
+    for s in completions:
+        s.zone = "zone-b" if s.started > 4.0 else s.zone
+    r = judged("kill-core-replica", embeds + completions, "zone-a")
+    assert r.problems == ["core traffic left zone-a during the fault (it served 0% of the answers then)"]
+    assert judged("kill-zone", embeds, "zone-a").zone_tier is None  # a whole zone: every request counts
 
 
 @pytest.mark.parametrize("part, other", [("edge", "core"), ("core", "edge")])
