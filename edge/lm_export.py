@@ -217,12 +217,19 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_ids": eos_ids,
         "chat_template": read_chat_template(checkpoint),
+        "rope_switch_at": _rope_switch_at(cfg),
         "files": [TOKENIZER_FILE],
         "exporter": {"version": EXPORTER_VERSION, "torch": metadata.version("torch"),
                      "transformers": metadata.version("transformers"), "opset": OPSET,
                      "method": "torch.onnx.export(dynamo=False) of edge.lm_graph.DecoderStep"},
         "fingerprint": fp,
     }
+
+
+def _rope_switch_at(cfg) -> int | None:
+    """Longrope's original context, past which its long factors serve (None for other rotary types)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return int(rope["original_max_position_embeddings"]) if rope.get("rope_type") == "longrope" else None
 
 
 def read_chat_template(checkpoint: Path) -> dict | None:

@@ -6,9 +6,11 @@ modules, so the traced ONNX graph has no Python-side branches on shapes and ever
 transformers' own forward builds its masks and caches with Python logic that tracing would freeze.
 Families: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3_text (Gemma 3's text
 models: q/k norms, norms after attention and the MLP as well as before, a rotary table per layer
-type, sliding-window layers), granite (Llama scaled: embeddings, residual branches and logits by
-the config's multipliers), smollm3 (Llama with no rotation on every n-th layer); the export checks
-the result against transformers' generate, token for token.
+type, sliding-window layers), gemma2 (the same sandwich with one rotary table, attention logits
+soft-capped), granite (Llama scaled: embeddings, residual branches and logits by the config's
+multipliers), smollm3 (Llama with no rotation on every n-th layer), phi3 (Phi-3 and Phi-4-mini: one
+q/k/v projection, rotation of the first part of each head only); the export checks the result
+against transformers' generate, token for token.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "granite", "smollm3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "smollm3", "phi3")
 # Families whose sliding-window layers the export serves as full attention: it bounds the context
 # to the window (edge.lm_export), within which the two are the same.
-WINDOW_BOUNDED = ("gemma3_text",)
+WINDOW_BOUNDED = ("gemma2", "gemma3_text")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -46,6 +48,7 @@ class DecoderStep(nn.Module):
         self.logits_scaling = getattr(model.config, "logits_scaling", 1.0)
         # SmolLM3: layer i rotates q and k only where no_rope_layers[i] is 1.
         self.rotates = [bool(r) for r in getattr(model.config, "no_rope_layers", None) or [1] * self.num_layers]
+        self.longrope = LongRope.of(model) if _rope_type(model.config) == "longrope" else None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
         hidden = self.model.embed_tokens(input_ids)  # Gemma's module scales by sqrt(hidden) itself
@@ -72,11 +75,47 @@ class DecoderStep(nn.Module):
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
         """(cos, sin) per layer type (one entry, None, where every layer shares the table), broadcast over heads."""
-        if self.layer_types is None:
+        if self.longrope is not None:
+            tables = {None: self.longrope(hidden, position_ids)}
+        elif self.layer_types is None:
             tables = {None: self.model.rotary_emb(hidden, position_ids)}
         else:
             tables = {t: self.model.rotary_emb(hidden, position_ids, t) for t in sorted(set(self.layer_types))}
         return {t: (cos[:, None], sin[:, None]) for t, (cos, sin) in tables.items()}
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+class LongRope(nn.Module):
+    """Phi-3's longrope tables: the short factors while a sequence fits the original context, the
+    long ones once it does not. transformers picks them by writing into the rotary module's buffer,
+    which the ONNX exporter cannot trace; the same choice is made here as a `where`, per sequence."""
+
+    def __init__(self, short_inv_freq: torch.Tensor, long_inv_freq: torch.Tensor, original_max: int,
+                 scaling: float) -> None:
+        super().__init__()
+        self.register_buffer("short_inv_freq", short_inv_freq, persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        self.original_max = original_max
+        self.scaling = scaling
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LongRope:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rotary, config = model.model.rotary_emb, model.config
+        original_max = int(config.rope_parameters["original_max_position_embeddings"])
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=original_max + 1)
+        return cls(rotary.original_inv_freq.clone(), long_inv_freq, original_max, float(rotary.attention_scaling))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        long = (position_ids.max(dim=1, keepdim=True).values + 1 > self.original_max)[..., None]  # [batch, 1, 1]
+        inv_freq = torch.where(long, self.long_inv_freq, self.short_inv_freq)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(hidden.dtype), (emb.sin() * self.scaling).to(hidden.dtype)
 
 
 def _after_attention(layer: nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -119,15 +158,12 @@ def _attention(attn, x, cos, sin, past_k, past_v, mask):
     """Grouped-query attention of one layer over the cache plus the new positions."""
     batch, seq, _ = x.shape
     head_dim = attn.head_dim
-    q = attn.q_proj(x).view(batch, seq, -1, head_dim)
-    k = attn.k_proj(x).view(batch, seq, -1, head_dim)
-    v = attn.v_proj(x).view(batch, seq, -1, head_dim).transpose(1, 2)
+    q, k, v = (t.view(batch, seq, -1, head_dim) for t in _project_qkv(attn, x))
     if hasattr(attn, "q_norm"):  # qwen3 normalises each head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cos is not None:  # None: a layer without rotary positions (SmolLM3's NoPE layers)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     k = torch.cat([past_k, k], dim=2)
     v = torch.cat([past_v, v], dim=2)
     groups = int(attn.num_key_value_groups)  # a constant of the checkpoint, not a traced shape
@@ -141,6 +177,25 @@ def _attention(attn, x, cos, sin, past_k, past_v, mask):
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_all).transpose(1, 2).reshape(batch, seq, -1)
     return attn.o_proj(out), k, v
+
+
+def _project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v of `x`: three projections, or Phi-3's one, split as [q heads | k heads | v heads]."""
+    if not hasattr(attn, "qkv_proj"):
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q_size = attn.config.num_attention_heads * attn.head_dim
+    kv_size = attn.num_key_value_heads * attn.head_dim
+    return attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on the first cos.shape[-1] features of each head (all of them but where the
+    config's partial_rotary_factor is below 1, as in Phi-4-mini); the rest pass unrotated."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,9 @@ class LMMeta:
     eos_token_ids: tuple[int, ...]
     fingerprint: str
     chat: ChatTemplate = ChatTemplate()  # no template: chat prompts are transcripts
+    # Longrope (Phi-3's long-context models): past this many positions the rotary tables change
+    # to the long factors, and the cache, rotated by the short ones, is computed again once.
+    rope_switch_at: int | None = None
 
     @classmethod
     def read(cls, model_dir: Path) -> LMMeta:
@@ -66,6 +69,7 @@ class LMMeta:
             eos_token_ids=tuple(int(t) for t in raw["eos_token_ids"]),
             fingerprint=str(raw.get("fingerprint", "")),
             chat=ChatTemplate(chat.get("source"), str(chat.get("bos_token") or ""), str(chat.get("eos_token") or "")),
+            rope_switch_at=None if raw.get("rope_switch_at") is None else int(raw["rope_switch_at"]),
         )
 
 
@@ -99,6 +103,7 @@ class KVCache:
 
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the tokens cached, while a rope switch lies ahead
 
     @property
     def length(self) -> int:
@@ -219,6 +224,9 @@ class SmallLM:
 
     def forward(self, ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run `ids` after the cached positions: the last position's logits [V] and the grown cache."""
+        switch = self.meta.rope_switch_at
+        if switch is not None and 0 < cache.length <= switch < cache.length + len(ids):
+            ids, cache = [*cache.ids, *ids], KVCache()  # as transformers' Phi-3 does at the switch
         start = cache.length
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.asarray([ids], dtype=np.int64),
@@ -229,7 +237,9 @@ class SmallLM:
             feeds[f"past_key_{i}"] = cache.keys[i] if cache.keys else empty
             feeds[f"past_value_{i}"] = cache.values[i] if cache.values else empty
         logits, *present = self.session.run(self._outputs, feeds)
-        return logits[0], KVCache(list(present[0::2]), list(present[1::2]))
+        # The tokens are kept only while a switch lies ahead: then they are run again.
+        kept = [*cache.ids, *ids] if switch is not None and start + len(ids) <= switch else []
+        return logits[0], KVCache(list(present[0::2]), list(present[1::2]), kept)
 
     def greedy_ids(self, prompt: str, steps: int) -> list[int]:
         """Up to `steps` greedy tokens after `prompt`, as many as the context holds, ignoring stop

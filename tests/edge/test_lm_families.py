@@ -4,7 +4,8 @@ Tiny random checkpoints (seeded, built in a second each) stand in for a user's: 
 each family apart (qwen2's q/k/v biases and tied embeddings, qwen3's per-head q/k norms and a head
 size that is not hidden / heads, mistral's sliding window, llama's attention bias, multi-query
 attention and llama3 / yarn rotary scaling, gemma3's extra norms and rotary bases per layer type,
-granite's multipliers, smollm3's layers without rotary positions). Their weights are drawn wider than transformers'
+gemma2's soft-capped attention, granite's multipliers, smollm3's layers without rotary positions,
+phi3's fused q/k/v and gate/up projections, partial rotation and longrope scaling). Their weights are drawn wider than transformers'
 default (0.2 instead of 0.02) so that greedy text varies from token to token: at 0.02 a random
 model repeats one token, which any export would match.
 """
@@ -27,6 +28,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 10.0, 11.0, 12.0]}
 FAMILIES = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(head_dim=24)),
@@ -41,6 +44,15 @@ FAMILIES = {
     # its embeddings scaled by sqrt(hidden) and tied, a random Gemma repeats one token (qwen2 ties).
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=64, tie_word_embeddings=False,
                                    layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 2: the same sandwich norms, one rotary base, attention logits capped at 50 and a scale
+    # from query_pre_attn_scalar rather than the head size.
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=64, tie_word_embeddings=False, query_pre_attn_scalar=24,
+                              layer_types=["sliding_attention", "full_attention"])),
+    # Phi-4-mini rotates the first three quarters of each head; Phi-3-mini-4k's window is 2047.
+    "phi3-partial-rotary-window": ("phi3", dict(partial_rotary_factor=0.75, sliding_window=48)),
+    # Phi-3's 128k models: short factors within original_max_position_embeddings, long ones past it.
+    # (Phi3Config takes original_max_position_embeddings from its top level, as Phi-3's files have it.)
+    "phi3-longrope": ("phi3", dict(rope_scaling=LONGROPE, original_max_position_embeddings=64)),
 }
 PROMPTS = ("A zone fails over", "Embeddings turn a sentence", "Café 🙂 unseen words")
 
@@ -83,6 +95,26 @@ def test_greedy_tokens_match_transformers(family_build: tuple[Path, Path]) -> No
         got = lm.greedy_ids(prompt, 20)
         assert got == torch_greedy(torch_model, lm.encode(prompt), 20), prompt
         assert len(set(got)) > 3, "the random model must vary its tokens for this check to mean anything"
+
+
+# 48 tokens: with 24 more, a sequence runs past phi3-longrope's original context (64), where its
+# long factors take over, and through the end of a window-bounded context.
+LONG_PROMPT = ("Regional failover drills prove with numbers that a zone which loses its core hands the "
+               "traffic to the next zone")
+
+
+def test_greedy_tokens_match_transformers_to_the_end_of_the_context(family_build: tuple[Path, Path]) -> None:
+    checkpoint, export = family_build
+    torch_model = load_torch_model(checkpoint)
+    lm = SmallLM.load(export, threads=1)
+    words = LONG_PROMPT.split()
+    while len(lm.encode(" ".join(words))) > lm.meta.max_context - 24:  # phi3's window of 48
+        words.pop()
+    ids = lm.encode(" ".join(words))
+    expected = torch_greedy(torch_model, ids, 24)  # ends early at an EOS; ours does not stop
+    assert lm.greedy_ids(" ".join(words), 24)[: len(expected)] == expected
+    if torch_model.config.rope_parameters.get("rope_type") == "longrope":  # the long factors took over mid-generation
+        assert len(ids) <= torch_model.config.rope_parameters["original_max_position_embeddings"] < len(ids) + len(expected)
 
 
 def test_int8_weights_are_kept_only_when_they_pass_their_gate(family_build: tuple[Path, Path]) -> None:
