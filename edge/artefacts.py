@@ -36,6 +36,7 @@ def build_atomically(dest: Path, wanted: str, build: Callable[[Path], None], *, 
         tmp.chmod(0o755)  # mkdtemp makes it private; the worker may run as another user
         try:
             build(tmp)
+            readable_by_all(tmp)
             swap_into_place(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -63,6 +64,15 @@ def check_replaceable(dest: Path) -> None:
         and not ((dest / META_FILE).exists() or (dest / MODEL_FILE).exists())
     ):
         raise FileExistsError(f"{dest} exists and does not look like an edge model build; not replacing it")
+
+
+def readable_by_all(folder: Path) -> None:
+    """Every file of a build readable by all: savers write some 0600 (onnx's external weights,
+    save_pretrained's safetensors), and the worker may run as another user (the edge image's)."""
+    for f in folder.rglob("*"):
+        mode = f.stat().st_mode
+        if f.is_file() and mode & 0o044 != 0o044:
+            f.chmod(mode | 0o444)
 
 
 def swap_into_place(tmp: Path, dest: Path) -> None:

@@ -2,7 +2,8 @@
 
 `python -m edge.lm_export DEST [--checkpoint DIR] [--force]` writes DEST/model.onnx (fp32),
 DEST/model.int8.onnx (dynamic int8 weights, kept only if their top-1 agreement with fp32 passes the gate),
-DEST/tokenizer.json and DEST/meta.json. Without --checkpoint it generates the local default
+DEST/tokenizer.json and DEST/meta.json; a model past protobuf's 2 GiB keeps its weights beside each graph
+(model.onnx.data, model.int8.onnx.data). Without --checkpoint it generates the local default
 (`edge.lm_checkpoint`) into DEST/checkpoint first. The export counts only once its greedy tokens
 equal transformers' greedy generation on fixed prompts. Build-time needs: torch, transformers, onnx.
 """
@@ -25,7 +26,8 @@ from edge.lm_graph import DecoderStep, UnsupportedCheckpoint, check_supported
 from edge.quantize import lm_top1_agreement, quantize_int8, settle_int8
 from edge.runtime.chat import ChatTemplate
 from edge.runtime.generation import SmallLM
-from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_FILE, TOKENIZER_FILE
+from edge.onnx_weights import store_beside
+from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_DATA_FILE, MODEL_FILE, TOKENIZER_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -122,12 +124,14 @@ def _build(checkpoint: Path | None, out: Path, fp: str) -> None:
             model = load_torch_model(checkpoint)
         with step(TAG, "export onnx"):
             _export_onnx(model, out / MODEL_FILE)
+            if store_beside(out / MODEL_FILE, MODEL_DATA_FILE):
+                progress(TAG, f"  weights past protobuf's limit: kept beside the graph in {MODEL_DATA_FILE}")
         with step(TAG, "check onnx graph"):
             import onnx
 
             onnx.checker.check_model(str(out / MODEL_FILE))
         shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-        meta = _meta(model, checkpoint, fp)
+        meta = _meta(model, checkpoint, fp, weights_beside=(out / MODEL_DATA_FILE).is_file())
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with step(TAG, "verify greedy tokens against transformers"):
             _verify(model, out)
@@ -196,7 +200,7 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
+def _meta(model: torch.nn.Module, checkpoint: Path, fp: str, *, weights_beside: bool = False) -> dict:
     """What the runtime needs to run the decoder loop."""
     cfg = model.config
     gen = model.generation_config
@@ -218,7 +222,7 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str) -> dict:
         "eos_token_ids": eos_ids,
         "chat_template": read_chat_template(checkpoint),
         "rope_switch_at": _rope_switch_at(cfg),
-        "files": [TOKENIZER_FILE],
+        "files": [TOKENIZER_FILE, *([MODEL_DATA_FILE] if weights_beside else [])],
         "exporter": {"version": EXPORTER_VERSION, "torch": metadata.version("torch"),
                      "transformers": metadata.version("transformers"), "opset": OPSET,
                      "method": "torch.onnx.export(dynamo=False) of edge.lm_graph.DecoderStep"},

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE
+from edge.onnx_weights import has_external_weights
+from edge.runtime.model_dir import INT8_MODEL_DATA_FILE, INT8_MODEL_FILE, META_FILE
 
 INT8_METHOD = "onnxruntime.quantization.quantize_dynamic(QInt8 weights, per channel, MatMul with constant B)"
 
@@ -37,9 +38,10 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> list[s
     try:
         # MatMul with a constant B only: attention's activation x activation products stay fp32, and
         # Gather (embedding tables) in int8 costs accuracy for no speed on CPU.
+        # A graph whose weights sit beside it gets int8 weights beside it too (`<dst>.data`).
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=has_external_weights(src))
     finally:
         logging.getLogger().setLevel(quiet)
     return excluded
@@ -54,10 +56,12 @@ def settle_int8(out: Path, meta: dict, measured: dict, *, passed: bool) -> None:
     fail it; the default models pass with room to spare.
     """
     meta["int8"] = {"method": INT8_METHOD, **measured, "kept": passed}
-    if passed:  # the int8 file counts as part of the build only once it is measured
-        meta["files"] = [*meta["files"], INT8_MODEL_FILE]
+    int8_files = [name for name in (INT8_MODEL_FILE, INT8_MODEL_DATA_FILE) if (out / name).is_file()]
+    if passed:  # the int8 files count as part of the build only once they are measured
+        meta["files"] = [*meta["files"], *int8_files]
     else:
-        (out / INT8_MODEL_FILE).unlink()
+        for name in int8_files:
+            (out / name).unlink()
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -112,13 +112,11 @@ fetch_wheels() {
 copy_edge_models() {
     cp "$ROOT/deploy/docker/edge-topology.yaml" "$CONTEXT/"
     for model in all-minilm-l6-v2 edge-small; do
-        # Only what the runtime reads: the generated PyTorch checkpoint stays on the host.
+        # Only what the runtime reads: the build's files (the graphs, their weights where they sit
+        # beside them, the int8 graph where it passed its quality gate, tokenizer and meta.json),
+        # not the generated PyTorch checkpoint, a folder, which stays on the host.
         mkdir -p "$CONTEXT/models/edge/$model"
-        cp "$CACHE/edge/$model/"{meta.json,tokenizer.json,model.onnx} "$CONTEXT/models/edge/$model/"
-        # The int8 weights exist only where they passed their quality gate at build time.
-        if [ -f "$CACHE/edge/$model/model.int8.onnx" ]; then
-            cp "$CACHE/edge/$model/model.int8.onnx" "$CONTEXT/models/edge/$model/"
-        fi
+        find "$CACHE/edge/$model" -maxdepth 1 -type f ! -name '.*' -exec cp {} "$CONTEXT/models/edge/$model/" \;
     done
 }
 

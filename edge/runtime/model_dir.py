@@ -2,6 +2,8 @@
 
 `model.onnx` (fp32), `tokenizer.json` and `meta.json` are always there; `model.int8.onnx` only when
 the int8 weights passed their quality gate at build time, which `meta.json`'s "int8" record says.
+Past protobuf's 2 GiB a graph's weights sit beside it in `<graph>.data`; `meta.json`'s "files" lists
+every file of the build beyond `model.onnx` and itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from pathlib import Path
 
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"  # the same graph with dynamic int8 weights (optional)
+# A graph whose weights are too large for protobuf keeps them in one file beside it (edge.onnx_weights).
+MODEL_DATA_FILE = MODEL_FILE + ".data"
+INT8_MODEL_DATA_FILE = INT8_MODEL_FILE + ".data"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 
