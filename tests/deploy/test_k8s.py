@@ -139,3 +139,18 @@ def test_gateways_reach_every_pod_of_a_zone_through_a_headless_service(manifests
                 assert pods["spec"]["replicas"] > 1
                 # Gateways must know a new pod before the rollout stops an old one (CoreDNS caches 5 s).
                 assert pods["spec"].get("minReadySeconds", 0) > topo.routing.resolve_interval_s + 5
+
+
+def test_each_zone_s_cores_read_checkpoints_from_a_volume_of_their_own_zone(manifests):
+    # A volume lives in one zone (or region): zones sharing one claim could not both be scheduled.
+    claims = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "PersistentVolumeClaim"}
+    cores = [d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("core-")]
+    zones = {}
+    for core in cores:
+        zone = core["spec"]["template"]["metadata"]["labels"]["meridian/zone"]
+        names = [v["persistentVolumeClaim"]["claimName"] for v in core["spec"]["template"]["spec"]["volumes"]
+                 if "persistentVolumeClaim" in v]
+        assert len(names) == 1 and names[0] in claims, (zone, names)
+        assert claims[names[0]]["metadata"]["labels"]["meridian/zone"] == zone
+        zones[names[0]] = zone
+    assert len(zones) == len(set(zones.values())) == len(cores) >= 2
