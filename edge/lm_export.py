@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.artefacts import build_atomically, file_sha256, progress, step, torch_threads
-from edge.lm_graph import DecoderStep, UnsupportedCheckpoint, check_supported
+from edge.lm_graph import DecoderStep, UnsupportedCheckpoint, check_supported, longrope_switch_at
 from edge.quantize import lm_top1_agreement, quantize_int8, settle_int8
 from edge.runtime.chat import ChatTemplate
 from edge.runtime.generation import SmallLM
@@ -221,19 +221,13 @@ def _meta(model: torch.nn.Module, checkpoint: Path, fp: str, *, weights_beside: 
         "bos_token_id": cfg.bos_token_id,
         "eos_token_ids": eos_ids,
         "chat_template": read_chat_template(checkpoint),
-        "rope_switch_at": _rope_switch_at(cfg),
+        "rope_switch_at": longrope_switch_at(cfg),
         "files": [TOKENIZER_FILE, *([MODEL_DATA_FILE] if weights_beside else [])],
         "exporter": {"version": EXPORTER_VERSION, "torch": metadata.version("torch"),
                      "transformers": metadata.version("transformers"), "opset": OPSET,
                      "method": "torch.onnx.export(dynamo=False) of edge.lm_graph.DecoderStep"},
         "fingerprint": fp,
     }
-
-
-def _rope_switch_at(cfg) -> int | None:
-    """Longrope's original context, past which its long factors serve (None for other rotary types)."""
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    return int(rope["original_max_position_embeddings"]) if rope.get("rope_type") == "longrope" else None
 
 
 def read_chat_template(checkpoint: Path) -> dict | None:

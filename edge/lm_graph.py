@@ -48,7 +48,8 @@ class DecoderStep(nn.Module):
         self.logits_scaling = getattr(model.config, "logits_scaling", 1.0)
         # SmolLM3: layer i rotates q and k only where no_rope_layers[i] is 1.
         self.rotates = [bool(r) for r in getattr(model.config, "no_rope_layers", None) or [1] * self.num_layers]
-        self.longrope = LongRope.of(model) if _rope_type(model.config) == "longrope" else None
+        switch = longrope_switch_at(model.config)
+        self.longrope = LongRope.of(model, switch) if switch is not None else None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
         hidden = self.model.embed_tokens(input_ids)  # Gemma's module scales by sqrt(hidden) itself
@@ -84,8 +85,10 @@ class DecoderStep(nn.Module):
         return {t: (cos[:, None], sin[:, None]) for t, (cos, sin) in tables.items()}
 
 
-def _rope_type(config) -> str:
-    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+def longrope_switch_at(config) -> int | None:
+    """Longrope's original context, past which its long factors serve; None for other rotary types."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return int(rope["original_max_position_embeddings"]) if rope.get("rope_type") == "longrope" else None
 
 
 class LongRope(nn.Module):
@@ -102,12 +105,11 @@ class LongRope(nn.Module):
         self.scaling = scaling
 
     @classmethod
-    def of(cls, model: nn.Module) -> LongRope:
+    def of(cls, model: nn.Module, original_max: int) -> LongRope:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        rotary, config = model.model.rotary_emb, model.config
-        original_max = int(config.rope_parameters["original_max_position_embeddings"])
-        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=original_max + 1)
+        rotary = model.model.rotary_emb
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, None, seq_len=original_max + 1)
         return cls(rotary.original_inv_freq.clone(), long_inv_freq, original_max, float(rotary.attention_scaling))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

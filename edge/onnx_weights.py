@@ -15,12 +15,9 @@ from pathlib import Path
 INLINE_MAX_BYTES = 1 << 30
 
 
-def has_external_weights(graph_path: Path) -> bool:
-    """Whether any initializer of the graph at `graph_path` lives in a file beside it."""
-    import onnx
-
-    model = onnx.load(str(graph_path), load_external_data=False)
-    return any(_is_external(t) for t in model.graph.initializer)
+def has_external_weights(graph) -> bool:
+    """Whether any initializer of `graph` (an onnx GraphProto) lives in a file beside it."""
+    return any(_is_external(t) for t in graph.initializer)
 
 
 def store_beside(graph_path: Path, data_name: str, min_bytes: int | None = None) -> bool:

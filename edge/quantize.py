@@ -41,7 +41,7 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> list[s
         # A graph whose weights sit beside it gets int8 weights beside it too (`<dst>.data`).
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=has_external_weights(src))
+                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=has_external_weights(graph))
     finally:
         logging.getLogger().setLevel(quiet)
     return excluded
