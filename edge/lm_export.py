@@ -11,6 +11,7 @@ equal transformers' greedy generation on fixed prompts. Build-time needs: torch,
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from edge.artefacts import build_atomically, file_sha256, progress, step, torch_
 from edge.lm_graph import DecoderStep, UnsupportedCheckpoint, check_supported, longrope_switch_at
 from edge.quantize import lm_top1_agreement, quantize_int8, settle_int8
 from edge.runtime.chat import ChatTemplate
-from edge.runtime.generation import SmallLM
+from edge.runtime.generation import LMMeta, SmallLM, encode_prompt, read_tokenizer
 from edge.onnx_weights import store_beside
 from edge.runtime.model_dir import INT8_MODEL_FILE, META_FILE, MODEL_DATA_FILE, MODEL_FILE, TOKENIZER_FILE
 
@@ -70,9 +71,9 @@ def fingerprint(checkpoint: Path | None) -> str:
     for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch"), metadata.version("transformers")):
         digest.update(part.encode() + b"\0")
     # The recipe's own source: editing the graph, the quantizer or the generator rebuilds on the next run.
-    from edge import lm_checkpoint, lm_graph, quantize
+    from edge import lm_checkpoint, lm_graph, onnx_weights, quantize
 
-    recipe = [lm_graph, quantize] + ([lm_checkpoint] if checkpoint is None else [])
+    recipe = [lm_graph, onnx_weights, quantize] + ([lm_checkpoint] if checkpoint is None else [])
     for module in recipe:
         digest.update(file_sha256(Path(module.__file__)).encode())
     if checkpoint is not None:
@@ -134,7 +135,12 @@ def _build(checkpoint: Path | None, out: Path, fp: str) -> None:
         meta = _meta(model, checkpoint, fp, weights_beside=(out / MODEL_DATA_FILE).is_file())
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with step(TAG, "verify greedy tokens against transformers"):
-            _verify(model, out)
+            references = _torch_references(model, out)
+            # From here on only graphs run: the torch model would otherwise share the memory with
+            # the ONNX sessions and the quantizer, each as large as the model.
+            del model
+            gc.collect()
+            _verify(out, references)
         with step(TAG, "quantize int8 and measure"):
             quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE)
             agreement = lm_top1_agreement(out, QUALITY_PROMPTS, QUALITY_TOKENS)
@@ -249,24 +255,29 @@ def read_chat_template(checkpoint: Path) -> dict | None:
     return found
 
 
-def _verify(model: torch.nn.Module, out: Path) -> None:
-    """Greedy tokens of the ONNX loop must equal transformers' on VERIFY_PROMPTS."""
-    runtime = SmallLM.load(out, threads=1)
-    checked = 0
+def _torch_references(model: torch.nn.Module, out: Path) -> dict[str, list[int]]:
+    """transformers' greedy tokens for each of VERIFY_PROMPTS that the export's context holds."""
+    meta, tokenizer = LMMeta.read(out), read_tokenizer(out)
+    references = {}
     for prompt in VERIFY_PROMPTS:
-        ids = runtime.encode(prompt)
+        ids = encode_prompt(tokenizer, meta, prompt)
         # Within the context the export serves: past a sliding window transformers masks what ours does not.
-        steps = min(VERIFY_TOKENS, runtime.meta.max_context - len(ids))
-        if steps < 1:
-            continue
-        checked += 1
-        expected = torch_greedy(model, ids, steps)
-        got = runtime.greedy_ids(prompt, steps)[: len(expected)]
+        steps = min(VERIFY_TOKENS, meta.max_context - len(ids))
+        if steps >= 1:
+            references[prompt] = torch_greedy(model, ids, steps)
+    if not references:
+        raise ExportError(f"a context of {meta.max_context} tokens holds none of the check prompts")
+    return references
+
+
+def _verify(out: Path, references: dict[str, list[int]]) -> None:
+    """Greedy tokens of the ONNX loop must equal transformers' `references` (which may end early, at EOS)."""
+    runtime = SmallLM.load(out, threads=1)
+    for prompt, expected in references.items():
+        got = runtime.greedy_ids(prompt, len(expected))
         if got != expected:
             raise ExportError(f"greedy tokens differ for {prompt!r}: onnx {got} vs torch {expected}")
-    if not checked:
-        raise ExportError(f"a context of {runtime.meta.max_context} tokens holds none of the check prompts")
-    progress(TAG, f"  greedy tokens match transformers on {checked} prompts")
+    progress(TAG, f"  greedy tokens match transformers on {len(references)} prompts")
 
 
 def main(argv: list[str] | None = None) -> int:

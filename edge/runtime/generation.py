@@ -129,11 +129,7 @@ class SmallLM:
         """Load an exported model folder; `threads` bounds ONNX Runtime's intra-op pool."""
         model_dir = Path(model_dir)
         weights = weights_file(model_dir, int8=int8, export_command="python -m edge.lm_export")
-        meta = LMMeta.read(model_dir)
-        tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        return cls(cpu_session(weights, threads), tokenizer, meta)
+        return cls(cpu_session(weights, threads), read_tokenizer(model_dir), LMMeta.read(model_dir))
 
     def chat_prompt(self, messages: Messages) -> str:
         """The prompt for chat `messages`: the checkpoint's template, else a transcript (`edge.runtime.chat`).
@@ -217,10 +213,7 @@ class SmallLM:
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids as the checkpoint's tokenizer makes them (BOS included if it adds one)."""
-        ids = self.tokenizer.encode(prompt).ids
-        if not ids and self.meta.bos_token_id is not None:
-            ids = [self.meta.bos_token_id]  # an empty prompt still needs one position to start from
-        return ids
+        return encode_prompt(self.tokenizer, self.meta, prompt)
 
     def forward(self, ids: Sequence[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run `ids` after the cached positions: the last position's logits [V] and the grown cache."""
@@ -278,6 +271,22 @@ class SmallLM:
             raise ContextOverflow(
                 f"prompt of {len(ids) + len(prefix)} tokens leaves no room in the context of {self.meta.max_context}"
             )
+
+
+def read_tokenizer(model_dir: Path) -> Tokenizer:
+    """An export's tokenizer as the loop uses it: whole prompts, no padding."""
+    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, meta: LMMeta, prompt: str) -> list[int]:
+    """Prompt token ids as the checkpoint's tokenizer makes them (BOS included if it adds one)."""
+    ids = tokenizer.encode(prompt).ids
+    if not ids and meta.bos_token_id is not None:
+        ids = [meta.bos_token_id]  # an empty prompt still needs one position to start from
+    return ids
 
 
 def load(model_dir: Path | str, threads: int = 1, *, int8: bool = False) -> SmallLM:

@@ -165,3 +165,20 @@ def test_meta_and_rebuild_skip(small_lm_dir: Path, capsys) -> None:
     assert build_small_lm(small_lm_dir) == small_lm_dir
     assert (small_lm_dir / "model.onnx").stat().st_mtime_ns == before
     assert "up to date" in capsys.readouterr().err
+
+
+def test_an_export_whose_tokens_differ_from_transformers_is_refused(small_lm_dir: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    # transformers' tokens are taken before the torch model is freed: they must still be what is compared.
+    from edge import lm_export
+
+    real = lm_export.torch_greedy
+
+    def off_by_one_at_the_end(model, ids: list[int], steps: int) -> list[int]:
+        tokens = real(model, ids, steps)
+        return [*tokens[:-1], tokens[-1] + 1]
+
+    monkeypatch.setattr(lm_export, "torch_greedy", off_by_one_at_the_end)
+    with pytest.raises(lm_export.ExportError, match="greedy tokens differ"):
+        build_small_lm(tmp_path / "export", checkpoint=small_lm_dir / "checkpoint")
+    assert not (tmp_path / "export").exists()

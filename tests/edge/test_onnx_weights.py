@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,53 @@ def test_a_small_graph_keeps_its_weights_inline(tmp_path: Path) -> None:
     assert not onnx_weights.store_beside(tmp_path / "model.onnx", "model.onnx.data")
     assert onnx_weights.store_beside(tmp_path / "model.onnx", "model.onnx.data", min_bytes=0)
     np.testing.assert_allclose(run(tmp_path / "model.onnx"), expected, rtol=1e-5)
+
+
+def test_large_tensors_start_on_a_mapping_boundary_and_regathering_keeps_the_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    small, large = rng.standard_normal((1, 300)).astype(np.float32), rng.standard_normal((300, 1024)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "S"], ["h"]), helper.make_node("MatMul", ["h", "L"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
+        [numpy_helper.from_array(small, "S"), numpy_helper.from_array(large, "L")])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    expected = (np.ones((1, 300), np.float32) + small) @ large
+    for _ in range(2):  # inline into the file, then from that file into a new one of the same name
+        assert onnx_weights.store_beside(path, "model.onnx.data", min_bytes=0)
+        stored = {t.name: {e.key: int(e.value) for e in t.external_data if e.key != "location"}
+                  for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+        assert stored["S"] == {"offset": 0, "length": small.nbytes}
+        assert stored["L"]["offset"] % onnx_weights.ALIGNMENT == 0 and stored["L"]["length"] == large.nbytes
+        assert (tmp_path / "model.onnx.data").stat().st_size == stored["L"]["offset"] + large.nbytes
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": np.ones((1, 300), np.float32)})[0], expected, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_gathering_streams_the_weights_instead_of_loading_them(tmp_path: Path) -> None:
+    """The build holds the PyTorch model meanwhile: the graph's weights must not be held as well."""
+    tensors = [numpy_helper.from_array(np.full((2048, 4096), i, np.float32), f"W{i}") for i in range(8)]  # 256 MiB
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"]) for i in range(8)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2048, 4096])],
+                              [helper.make_tensor_value_info("h7", TensorProto.FLOAT, [2048, 4096])], tensors)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    del tensors, graph
+    # The child's peak is read from /proc: ru_maxrss would carry over this process's own peak.
+    script = (
+        "import re, sys; from pathlib import Path; from edge import onnx_weights; import onnx\n"
+        "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
+        "Path('/proc/self/clear_refs').write_text('5'); before = kib('VmRSS')\n"
+        "assert onnx_weights.store_beside(Path(sys.argv[1]), 'model.onnx.data')\n"
+        "print(kib('VmHWM') - before)")
+    grown_kib = int(subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True,
+                                   text=True, cwd=Path(__file__).parents[2]).stdout)
+    assert grown_kib < 96 * 1024, f"peak memory grew {grown_kib / 1024:.0f} MiB for 256 MiB of weights"
+    weights = onnx.load(str(path)).graph.initializer
+    assert [float(numpy_helper.to_array(t)[-1, -1]) for t in weights] == [float(i) for i in range(8)]
 
 
 @pytest.fixture(scope="module")
