@@ -99,9 +99,10 @@ def fingerprint(src: Path) -> str:
     digest = hashlib.sha256()
     for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch")):
         digest.update(part.encode() + b"\0")
-    from edge import quantize  # the int8 recipe: editing it rebuilds on the next run
+    from edge import int8_matmul, quantize  # the int8 recipe: editing it rebuilds on the next run
 
-    digest.update(file_sha256(Path(quantize.__file__)).encode())
+    for module in (quantize, int8_matmul):
+        digest.update(file_sha256(Path(module.__file__)).encode())
     dense = st_folder.dense_dir(src)
     dense_files = sorted(str(f.relative_to(src)) for f in dense.iterdir() if f.is_file()) if dense else []
     for name in (*WEIGHT_FILES, *ARCHITECTURE_FILES, *OPTIONAL_FILES, *dense_files):

@@ -71,9 +71,9 @@ def fingerprint(checkpoint: Path | None) -> str:
     for part in (EXPORTER_VERSION, str(OPSET), metadata.version("torch"), metadata.version("transformers")):
         digest.update(part.encode() + b"\0")
     # The recipe's own source: editing the graph, the quantizer or the generator rebuilds on the next run.
-    from edge import lm_checkpoint, lm_graph, onnx_weights, quantize
+    from edge import int8_matmul, lm_checkpoint, lm_graph, onnx_weights, quantize
 
-    recipe = [lm_graph, onnx_weights, quantize] + ([lm_checkpoint] if checkpoint is None else [])
+    recipe = [lm_graph, onnx_weights, quantize, int8_matmul] + ([lm_checkpoint] if checkpoint is None else [])
     for module in recipe:
         digest.update(file_sha256(Path(module.__file__)).encode())
     if checkpoint is not None:

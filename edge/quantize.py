@@ -8,42 +8,35 @@ fp32 graph on fixed inputs: embedding cosine for the encoder, top-1 agreement fo
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from edge.int8_matmul import quantize_matmuls
 from edge.onnx_weights import has_external_weights
 from edge.runtime.model_dir import INT8_MODEL_DATA_FILE, INT8_MODEL_FILE, META_FILE
 
-INT8_METHOD = "onnxruntime.quantization.quantize_dynamic(QInt8 weights, per channel, MatMul with constant B)"
+INT8_METHOD = ("dynamic int8 MatMuls as onnxruntime.quantization.quantize_dynamic writes them (QInt8 weights, "
+               "per channel, MatMul with constant B), by edge.int8_matmul")
 
 
 def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> list[str]:
     """Write `src`'s graph to `dst` with dynamic int8 MatMul weights; names the MatMuls left in fp32.
 
     `keep_fp32` holds regular expressions for node names to leave alone (layers whose activations have
-    outliers that per-tensor activation scales cannot follow).
+    outliers that per-tensor activation scales cannot follow). Only MatMuls with a constant B are
+    quantized: attention's activation x activation products stay fp32, and Gather (embedding tables)
+    in int8 costs accuracy for no speed on CPU. A graph whose weights sit beside it gets int8
+    weights beside it too (`<dst>.data`).
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(src), load_external_data=False).graph
     excluded = [n.name for n in graph.node if n.op_type == "MatMul" and any(re.search(k, n.name) for k in keep_fp32)]
-    # The quantizer logs every node it skips at warning level; the build's own progress is enough.
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        # MatMul with a constant B only: attention's activation x activation products stay fp32, and
-        # Gather (embedding tables) in int8 costs accuracy for no speed on CPU.
-        # A graph whose weights sit beside it gets int8 weights beside it too (`<dst>.data`).
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=has_external_weights(graph))
-    finally:
-        logging.getLogger().setLevel(quiet)
+    beside = f"{dst.name}.data" if has_external_weights(graph) else None  # INT8_MODEL_DATA_FILE
+    quantize_matmuls(src, dst, exclude=excluded, data_name=beside)
     return excluded
 
 
