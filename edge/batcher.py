@@ -13,7 +13,10 @@ tiny batch that alternate for good. A lone caller (last batch: one request) neve
 that times out is not repeated until a batch of several requests has run again. The default is 0 (no
 wait at all): on CPU workers the fragments cost nothing measurable, while merging a whole wave of
 callers into one batch stops the event loop's work on one half overlapping the model's on the other.
-Requests are never split: one larger than `max_batch` runs as a batch of its own.
+A request larger than `max_batch` runs as consecutive pieces of `max_batch` inputs, each queued
+when the one before it is done: what arrived meanwhile runs in between, so one huge request cannot
+hold an inference thread for its whole length while others wait, and a caller that gives up (its
+deadline passed) leaves its remaining pieces unrun.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+
+import numpy as np
 
 from edge.runtime.embedding import EmbedResult
 
@@ -68,7 +73,16 @@ class DynamicBatcher:
         self.sizes: deque[int] = deque(maxlen=256)  # requests per model call, most recent last, for tests
 
     async def submit(self, texts: list[str]) -> EmbedResult:
-        """Embed `texts` alone if an inference thread is idle, else as part of the next batch."""
+        """Embed `texts` alone if an inference thread is idle, else as part of the next batch (in
+        pieces of `max_batch`, one after another, if it is larger)."""
+        size = max(1, self.policy.max_batch)
+        if len(texts) <= size:
+            return await self._submit_one(texts)
+        parts = [await self._submit_one(texts[i:i + size]) for i in range(0, len(texts), size)]
+        return EmbedResult(np.concatenate([p.vectors for p in parts]), sum(p.prompt_tokens for p in parts),
+                           tuple(c for p in parts for c in p.token_counts))
+
+    async def _submit_one(self, texts: list[str]) -> EmbedResult:
         if self._closed:
             raise RuntimeError("batcher is closed")
         loop = asyncio.get_running_loop()

@@ -222,11 +222,11 @@ class Gateway:
             endpoints = self.router.rank(model.tier, self.router.client_region(request))
             timeout = self.topology.routing.try_timeout_s
             traceparent = tracing.current_traceparent(request.headers.get("traceparent"))
-            # Embeddings are idempotent: hedged to the next zone when the first is slow.
+            # Embeddings are idempotent: hedged to the next zone when the first is slow (small ones).
             endpoint, result, tries = await self.failover.unary(
                 endpoints,
                 lambda e: e.upstream.embed(model.name, texts, timeout=timeout, traceparent=traceparent),
-                hedge=True,
+                hedge=sum(map(len, texts)) <= self.topology.routing.hedge_max_chars,
             )
             vectors = np.asarray(result.vectors, dtype="<f4")
             dims = vectors.shape[1] if vectors.ndim == 2 else 0

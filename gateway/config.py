@@ -129,6 +129,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk_gap_timeout_s: float = 2.0
     # Hedge idempotent unary requests (embeddings) to the next zone after this delay; 0 turns it off.
     hedge_after_s: float = 0.25
+    # Only requests up to this many characters of input are hedged: a larger one is slow by its own
+    # work, not by its replica's trouble, and a copy would only take a second zone's model for as long.
+    hedge_max_chars: Annotated[int, msgspec.Meta(ge=0)] = 16384
     # Embedding requests for one edge endpoint share RPCs under load (gateway/coalescer.py): what
     # queues while this many RPCs are out leaves together, up to this many inputs per RPC.
     embed_rpcs_in_flight: int = 2

@@ -138,12 +138,27 @@ async def test_max_batch_one_runs_one_request_at_a_time(executor) -> None:
     assert [len(c) for c in model.calls] == [1] * 6
 
 
-async def test_oversized_request_runs_alone_and_whole(executor) -> None:
-    model = _RecordingModel()
-    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=2, max_delay_s=0.001))
-    result = await batcher.submit(["a", "bb", "ccc", "dddd"])
-    assert result.vectors[:, 0].tolist() == [1, 2, 3, 4]
-    assert model.calls == [["a", "bb", "ccc", "dddd"]]
+async def test_an_oversized_request_runs_in_pieces_with_others_in_between(executor) -> None:
+    model = _RecordingModel(seconds=0.02)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=2, max_delay_s=0.0))
+    big = asyncio.create_task(batcher.submit(["a", "bb", "ccc", "dddd", "eeeee"]))
+    await asyncio.sleep(0.005)  # the first piece runs
+    small = await batcher.submit(["x"])
+    result = await big
+    assert result.vectors[:, 0].tolist() == [1, 2, 3, 4, 5]
+    assert result.token_counts == (1, 2, 3, 4, 5) and result.prompt_tokens == 15
+    assert small.vectors[:, 0].tolist() == [1]
+    assert model.calls == [["a", "bb"], ["x"], ["ccc", "dddd"], ["eeeee"]]
+
+
+async def test_a_caller_that_gives_up_leaves_the_rest_of_its_pieces_unrun(executor) -> None:
+    model = _RecordingModel(seconds=0.05)
+    batcher = DynamicBatcher(model.embed, executor, BatchPolicy(max_batch=2, max_delay_s=0.0))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.submit([f"t{i}" for i in range(10)]), 0.07)  # a deadline
+    await asyncio.sleep(0.1)
+    assert (await batcher.submit(["next"])).vectors.shape == (1, 2)
+    assert len(model.calls) <= 3 and model.calls[-1] == ["next"]
 
 
 async def test_a_failing_batch_fails_its_requests_and_the_next_batch_works(executor) -> None:

@@ -227,6 +227,16 @@ async def test_hedged_embedding_answers_from_the_next_zone():
     assert gw.metrics.retries.get("hedge") == 1
 
 
+async def test_a_large_embedding_request_is_not_hedged():
+    gw, ups = await gateway_with({"hedge_after_s": 0.05, "hedge_max_chars": 100})
+    ups[0].delay = 0.3
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": ["x" * 60, "y" * 41]}))
+    assert r.status == 200 and r.headers["x-meridian-zone"] == "zone-a" and r.headers["x-meridian-attempts"] == "1"
+    assert ups[2].embed_calls == 0 and gw.metrics.retries.get("hedge") == 0
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": ["x" * 60, "y" * 40]}))
+    assert r.headers["x-meridian-zone"] == "zone-b"  # at the limit: hedged
+
+
 async def test_a_zone_with_another_serving_replica_takes_the_hedge_itself_and_is_not_charged():
     # The first try's replica is slow; the zone has another that serves: the hedge stays in the
     # zone (no cross-region trip) and the zone, which answered, is not charged for its slow replica.
