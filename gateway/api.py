@@ -139,10 +139,11 @@ class ChatRequest(SamplingFields, frozen=True, kw_only=True):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as the role/content dicts a chat template expects."""
+        """Messages as the role/content dicts a chat template expects. `developer` is OpenAI's newer
+        name for `system` (its SDKs send it for reasoning models); templates know only `system`."""
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -129,8 +129,10 @@ class Gateway:
         if handler is None:
             if method == "GET" and request.path.startswith("/v1/models/"):
                 handler = self.get_model
-            elif any(path == request.path for _, path in (*self._private, *self._public)):
-                raise GatewayError(Kind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}")
+            elif allowed := {m for m, path in (*self._private, *self._public) if path == request.path}:
+                allowed |= {"HEAD"} if "GET" in allowed else set()
+                raise GatewayError(Kind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}",
+                                   headers={"allow": ", ".join(sorted(allowed))})  # RFC 9110 §15.5.6
             else:
                 raise GatewayError(Kind.NOT_FOUND, f"no route {request.method} {request.path}", code="not_found")
         principal = await self.auth.authenticate(request)
@@ -213,6 +215,8 @@ class Gateway:
         if model.kind != "embedding":
             raise api.bad_request(f"model {model.name!r} does not produce embeddings", "model")
         texts = body.texts(MAX_EMBED_INPUTS)
+        if body.dimensions is not None and body.dimensions < 1:  # refused before any upstream is touched
+            raise api.bad_request(f"dimensions must be at least 1, got {body.dimensions}", "dimensions")
         got, cache_state = await self._cache_begin(
             request, principal, model, self.router.version(model), body, True
         )
@@ -500,6 +504,12 @@ def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
 def too_large(limit: int) -> GatewayError:
     """413 for a body over the configured limit."""
     return GatewayError(Kind.TOO_LARGE, f"request body exceeds {limit} bytes", code="request_too_large")
+
+
+def undecodable_body(encoding: str) -> GatewayError:
+    """400 for a body that its Content-Encoding does not decode."""
+    return GatewayError(Kind.BAD_REQUEST, f"request body is not valid {encoding[:32] or 'encoded'} data "
+                        "(Content-Encoding)", code="invalid_content_encoding")
 
 
 def body_timeout(seconds: float) -> GatewayError:

@@ -61,9 +61,10 @@ def _unauthorized(message: str, code: str) -> GatewayError:
 
 def authorize(principal: Principal, route: str, model: str | None) -> None:
     """403 for a known caller outside its scopes."""
+    if not principal.allows(route, None):
+        raise GatewayError(Kind.FORBIDDEN, f"this key may not use route {route}", code="insufficient_scope")
     if not principal.allows(route, model):
-        what = f"model {model!r}" if model else f"route {route}"
-        raise GatewayError(Kind.FORBIDDEN, f"this key may not use {what}", code="insufficient_scope")
+        raise GatewayError(Kind.FORBIDDEN, f"this key may not use model {model!r}", code="insufficient_scope")
 
 
 def _credential(request: Request) -> str | None:

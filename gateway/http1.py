@@ -8,8 +8,10 @@ from collections.abc import Mapping
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 
-from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_connections
+from gateway.app import Gateway, body_timeout, header_limit, too_large, too_many_connections, undecodable_body
 from gateway.errors import GatewayError, Kind
 from gateway.http import Request, Response
 
@@ -130,6 +132,8 @@ class Http1Listener:
             body = await asyncio.wait_for(self._read_body(raw), self._body_timeout)
         except asyncio.TimeoutError:
             return Response.refusal(body_timeout(self._body_timeout), raw.headers)
+        except (RequestPayloadError, BadHttpMessage):  # a body its Content-Encoding does not decode
+            return Response.refusal(undecodable_body(raw.headers.get("content-encoding", "")), raw.headers)
         return Response.refusal(too_large(self._max_body), raw.headers) if body is None else body
 
     def _refusal(self, raw: web.BaseRequest) -> Response | None:

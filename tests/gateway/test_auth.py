@@ -180,10 +180,11 @@ async def test_scopes_from_the_token(auth, keys):
     authorize(principal, "/v1/embeddings", "all-minilm-l6-v2")
     # Each half of the scope refuses on its own: a model outside it on an allowed route, and an
     # allowed model on a route outside it.
-    for route, model in [("/v1/embeddings", "meridian-moe-mini"), ("/v1/completions", "all-minilm-l6-v2")]:
+    for route, model, named in [("/v1/embeddings", "meridian-moe-mini", "model 'meridian-moe-mini'"),
+                                 ("/v1/completions", "all-minilm-l6-v2", "route /v1/completions")]:
         with pytest.raises(GatewayError) as err:
             authorize(principal, route, model)
-        assert err.value.status == 403, (route, model)
+        assert err.value.status == 403 and err.value.message.endswith(named), (route, model)
 
 
 async def test_a_jwks_file_caught_mid_write_or_not_a_key_set_keeps_the_keys_in_use(auth, keys, jwks_file, caplog):

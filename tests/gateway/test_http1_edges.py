@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import json
 import time
 
@@ -93,6 +94,23 @@ async def test_body_timeout_408_closes_the_socket(port):
     data, eof = await read_until_eof(reader, 3.0)
     assert data.startswith(b"HTTP/1.1 408") and b"body_timeout" in data
     assert eof and time.monotonic() - started < 3.0
+    writer.close()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_its_content_encoding_does_not_decode_is_a_json_400(port, encoding: str):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head(length=2, extra=f"Content-Encoding: {encoding}\r\n") + b"xx")
+    data, _ = await read_until_eof(reader, 1.5)
+    status, _, body = data.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400") and b"application/json" in status.lower()
+    assert json.loads(body)["error"]["code"] == "invalid_content_encoding"
+    writer.close()
+    # The same body compressed for real is served.
+    packed = gzip.compress(EMBED)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head(length=len(packed), extra="Content-Encoding: gzip\r\n") + packed)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)).startswith(b"HTTP/1.1 200")
     writer.close()
 
 

@@ -168,7 +168,10 @@ async def test_body_over_limit_is_413(zones):
 async def test_unknown_route_and_method(zones):
     gw = await make_gateway(zones)
     assert (await gw.handle(req("GET", "/v2/nothing"))).status == 404
-    assert (await gw.handle(req("GET", "/v1/embeddings"))).status == 405
+    refused = await gw.handle(req("GET", "/v1/embeddings"))
+    assert refused.status == 405 and refused.headers["allow"] == "POST"
+    refused = await gw.handle(req("POST", "/healthz"))
+    assert refused.status == 405 and refused.headers["allow"] == "GET, HEAD"
 
 
 async def test_embeddings_float_and_base64(zones):
@@ -182,6 +185,18 @@ async def test_embeddings_float_and_base64(zones):
     r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "abc", "encoding_format": "base64"}))
     vec = np.frombuffer(base64.b64decode(msgspec.json.decode(r.body)["data"][0]["embedding"]), dtype="<f4")
     assert vec.tolist() == [3.0, 0.0, 1.0]
+
+
+async def test_embedding_dimensions_are_the_model_s_or_refused(zones):
+    gw = await make_gateway(zones)
+    for bad in (0, -5):
+        r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "abc", "dimensions": bad}))
+        assert r.status == 400 and error_of(r)["param"] == "dimensions"
+    assert zones[0].embed_calls == 0  # refused before any upstream was asked
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "abc", "dimensions": 2}))
+    assert r.status == 400 and "has 3 dimensions" in error_of(r)["message"]
+    r = await gw.handle(req("POST", "/v1/embeddings", {"model": "embed", "input": "abc", "dimensions": 3}))
+    assert r.status == 200
 
 
 async def test_region_picks_the_nearest_zone(zones):
@@ -271,6 +286,14 @@ async def test_generation_bad_input(zones, body, param):
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+async def test_a_developer_message_reaches_the_template_as_system(zones):
+    gw = await make_gateway(zones)
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = await gw.handle(req("POST", "/v1/chat/completions", {"model": "llm", "messages": messages, "max_tokens": 2}))
+    assert r.status == 200
+    assert zones[1].calls[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("messages,param", [
