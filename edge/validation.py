@@ -29,6 +29,7 @@ class GenerateRequestLike(Protocol):
     seed: int
     stop: Sequence[str]
     prefix_token_ids: Sequence[int]
+    fit_context: bool
 
     def HasField(self, name: str) -> bool: ...
 
@@ -123,6 +124,8 @@ def check_generate(request: GenerateRequestLike, limits: GenerateLimits) -> Gene
     return GenerateParams(
         # proto3 cannot tell 0 from unset: 0 means "not given", as in OpenAI's API.
         max_tokens=int(request.max_tokens) or DEFAULT_MAX_TOKENS,
+        # A limit the caller named must fit (as the core and OpenAI's API hold it); the default need not.
+        fit_context=bool(request.fit_context) or not request.max_tokens,
         temperature=temperature,
         top_p=top_p or 1.0,
         seed=int(request.seed) if request.HasField("seed") else None,

@@ -303,7 +303,11 @@ class Gateway:
         body.check()
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise api.bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
-        call = self._call(request, body, model, messages=body.plain_messages(), max_tokens=body.token_limit())
+        limit = body.token_limit()
+        # OpenAI's chat default is no limit short of the model's: its max_output_tokens, or the end
+        # of the context if that comes first (where a limit the client named is refused).
+        call = self._call(request, body, model, messages=body.plain_messages(),
+                          max_tokens=model.max_output_tokens if limit is None else limit, fit_context=limit is None)
         return await self._generate(request, principal, body, model, call, openai_format.ChatFormat())
 
     def _generative(self, name: str, principal: Principal, route: str) -> Model:

@@ -127,6 +127,8 @@ def _inputs(call: GenerateCall) -> list[InferInput]:
         inputs.append(_tensor("messages", [json.dumps(call.messages).encode()], "BYTES"))
     if call.max_tokens is not None:
         inputs.append(_tensor("max_tokens", [call.max_tokens], "INT32"))
+    if call.fit_context:
+        inputs.append(_tensor("fit_context", [True], "BOOL"))
     if call.seed is not None:
         inputs.append(_tensor("seed", [call.seed], "UINT64"))
     if call.stop:

@@ -64,6 +64,7 @@ class EdgeChannel:
             model=call.model,
             prompt=call.prompt,
             max_tokens=call.max_tokens or 0,
+            fit_context=call.fit_context,
             temperature=call.temperature,
             top_p=call.top_p,
             stop=list(call.stop),

@@ -36,6 +36,8 @@ class GenerateCall:
     # Chat requests send messages; the upstream (core or edge) applies the model's chat template.
     messages: list[dict[str, str]] | None = None
     max_tokens: int | None = None
+    # max_tokens is a ceiling: shortened to the room the prompt leaves in the context, not refused.
+    fit_context: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None

@@ -156,6 +156,8 @@ class Engine:
         total = len(r.prompt_ids) + len(r.prefix_token_ids)
         if total >= self.max_seq_len:
             raise ContextOverflow(f"prompt of {total} tokens leaves no room in the context of {self.max_seq_len}")
+        if r.fit_context:  # a ceiling the caller did not name: what the context leaves of it
+            r.max_tokens = min(r.max_tokens, self.max_seq_len - len(r.prompt_ids))
         if len(r.prompt_ids) + r.max_tokens > self.max_seq_len:
             raise ContextOverflow(f"max_tokens {r.max_tokens} exceeds the context: a prompt of {len(r.prompt_ids)} tokens "
                              f"leaves room for at most {self.max_seq_len - len(r.prompt_ids)} in {self.max_seq_len}")

@@ -28,6 +28,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     prefix_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # max_tokens is a ceiling: shortened to the room the prompt leaves in the context, not refused.
+    fit_context: bool = False
 
 
 @dataclass

@@ -93,6 +93,7 @@ def parse_request(request, tokenizer: Tokenizer) -> tuple[GenerationRequest, boo
         request_id=uuid.uuid4().hex,
         prompt_ids=prompt_ids,
         max_tokens=_scalar(request, "max_tokens", 16, int),
+        fit_context=bool(_scalar(request, "fit_context", False, bool)),
         temperature=_scalar(request, "temperature", 1.0, float),
         top_p=_scalar(request, "top_p", 1.0, float),
         top_k=_scalar(request, "top_k", 0, int),

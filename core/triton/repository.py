@@ -13,6 +13,7 @@ INPUTS = [
     ("text_input", "TYPE_STRING", [1], True),
     ("messages", "TYPE_STRING", [1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
+    ("fit_context", "TYPE_BOOL", [1], True),  # max_tokens a ceiling: shortened to the context's room
     ("temperature", "TYPE_FP32", [1], True),
     ("top_p", "TYPE_FP32", [1], True),
     ("top_k", "TYPE_INT32", [1], True),

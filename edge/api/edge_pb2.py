@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x64ge/api/edge.proto\x12\x10meridian.edge.v1\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"|\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\nembeddings\x18\x02 \x03(\x0b\x32\x1b.meridian.edge.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\"\xdd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prefix_token_ids\x18\x08 \x03(\r\x12/\n\x08messages\x18\t \x03(\x0b\x32\x1d.meridian.edge.v1.ChatMessageB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"y\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r2\xa2\x01\n\x04\x45\x64ge\x12H\n\x05\x45mbed\x12\x1e.meridian.edge.v1.EmbedRequest\x1a\x1f.meridian.edge.v1.EmbedResponse\x12P\n\x08Generate\x12!.meridian.edge.v1.GenerateRequest\x1a\x1f.meridian.edge.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x64ge/api/edge.proto\x12\x10meridian.edge.v1\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"|\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\nembeddings\x18\x02 \x03(\x0b\x32\x1b.meridian.edge.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\"\xf2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prefix_token_ids\x18\x08 \x03(\r\x12/\n\x08messages\x18\t \x03(\x0b\x32\x1d.meridian.edge.v1.ChatMessage\x12\x13\n\x0b\x66it_context\x18\n \x01(\x08\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"y\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r2\xa2\x01\n\x04\x45\x64ge\x12H\n\x05\x45mbed\x12\x1e.meridian.edge.v1.EmbedRequest\x1a\x1f.meridian.edge.v1.EmbedResponse\x12P\n\x08Generate\x12!.meridian.edge.v1.GenerateRequest\x1a\x1f.meridian.edge.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=117
   _globals['_EMBEDRESPONSE']._serialized_end=241
   _globals['_GENERATEREQUEST']._serialized_start=244
-  _globals['_GENERATEREQUEST']._serialized_end=465
-  _globals['_CHATMESSAGE']._serialized_start=467
-  _globals['_CHATMESSAGE']._serialized_end=511
-  _globals['_GENERATECHUNK']._serialized_start=513
-  _globals['_GENERATECHUNK']._serialized_end=634
-  _globals['_EDGE']._serialized_start=637
-  _globals['_EDGE']._serialized_end=799
+  _globals['_GENERATEREQUEST']._serialized_end=486
+  _globals['_CHATMESSAGE']._serialized_start=488
+  _globals['_CHATMESSAGE']._serialized_end=532
+  _globals['_GENERATECHUNK']._serialized_start=534
+  _globals['_GENERATECHUNK']._serialized_end=655
+  _globals['_EDGE']._serialized_start=658
+  _globals['_EDGE']._serialized_end=820
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,9 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     # Tokens another worker already sent: generation continues after them as if sampled here.
     prefix_token_ids: tuple[int, ...] = ()
+    # max_tokens is a ceiling: generation ends at the context's end. False: a prompt that leaves
+    # less room than max_tokens is refused (ContextOverflow), as OpenAI's API refuses it.
+    fit_context: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,11 @@ class SmallLM:
         if len(ids) + len(prefix) >= self.meta.max_context:
             raise ContextOverflow(
                 f"prompt of {len(ids) + len(prefix)} tokens leaves no room in the context of {self.meta.max_context}"
+            )
+        if not params.fit_context and len(ids) + params.max_tokens > self.meta.max_context:
+            raise ContextOverflow(
+                f"max_tokens {params.max_tokens} exceeds the context: a prompt of {len(ids)} tokens leaves room "
+                f"for at most {self.meta.max_context - len(ids)} in {self.meta.max_context}"
             )
 
 

@@ -79,6 +79,16 @@ def test_request_larger_than_the_cache_is_refused(model, tokenizer):
         engine.close()
 
 
+def test_a_ceiling_the_caller_did_not_name_is_shortened_to_the_context(model, tokenizer):
+    engine = make_engine(model, tokenizer, blocks=40)
+    try:
+        result = engine.generate(request(tokenizer, "long", max_tokens=600, fit_context=True))
+        assert result.finish_reason == "length"
+        assert result.prompt_tokens + result.completion_tokens == engine.max_seq_len
+    finally:
+        engine.close()
+
+
 def test_cancel_frees_blocks(model, tokenizer):
     engine = make_engine(model, tokenizer, blocks=40)
     try:

@@ -235,6 +235,26 @@ async def test_triton_generate_endpoints(server, client):
     assert status == 400 and "bad input [context_length_exceeded]: max_tokens 99999 exceeds the context" in text
 
 
+async def test_fit_context_shortens_max_tokens_to_the_room_left(server):
+    """A ceiling (fit_context) runs to the context's end instead of being refused."""
+    url = f"{server.http}/v2/models/{MODEL_NAME}/generate"
+
+    def room(words: int, **extra) -> tuple[int, str]:
+        status, text = post(url, {"text_input": "sea " * words, "max_tokens": 99999, "temperature": 0.0, **extra})
+        found = re.search(r"a prompt of (\d+) tokens", text)
+        return (int(found[1]) if found else -1), text
+
+    (short, _), (long, _) = await asyncio.gather(asyncio.to_thread(room, 100), asyncio.to_thread(room, 200))
+    per_word = (long - short) / 100
+    words = int(100 + (2048 - 6 - short) / per_word)  # a prompt that leaves a handful of tokens
+    prompt_tokens, refused = await asyncio.to_thread(room, words)
+    assert "context_length_exceeded" in refused and 2048 - 64 < prompt_tokens < 2048
+    _, text = await asyncio.to_thread(room, words, fit_context=True)
+    answer = json.loads(text)
+    assert "error" not in answer, text
+    assert answer["finish_reason"] == "length" and len(answer["token_ids"]) == 2048 - prompt_tokens
+
+
 def gauge(server: Server, name: str) -> int:
     text = urllib.request.urlopen(server.metrics, timeout=5).read().decode()
     return int(float(re.search(rf"^meridian_core_{name}{{[^}}]*}} (\S+)$", text, re.M).group(1)))

@@ -123,6 +123,7 @@ async def test_a_stop_string_ends_the_text_before_it(stub: EdgeStub) -> None:
         (dict(model=LM, prompt="hi", temperature=float("inf")), Status.INVALID_ARGUMENT, "finite"),
         (dict(model=LM, prompt="hi", prefix_token_ids=[10**6]), Status.INVALID_ARGUMENT, "vocabulary"),
         (dict(model=LM, prompt="word " * 5000), Status.OUT_OF_RANGE, "leaves no room in the context"),
+        (dict(model=LM, prompt="hi", max_tokens=5000), Status.OUT_OF_RANGE, "max_tokens 5000 exceeds the context"),
         (dict(model=LM, prompt="hi", stop=["x"] * 20), Status.INVALID_ARGUMENT, "stop strings"),
         (dict(model=LM, prompt="hi", messages=[edge_pb2.ChatMessage(role="user", content="hi")]),
          Status.INVALID_ARGUMENT, "not both"),
@@ -132,7 +133,8 @@ async def test_a_stop_string_ends_the_text_before_it(stub: EdgeStub) -> None:
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="")] * 2000),
          Status.INVALID_ARGUMENT, "2000 messages"),
     ],
-    ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long", "too-many-stops",
+    ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long",
+         "max-tokens-past-the-context", "too-many-stops",
          "prompt-and-messages", "empty-role", "messages-too-long", "too-many-messages"],
 )
 async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: dict, status: Status, fragment: str) -> None:
@@ -141,6 +143,17 @@ async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: di
             await stream.send_message(edge_pb2.GenerateRequest(**fields), end=True)
             [chunk async for chunk in stream]
     assert caught.value.status == status and fragment in (caught.value.message or "")
+
+
+async def test_a_max_tokens_that_is_only_a_ceiling_runs_to_the_context_s_end(stub: EdgeStub) -> None:
+    request = edge_pb2.GenerateRequest(model=LM, prompt="word " * 300, max_tokens=5000, temperature=1.0, seed=1,
+                                       fit_context=True)
+    async with stub.Generate.open(timeout=60) as stream:
+        await stream.send_message(request, end=True)
+        chunks = [chunk async for chunk in stream]
+    last = chunks[-1]
+    assert last.finish_reason in ("length", "stop")
+    assert last.prompt_tokens + last.completion_tokens <= 1024  # the default LM's context
 
 
 async def test_embed_on_the_lm_is_invalid_argument(stub: EdgeStub) -> None:

@@ -124,6 +124,16 @@ def test_context_overflow_is_refused(lm: SmallLM) -> None:
         lm.stream("word " * (lm.meta.max_context + 10), GenerateParams())
 
 
+def test_max_tokens_past_the_context_is_refused_unless_it_is_only_a_ceiling(lm: SmallLM) -> None:
+    prompt = "word " * 100
+    room = lm.meta.max_context - len(lm.encode(prompt))
+    with pytest.raises(ValueError, match=f"max_tokens {room + 1} exceeds the context.*at most {room}"):
+        lm.stream(prompt, GenerateParams(max_tokens=room + 1, temperature=0.0, fit_context=False))
+    lm.stream(prompt, GenerateParams(max_tokens=room, temperature=0.0, fit_context=False))  # fits exactly
+    chunks = list(lm.stream(prompt, GenerateParams(max_tokens=room + 50, temperature=1.0, seed=3, fit_context=True)))
+    assert chunks[-1].finish_reason in ("length", "stop") and chunks[-1].completion_tokens <= room
+
+
 def test_onnx_io_carries_the_kv_cache(lm: SmallLM) -> None:
     inputs = {i.name: i.shape for i in lm.session.get_inputs()}
     outputs = {o.name: o.shape for o in lm.session.get_outputs()}

@@ -288,6 +288,18 @@ async def test_generation_bad_input(zones, body, param):
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
+async def test_a_chat_without_a_limit_may_run_to_the_model_s_and_the_context_s_end(zones):
+    gw = await make_gateway(zones)
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await gw.handle(req("POST", "/v1/chat/completions", chat))).status == 200
+    assert (await gw.handle(req("POST", "/v1/chat/completions", {**chat, "max_tokens": 5}))).status == 200
+    assert (await gw.handle(req("POST", "/v1/completions", {"model": "llm", "prompt": "x"}))).status == 200
+    default, named, legacy = zones[1].calls
+    assert (default.max_tokens, default.fit_context) == (4096, True)  # the model's max_output_tokens
+    assert (named.max_tokens, named.fit_context) == (5, False)  # a limit the client named must fit
+    assert (legacy.max_tokens, legacy.fit_context) == (16, False)  # legacy completions: OpenAI's 16
+
+
 async def test_a_developer_message_reaches_the_template_as_system(zones):
     gw = await make_gateway(zones)
     messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
