@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from onnxruntime.quantization.quant_utils import quantize_data
 from edge.export import INT8_KEEP_FP32
 from edge.int8_matmul import quantize_columns, quantize_matmuls
 from edge.runtime.model_dir import MODEL_FILE
+from tests.support.memory import peak_growth_mib
 
 
 def ort_quantized(src: Path, dst: Path, exclude: list[str]) -> onnx.ModelProto:
@@ -125,15 +124,11 @@ def test_a_graph_with_weights_beside_it_is_quantized_one_weight_at_a_time(tmp_pa
     onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="model.onnx.data",
                     size_threshold=0)
     del tensors, graph
-    script = (
-        "import re, sys; from pathlib import Path; from edge.int8_matmul import quantize_matmuls; import onnx\n"
-        "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
-        "Path('/proc/self/clear_refs').write_text('5'); before = kib('VmRSS')\n"
-        "src = Path(sys.argv[1]); quantize_matmuls(src, src.with_name('model.int8.onnx'), data_name='model.int8.onnx.data')\n"
-        "print(kib('VmHWM') - before)")
-    grown_kib = int(subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True,
-                                   text=True, cwd=Path(__file__).parents[2]).stdout)
-    assert grown_kib < 192 * 1024, f"peak memory grew {grown_kib / 1024:.0f} MiB for 256 MiB of weights"
+    grown = peak_growth_mib("from edge.int8_matmul import quantize_matmuls; import onnx",
+                            "src = Path(sys.argv[1])\n"
+                            "quantize_matmuls(src, src.with_name('model.int8.onnx'), data_name='model.int8.onnx.data')",
+                            str(path))
+    assert grown < 192, f"peak memory grew {grown:.0f} MiB for 256 MiB of weights"
     session = ort.InferenceSession(str(tmp_path / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"x": np.ones((1, 2048), np.float32)})
     np.testing.assert_allclose([o[0, 0] for o in outputs], [2048.0 * (i + 1) for i in range(8)], rtol=1e-5)

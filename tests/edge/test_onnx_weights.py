@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from edge.lm_export import build_small_lm, load_torch_model, torch_greedy
 from edge.runtime.generation import SmallLM
 from edge.runtime.model_dir import INT8_MODEL_DATA_FILE, INT8_MODEL_FILE, META_FILE, MODEL_DATA_FILE, MODEL_FILE
 from tests.edge.test_lm_families import PROMPTS
+from tests.support.memory import peak_growth_mib
 
 
 def two_matmuls(path: Path) -> np.ndarray:
@@ -93,16 +92,9 @@ def test_gathering_streams_the_weights_instead_of_loading_them(tmp_path: Path) -
     onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True,
                     all_tensors_to_one_file=False, size_threshold=0)
     del tensors, graph
-    # The child's peak is read from /proc: ru_maxrss would carry over this process's own peak.
-    script = (
-        "import re, sys; from pathlib import Path; from edge import onnx_weights; import onnx\n"
-        "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
-        "Path('/proc/self/clear_refs').write_text('5'); before = kib('VmRSS')\n"
-        "assert onnx_weights.store_beside(Path(sys.argv[1]), 'model.onnx.data')\n"
-        "print(kib('VmHWM') - before)")
-    grown_kib = int(subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True,
-                                   text=True, cwd=Path(__file__).parents[2]).stdout)
-    assert grown_kib < 96 * 1024, f"peak memory grew {grown_kib / 1024:.0f} MiB for 256 MiB of weights"
+    grown = peak_growth_mib("from edge import onnx_weights; import onnx",
+                            "assert onnx_weights.store_beside(Path(sys.argv[1]), 'model.onnx.data')", str(path))
+    assert grown < 96, f"peak memory grew {grown:.0f} MiB for 256 MiB of weights"
     weights = onnx.load(str(path)).graph.initializer
     assert [float(numpy_helper.to_array(t)[-1, -1]) for t in weights] == [float(i) for i in range(8)]
 
