@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.onnx_weights import WeightsFile, is_external, read_array, write_graph
+from edge.onnx_weights import MIN_TENSOR_BYTES, WeightsFile, is_external, read_array, write_graph
 
 QMAX = 127  # symmetric int8: [-127, 127], so that zero is exactly 0
 
@@ -139,8 +139,6 @@ def _quantize(tensor, folder: Path) -> tuple:
 
 def _keep_beside(beside: WeightsFile, tensor, folder: Path) -> None:
     """Copy an initializer left as it was into `dst`'s file (from `src`'s, or from inline if large)."""
-    from edge.onnx_weights import MIN_TENSOR_BYTES
-
     if is_external(tensor):
         beside.copy(tensor, folder)
     elif tensor.ByteSize() >= MIN_TENSOR_BYTES:
