@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.onnx_weights import MIN_TENSOR_BYTES, WeightsFile, is_external, read_array, write_graph
+from edge.onnx_weights import WeightsFile, is_external, read_array, write_graph
 
 QMAX = 127  # symmetric int8: [-127, 127], so that zero is exactly 0
 
@@ -58,7 +58,7 @@ def quantize_matmuls(src: Path, dst: Path, *, exclude: Iterable[str] = (), data_
             out += [q, scale, zero]
         for tensor in kept:
             if beside is not None:
-                _keep_beside(beside, tensor, folder)
+                beside.take(tensor, folder)
             elif is_external(tensor):
                 raise ValueError(f"{src}: {tensor.name} is stored beside the graph; name a data file for {dst}")
             out.append(tensor)
@@ -135,16 +135,6 @@ def _quantize(tensor, folder: Path) -> tuple:
     return (numpy_helper.from_array(q, f"{tensor.name}_quantized"),
             numpy_helper.from_array(scale, f"{tensor.name}_scale"),
             numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{tensor.name}_zero_point"))
-
-
-def _keep_beside(beside: WeightsFile, tensor, folder: Path) -> None:
-    """Copy an initializer left as it was into `dst`'s file (from `src`'s, or from inline if large)."""
-    if is_external(tensor):
-        beside.copy(tensor, folder)
-    elif tensor.ByteSize() >= MIN_TENSOR_BYTES:
-        from onnx import numpy_helper
-
-        beside.write(tensor, numpy_helper.to_array(tensor).tobytes())
 
 
 def _names_read(graph, skip: set[int]) -> set[str]:

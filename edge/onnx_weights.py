@@ -48,8 +48,8 @@ def store_beside(graph_path: Path, data_name: str, min_bytes: int | None = None)
                 weights.copy(tensor, folder)
         # Inline weights: initializers only, as onnx converts them (not Constant nodes' values).
         for tensor in tensors(model.graph, attributes=False):
-            if not is_external(tensor) and _inline_bytes(tensor) >= MIN_TENSOR_BYTES:
-                weights.write(tensor, _inline_raw(tensor))
+            if not is_external(tensor):
+                weights.take(tensor, folder)
         write_graph(model, graph_path)
     for name in scattered - {data_name}:
         (folder / name).unlink(missing_ok=True)
@@ -91,6 +91,14 @@ class WeightsFile:
                 self._sink.write(chunk)
                 left -= len(chunk)
         self._point(tensor, start, length)
+
+    def take(self, tensor, folder: Path) -> None:
+        """Move `tensor`'s bytes here: from its file in `folder` if it has one, else from inline
+        when they are at least MIN_TENSOR_BYTES (smaller ones stay inline)."""
+        if is_external(tensor):
+            self.copy(tensor, folder)
+        elif _inline_bytes(tensor) >= MIN_TENSOR_BYTES:
+            self.write(tensor, _inline_raw(tensor))
 
     def write(self, tensor, raw: bytes) -> None:
         """Write `raw` as `tensor`'s bytes and drop any it holds inline."""
