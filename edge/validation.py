@@ -95,16 +95,18 @@ def check_prompt(
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         size = sum(len(m["role"]) + len(m["content"]) for m in messages)
         if size > limits.max_prompt_chars:  # before rendering: the template's work grows with it
-            raise EdgeError(ErrorKind.BAD_INPUT, f"messages have {size} characters, the limit is {limits.max_prompt_chars}")
+            raise EdgeError(
+                ErrorKind.CONTEXT_OVERFLOW, f"messages have {size} characters, the limit is {limits.max_prompt_chars}"
+            )
         try:
             prompt = render_chat(messages)
         except ValueError as exc:
             raise EdgeError(ErrorKind.BAD_INPUT, str(exc)) from None
     else:
         prompt = request.prompt
-    if len(prompt) > limits.max_prompt_chars:
+    if len(prompt) > limits.max_prompt_chars:  # as a prompt past the context: the client sends less
         raise EdgeError(
-            ErrorKind.BAD_INPUT, f"prompt has {len(prompt)} characters, the limit is {limits.max_prompt_chars}"
+            ErrorKind.CONTEXT_OVERFLOW, f"prompt has {len(prompt)} characters, the limit is {limits.max_prompt_chars}"
         )
     return prompt
 

@@ -129,13 +129,15 @@ async def test_a_stop_string_ends_the_text_before_it(stub: EdgeStub) -> None:
          Status.INVALID_ARGUMENT, "not both"),
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="", content="hi")]), Status.INVALID_ARGUMENT, "role"),
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="word " * 8000)]),
-         Status.INVALID_ARGUMENT, "characters"),
+         Status.OUT_OF_RANGE, "characters"),
+        (dict(model=LM, prompt="w" * 40_000), Status.OUT_OF_RANGE, "40000 characters"),
         (dict(model=LM, messages=[edge_pb2.ChatMessage(role="user", content="")] * 2000),
          Status.INVALID_ARGUMENT, "2000 messages"),
     ],
     ids=["embedding-model", "negative-temperature", "infinite-temperature", "bad-prefix", "too-long",
          "max-tokens-past-the-context", "too-many-stops",
-         "prompt-and-messages", "empty-role", "messages-too-long", "too-many-messages"],
+         "prompt-and-messages", "empty-role", "messages-too-long", "prompt-over-the-character-limit",
+         "too-many-messages"],
 )
 async def test_bad_generate_requests_get_clear_errors(stub: EdgeStub, fields: dict, status: Status, fragment: str) -> None:
     with pytest.raises(GRPCError) as caught:
