@@ -14,6 +14,7 @@ import msgspec
 from gateway.errors import GatewayError, Kind
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # each is matched against the text's end at every token, on both tiers
 
 
 class TextPart(msgspec.Struct, frozen=True):
@@ -85,6 +86,8 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         stops = self.stop_list()
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise bad_request(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise bad_request(f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
         self._refuse_unsupported()
 
     def _refuse_unsupported(self) -> None:

@@ -269,6 +269,7 @@ async def test_chat_stream_resumes_in_the_next_zone(zones):
     ({"model": "llm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "llm", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
     ({"model": "llm", "prompt": "x", "stop": [1]}, "stop[0]"),
+    ({"model": "llm", "prompt": "x", "stop": "s" * 257}, "stop"),
     ({"prompt": "x"}, "model"),
     ({"model": "llm", "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"model": "llm", "prompt": "x", "echo": True}, "echo"),
